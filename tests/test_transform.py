@@ -1,0 +1,143 @@
+"""CHESScorer against the independent float64 reference and against TRL's own tokenization and log-probs."""
+
+from __future__ import annotations
+
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hf_ches import CHESScorer
+from hf_ches.testing import synthetic_pairs
+from tests.plugins.models import reference_pair
+
+FORMATS = ("standard", "conversational", "implicit")
+N_ROWS = 64
+
+
+def trl_prepare(model_path: str, rows: dict) -> Dataset:
+    """TRL's DPOTrainer tokenization and precomputed reference log-probs of ``rows`` (the model is the reference)."""
+    from trl import DPOConfig, DPOTrainer
+
+    args = DPOConfig(
+        output_dir=tempfile.mkdtemp(), report_to="none", precompute_ref_log_probs=True, use_cpu=True, bf16=False,
+        per_device_train_batch_size=8, precompute_ref_batch_size=8,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    trainer = DPOTrainer(model=model_path, args=args, train_dataset=Dataset.from_dict(rows), processing_class=tokenizer)
+    return trainer.train_dataset
+
+
+@pytest.fixture(scope="module")
+def cases(tiny_models):
+    """Per (arch, format): rows with an ``id`` column, TRL's prepared rows and the float64 reference per row."""
+    out = {}
+    for arch, path in tiny_models.items():
+        model64 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
+        for seed, fmt in enumerate(FORMATS):
+            rows = synthetic_pairs(N_ROWS, fmt, seed=seed)
+            trl_rows = trl_prepare(path, rows)
+            refs = [
+                reference_pair(model64, r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in trl_rows
+            ]
+            out[arch, fmt] = (rows | {"id": list(range(N_ROWS))}, trl_rows, refs)
+    return out
+
+
+def assert_matches_reference(scored: Dataset, refs: list[dict]) -> None:
+    for row in scored:
+        ref = refs[row["id"]]
+        assert row["chosen_num_tokens"] == ref["chosen_num_tokens"]
+        assert row["rejected_num_tokens"] == ref["rejected_num_tokens"]
+        for name in ("ches", "ln_ches"):
+            assert abs(row[name] - ref[name]) <= 1e-5 * ref[f"{name}_scale"], (name, row[name], ref[name])
+        for name in ("chosen_logps", "rejected_logps"):
+            assert abs(row[name] - ref[name]) <= 1e-5 * max(1.0, abs(ref[name])), (name, row[name], ref[name])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gemma2"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_matches_float64_reference(cases, tiny_models, arch, fmt):
+    """Any batch size, token budget and row order gives the paper's per-example float64 numbers."""
+    rows, _, refs = cases[arch, fmt]
+    scorer = CHESScorer(tiny_models[arch])
+    ds = Dataset.from_dict(rows)
+    for batch_size, token_budget, shuffle in [(1, 1 << 20, False), (64, 16, True), (64, 1 << 20, True), (7, 300, False)]:
+        scorer = CHESScorer(tiny_models[arch], token_budget=token_budget)
+        data = ds.shuffle(seed=batch_size) if shuffle else ds
+        assert_matches_reference(scorer.map(data, batch_size=batch_size), refs)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_token_ids_and_logps_equal_trl(cases, tiny_models, fmt):
+    """Our split equals TRL's tokenization; our log-probs equal DPOTrainer's precomputed ref_*_logps."""
+    from hf_ches.pairs import read_rows, tokenize_pairs
+
+    rows, trl_rows, _ = cases["llama", fmt]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    batch = {k: v for k, v in rows.items() if k != "id"}
+    ours = tokenize_pairs(read_rows(batch, range(N_ROWS)), tokenizer)
+    for pair, trl_row in zip(ours, trl_rows):
+        assert pair.prompt_ids == trl_row["prompt_ids"]
+        assert pair.chosen_ids == trl_row["chosen_ids"]
+        assert pair.rejected_ids == trl_row["rejected_ids"]
+    scored = CHESScorer(tiny_models["llama"]).map(Dataset.from_dict(rows), batch_size=16)
+    np.testing.assert_allclose(scored["chosen_logps"], trl_rows["ref_chosen_logps"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(scored["rejected_logps"], trl_rows["ref_rejected_logps"], rtol=1e-4, atol=1e-4)
+
+
+def test_in_memory_model_and_baselines(cases, tiny_models):
+    rows, trl_rows, refs = cases["qwen2", "standard"]
+    path = tiny_models["qwen2"]
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    scorer = CHESScorer(model, tokenizer, scores=("ches", "ln_ches", "logps", "edit_distance", "last_hidden_ip"))
+    scored = scorer.map(Dataset.from_dict(rows), batch_size=10)
+    assert_matches_reference(scored, refs)
+    for row, trl_row in zip(scored, trl_rows):
+        ref = refs[row["id"]]
+        assert abs(row["last_hidden_ip"] - ref["last_hidden_ip"]) <= 1e-5 * max(1.0, abs(ref["last_hidden_ip"]))
+        c, r = trl_row["chosen_ids"], trl_row["rejected_ids"]
+        assert 0.0 <= row["edit_distance"] <= 1.0
+        assert (row["edit_distance"] == 0.0) == (c == r)
+
+
+def test_ches_only_skips_output_embedding(tiny_model):
+    """scores=("ches", "ln_ches") never calls the output embedding on the scored sequences."""
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_model), AutoTokenizer.from_pretrained(tiny_model)
+    scorer = CHESScorer(model, tokenizer, scores=("ches", "ln_ches"))
+    scorer.load()  # the architecture check runs the full model once, before we count
+    calls = []
+    model.get_output_embeddings().register_forward_hook(lambda *a: calls.append(1))
+    scored = scorer.map(Dataset.from_dict(synthetic_pairs(8)))
+    assert calls == [] and "chosen_logps" not in scored.column_names
+    assert np.isfinite(scored["ches"]).all()
+
+
+def test_output_dtypes_declared(tiny_model):
+    scored = CHESScorer(tiny_model, max_length=60).map(Dataset.from_dict(synthetic_pairs(6, answer_words=(20, 40))))
+    types = {k: v.dtype for k, v in scored.features.items()}
+    assert types["ches"] == "float64" and types["chosen_num_tokens"] == "int32" and types["truncated"] == "bool"
+    # also without the helper: the arrays we return carry their dtypes
+    plain = Dataset.from_dict(synthetic_pairs(6)).map(CHESScorer(tiny_model), batched=True)
+    assert plain.features["chosen_num_tokens"].dtype == "int32"
+
+
+def test_max_length_truncates_keep_start(tiny_model):
+    rows = synthetic_pairs(12, seed=3, answer_words=(20, 40))
+    full = CHESScorer(tiny_model).map(Dataset.from_dict(rows))
+    cut = CHESScorer(tiny_model, max_length=40).map(Dataset.from_dict(rows))
+    assert any(cut["truncated"]) and not all(cut["truncated"])
+    for a, b in zip(full, cut):
+        if not b["truncated"]:
+            assert a["ches"] == pytest.approx(b["ches"], rel=1e-6)
+        assert b["chosen_num_tokens"] <= a["chosen_num_tokens"]
+
+
+def test_iterable_dataset_map(tiny_model):
+    rows = synthetic_pairs(10)
+    eager = CHESScorer(tiny_model).map(Dataset.from_dict(rows))
+    lazy = Dataset.from_dict(rows).to_iterable_dataset().map(CHESScorer(tiny_model), batched=True, batch_size=4)
+    np.testing.assert_allclose([r["ches"] for r in lazy], eager["ches"], rtol=1e-6)
