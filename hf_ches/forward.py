@@ -7,7 +7,9 @@ micro-batches, gather those states once, and from the same gathered states
 
 * accumulate ``S = Σ_k h_k`` in float32 (CHES needs nothing else),
 * optionally apply the output embedding **only at completion positions, in chunks**, for the completion-token
-  log-probabilities DPO trains on. ``[batch, seq, vocab]`` logits are never materialised.
+  log-probabilities DPO trains on. ``[batch, seq, vocab]`` logits are never materialised;
+* optionally keep the gathered states themselves and their logits' log-sum-exp, per sequence, which is all the
+  exact output-layer eNTK (:func:`hf_ches.scores.output_entk`) needs besides the output embedding.
 
 Models whose logits get extra processing after the output embedding are supported when the processing is one of
 final logit soft-capping (Gemma 2/3) or a logit scale (Cohere, Falcon-H1, Granite, ...: the attributes TRL's
@@ -47,23 +49,36 @@ class OutputHead:
     scale: float = 1.0  # logits *= scale (Cohere's logit_scale, 1/Granite's logits_scaling)
     softcap: float | None = None  # logits = softcap * tanh(logits / softcap) (Gemma 2/3)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Float32 logits ``[N, V]`` for hidden states ``h`` ``[N, d]``."""
-        z = torch.nn.functional.linear(h, self.weight, self.bias).float()  # [N, V]
+    def logits(self, h: torch.Tensor, vocab: slice = slice(None)) -> torch.Tensor:
+        """Float32 logits ``[N, V]`` for hidden states ``h`` ``[N, d]`` (or only the entries ``vocab``: ``[N, c]``)."""
+        bias = None if self.bias is None else self.bias[vocab]
+        z = torch.nn.functional.linear(h, self.weight[vocab], bias).float()  # [N, c]
         if self.scale != 1.0:
             z = z * self.scale
         if self.softcap is not None:
             z = self.softcap * torch.tanh(z / self.softcap)
         return z
 
-    def token_logps(self, h: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-        """``log softmax(logits(h))[targets]`` ``[N]`` in float32, ``chunk`` rows of the vocabulary matrix at a time."""
-        out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+    def slope(self, z: torch.Tensor) -> torch.Tensor | float:
+        """``d logits / d (W h + b)`` from the logits ``z``: ``scale``, times ``1 − (z/softcap)²`` if capped.
+
+        The gradient of a log-prob w.r.t. the output embedding goes through it: ``((e_y − p) ⊙ slope) hᵀ``.
+
+        >>> OutputHead(torch.zeros(1, 1), None, scale=2.0, softcap=4.0).slope(torch.tensor([0.0, 2.0])).tolist()
+        [2.0, 1.5]
+        """
+        return self.scale if self.softcap is None else self.scale * (1 - (z / self.softcap) ** 2)
+
+    def token_logps(self, h: torch.Tensor, targets: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``log softmax(logits(h))[targets]`` and ``logsumexp(logits(h))``, ``[N]`` float32, ``chunk`` rows a pass."""
+        logps = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        lse = torch.empty_like(logps)
         for start in range(0, h.shape[0], chunk):
             z = self.logits(h[start : start + chunk])  # [c, V]
             t = targets[start : start + chunk, None]  # [c, 1]
-            out[start : start + chunk] = z.gather(1, t).squeeze(1) - torch.logsumexp(z, dim=-1)
-        return out
+            lse[start : start + chunk] = torch.logsumexp(z, dim=-1)
+            logps[start : start + chunk] = z.gather(1, t).squeeze(1) - lse[start : start + chunk]
+        return logps, lse
 
 
 @dataclass(frozen=True)
@@ -74,6 +89,8 @@ class Encoded:
     num_tokens: torch.Tensor  # [N] long: number of completion tokens (= summed states)
     logps: torch.Tensor | None  # [N] float64: sum of completion-token log-probs
     last_hidden: torch.Tensor | None  # [N, d] float32: the state predicting the last completion token
+    states: tuple[torch.Tensor, ...] | None = None  # per sequence [n_i, d] float32 (float64 for float64 models)
+    lse: tuple[torch.Tensor, ...] | None = None  # per sequence [n_i] float32: logsumexp of each state's logits
 
 
 def trunk_of(model: torch.nn.Module) -> torch.nn.Module:
@@ -137,6 +154,7 @@ def encode(
     token_budget: int = 16384,
     want_logps: bool = False,
     want_last: bool = False,
+    want_states: bool = False,
     pad_id: int = 0,
     head: OutputHead | None = None,
     head_chunk: int = 1024,
@@ -149,6 +167,8 @@ def encode(
         token_budget: most ``rows × padded length`` tokens per micro-batch.
         want_logps: also compute the summed completion-token log-probs (applies the output embedding).
         want_last: also return the state predicting the last completion token (a baseline of the paper).
+        want_states: also return every completion-predicting state and its logits' log-sum-exp, per sequence
+            (applies the output embedding; host memory: ``completion tokens × d`` floats).
         head: the checked output head (default: :func:`output_head` of ``model``, unchecked).
         head_chunk: completion positions per output-embedding chunk (memory: ``head_chunk × V`` floats).
     """
@@ -159,6 +179,8 @@ def encode(
     sums = torch.zeros(n, head.weight.shape[1], dtype=torch.float32, device=device)
     logps = torch.zeros(n, dtype=torch.float64, device=device) if want_logps else None
     last = torch.zeros_like(sums) if want_last else None
+    states: list = [None] * n
+    lse: list = [None] * n
     for group in plan_microbatches(lengths, token_budget):
         ids, mask = pad_right([sequences[i] for i in group], pad_id)  # [B, T]
         uniform = all(lengths[i] == lengths[group[0]] for i in group)
@@ -171,9 +193,16 @@ def encode(
         seq_ids = torch.as_tensor(group, device=device)[rows.to(device)]  # [M]
         sel = h[rows.to(device), cols.to(device)]  # [M, d]
         sums.index_add_(0, seq_ids, sel.float())
-        if want_logps:
+        if want_logps or want_states:
             targets = ids[rows, cols + 1].to(device)  # [M]
-            logps.index_add_(0, seq_ids, head.token_logps(sel, targets, head_chunk).double())
+            token_logps, token_lse = head.token_logps(sel, targets, head_chunk)  # [M], [M]
+            if want_logps:
+                logps.index_add_(0, seq_ids, token_logps.double())
+            if want_states:
+                counts = [lengths[i] - prompt_lens[i] for i in group]
+                keep = torch.promote_types(sel.dtype, torch.float32)
+                for i, h_i, lse_i in zip(group, sel.split(counts), token_lse.split(counts)):
+                    states[i], lse[i] = h_i.to("cpu", keep), lse_i.cpu()  # [n_i, d], [n_i]
         if want_last:
             ends = torch.as_tensor([lengths[i] - 2 for i in group], device=device)
             last[torch.as_tensor(group, device=device)] = h[torch.arange(len(group), device=device), ends].float()
@@ -182,4 +211,6 @@ def encode(
         num_tokens=torch.as_tensor([lengths[i] - prompt_lens[i] for i in range(n)]),
         logps=logps.cpu() if want_logps else None,
         last_hidden=last.cpu() if want_last else None,
+        states=tuple(states) if want_states else None,
+        lse=tuple(lse) if want_states else None,
     )

@@ -75,7 +75,7 @@ class TokenizedPair:
 
 
 def _describe(value: Any) -> str:
-    return "None" if value is None else f"{type(value).__name__} {str(value)[:60]!r}"
+    return "None" if value is None else f"{type(value).__name__} {repr(value)[:60]}"
 
 
 def _value_format(value: Any, row: int, column: str) -> str:

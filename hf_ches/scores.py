@@ -11,6 +11,19 @@ probability of the chosen completion (likelihood displacement). The paper's two 
 indicative of displacement, are here for comparison: the normalized token edit distance of the completions and the
 inner product of their last hidden states.
 
+CHES is the output-embedding block of the empirical NTK with every token weight set to 1 (``papers.md`` §3.2).
+The exact block keeps the weights. With ``g_k = (e_{y_k} − softmax(z_k)) ⊙ post′`` the gradient of
+``ln π(y_k | x, y_<k)`` w.r.t. the output embedding's output ``W h_k + b`` (before soft-capping and scaling),
+``∇_W ln π(y|x) = Σ_k g_k h_kᵀ`` and, with ``K_W(a,b) = <∇_W ln π(a|x), ∇_W ln π(b|x)>_F = Σ_{k,k'} <g_k, g'_k'>
+<h_k, h'_k'>``:
+
+* ``entk_w    = K_W(+,−) − K_W(+,+)``
+* ``ln_entk_w = K_W(+,−) / (n+ n−) − K_W(+,+) / n+²``
+
+(:func:`alpha_ches` with the α of :func:`output_gradient_gram`). To first order, one SGD step of size ``η`` on any
+DPO-type loss ``ℓ`` of the pair that trains only an untied output embedding changes ``ln π(y+|x)`` by
+``η ℓ′ · entk_w`` (``ℓ′ < 0``): a positive ``entk_w`` predicts displacement.
+
 >>> import torch
 >>> s_plus, s_minus = torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 1.0]])
 >>> ches(s_plus, s_minus).tolist()          # (3 + 2) - (1 + 4)
@@ -23,8 +36,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from hf_ches.forward import OutputHead
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -42,6 +60,87 @@ def ln_ches(
     """Length-normalized CHES ``<S+,S−>/(n+ n−) − ||S+||²/n+²`` per pair, float64 ``[N]``."""
     n_c, n_r = n_chosen.double(), n_rejected.double()
     return _dot(s_chosen, s_rejected) / (n_c * n_r) - _dot(s_chosen, s_chosen) / n_c**2
+
+
+def alpha_ches(
+    h_plus: torch.Tensor, h_minus: torch.Tensor, alpha_pm: torch.Tensor, alpha_pp: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-weighted CHES of one pair and its length-normalized form, float64 scalars (Razin et al. 2024, Thm 6).
+
+    ``Σ_{k,k'} α−[k,k'] <h+_k, h−_k'> − Σ_{k,k'} α+[k,k'] <h+_k, h+_k'>``, and the same with the two terms divided
+    by ``n+ n−`` and ``n+²``, from the states ``h± [n±, d]`` and the weights ``α− [n+, n−]``, ``α+ [n+, n+]``. With
+    every α = 1 it is ``(ches, ln_ches)``; with the α of :func:`output_gradient_gram` it is ``(entk_w, ln_entk_w)``.
+
+    >>> h_plus, h_minus = torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 1.0], [0.0, 1.0]])
+    >>> [float(x) for x in alpha_ches(h_plus, h_minus, torch.ones(1, 2), torch.ones(1, 1))]   # (5+2) - 5, 7/2 - 5
+    [2.0, -1.5]
+    """
+    h_p, h_m = h_plus.double(), h_minus.double()
+    n_p, n_m = h_p.shape[0], h_m.shape[0]
+    pm = (alpha_pm.double() * (h_p @ h_m.T)).sum()  # Σ α− ⊙ [n+, n−]
+    pp = (alpha_pp.double() * (h_p @ h_p.T)).sum()  # Σ α+ ⊙ [n+, n+]
+    return pm - pp, pm / (n_p * n_m) - pp / n_p**2
+
+
+@torch.no_grad()  # the head's weight is a model parameter: no autograd graph
+def output_gradient_gram(
+    head: OutputHead, h: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, budget: int, rows: int | None = None
+) -> torch.Tensor:
+    """The Gram matrix ``G[:rows] Gᵀ`` ``[rows, N]`` float64 of the per-token output-layer gradients.
+
+    Row ``k`` of ``G = (onehot(targets) − softmax(logits(h))) ⊙ head.slope`` ``[N, V]`` is the gradient of
+    ``ln π(targets_k)`` w.r.t. the pre-processing logits ``W h_k + b``, so ``<g_k, g_k'>`` are the α that make
+    :func:`alpha_ches` the exact output-embedding kernel. States ``h`` ``[N, d]`` and their logits' log-sum-exp ``lse``
+    ``[N]`` come from :func:`hf_ches.forward.encode` (``want_states=True``); the logits are recomputed for
+    ``budget // N`` vocabulary entries at a time, so about ``budget`` floats are live at once, never ``[N, V]``.
+
+    >>> from hf_ches.forward import OutputHead
+    >>> head = OutputHead(weight=torch.tensor([[1.0, 0.0], [0.0, 1.0]]), bias=None)
+    >>> h, y = torch.tensor([[0.0, 0.0], [0.0, 0.0]]), torch.tensor([0, 1])   # uniform p = (1/2, 1/2)
+    >>> output_gradient_gram(head, h, y, torch.full((2,), 0.6931471805599453), budget=2).tolist()
+    [[0.5, -0.5], [-0.5, 0.5]]
+    """
+    n, vocab_size = h.shape[0], head.weight.shape[0]
+    rows = n if rows is None else rows
+    step = max(1, budget // n)
+    x = h.to(head.weight.device, head.weight.dtype)  # [N, d]
+    targets, lse = targets.to(x.device), lse.to(x.device)  # [N], [N]
+    gram = torch.zeros(rows, n, dtype=torch.float64, device=x.device)
+    for start in range(0, vocab_size, step):
+        vocab = slice(start, min(start + step, vocab_size))
+        z = head.logits(x, vocab)  # [N, c]
+        g = -torch.exp(z - lse[:, None])  # [N, c]: −softmax
+        hit = ((targets >= vocab.start) & (targets < vocab.stop)).nonzero().squeeze(1)  # rows whose target is here
+        g[hit, targets[hit] - start] += 1.0  # + onehot(targets)
+        g = g * head.slope(z)  # [N, c]
+        gram += (g[:rows] @ g.T).double()  # [rows, N]
+    return gram
+
+
+def output_entk(
+    head: OutputHead,
+    h_plus: torch.Tensor,
+    h_minus: torch.Tensor,
+    y_plus: torch.Tensor,
+    y_minus: torch.Tensor,
+    lse_plus: torch.Tensor,
+    lse_minus: torch.Tensor,
+    budget: int,
+) -> tuple[float, float]:
+    """``(entk_w, ln_entk_w)`` of one pair: the exact output-embedding eNTK displacement, plain and length-normalized.
+
+    ``h± [n±, d]``, ``y± [n±]`` (the completion token ids, EOS included) and ``lse± [n±]`` as in
+    :func:`output_gradient_gram`, which runs once over ``[h+; h−]`` (cost ``≈ 2 (n+ + n−)(d + n+) V`` flops).
+    For tied embeddings this is the output use of the shared matrix only: training that matrix also moves the
+    input embeddings, which is a different kernel (``GradientKernelScorer(parameters="output")`` computes that one).
+    """
+    n = h_plus.shape[0]
+    alpha = output_gradient_gram(  # [n+, n+ + n−]
+        head, torch.cat([h_plus, h_minus]), torch.cat([y_plus, y_minus]), torch.cat([lse_plus, lse_minus]), budget, n
+    )
+    device = alpha.device
+    entk_w, ln_entk_w = alpha_ches(h_plus.to(device), h_minus.to(device), alpha[:, n:], alpha[:, :n])
+    return float(entk_w), float(ln_entk_w)
 
 
 def last_hidden_ip(h_chosen: torch.Tensor, h_rejected: torch.Tensor) -> torch.Tensor:

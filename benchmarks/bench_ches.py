@@ -1,0 +1,231 @@
+"""Throughput of ``ds.map(CHESScorer(...))`` against the least work that yields the same outputs. Not a test.
+
+Everything is measured in one run on the same preference pairs, with the same model in memory, after a warm-up:
+
+* ``map``       ``Dataset.map(CHESScorer(model, tokenizer), batched=True)``: CHES, ln-CHES and DPO log-probs,
+                tokenization and Arrow writing included;
+* ``limit``     the least work for those outputs, written out plainly below: the trunk over length-sorted
+                token-budget micro-batches of the pre-tokenized sequences, then the output embedding and
+                log-softmax at completion positions only, in chunks;
+* ``ches-only`` the map with ``scores=("ches", "ln_ches")`` (must skip the output embedding);
+* ``trunk``     the trunk alone on the same micro-batches: the floor of a CHES-only run;
+* ``naive``     the paper's loop: one example at a time, full ``output_hidden_states`` and full logits, float32.
+
+Targets (issue 2): on CPU, map ≤ 1.15 × limit time and faster than naive; on a GPU, map ≥ 0.9 × limit throughput,
+CHES-only ≥ 0.9 × trunk throughput, ≥ 10× naive, peak memory far below full-vocabulary logits.
+
+    python benchmarks/bench_ches.py                    # CPU: llama-shaped, hidden 256, vocab 16k, 256 pairs
+    python benchmarks/bench_ches.py --shape qwen2.5-0.5b --dtype bfloat16 --pairs 512   # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import threading
+import time
+
+import psutil
+import torch
+from datasets import Dataset, disable_progress_bars
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+from hf_ches import CHESScorer
+from hf_ches.pairs import read_rows, tokenize_pairs
+from hf_ches.testing import build_tokenizer, synthetic_text
+
+SHAPES = {
+    # hidden >= 256 and vocabulary >= 16k: the CPU target of the issue
+    "cpu-small": lambda: LlamaConfig(
+        vocab_size=16384, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False,
+    ),
+    # the real shapes of Qwen2.5-0.5B (random weights)
+    "qwen2.5-0.5b": lambda: Qwen2Config(
+        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+        num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True, rope_theta=1e6,
+    ),
+}
+
+
+def realistic_pairs(n: int, seed: int = 0) -> dict[str, list]:
+    """UltraFeedback-like lengths: prompt ~150 tokens, responses ~250, log-normal, capped at 1024 tokens."""
+    rng = random.Random(seed)
+
+    def words(median_tokens: float) -> int:  # the test tokenizer makes ~1.6 tokens per word
+        return max(1, min(640, int(rng.lognormvariate(math.log(median_tokens / 1.6), 0.5))))
+
+    rows = {"prompt": [], "chosen": [], "rejected": []}
+    for _ in range(n):
+        rows["prompt"].append(synthetic_text(rng, words(150)))
+        rows["chosen"].append(" " + synthetic_text(rng, words(250)))
+        rows["rejected"].append(" " + synthetic_text(rng, words(250)))
+    return rows
+
+
+class PeakMemory:
+    """Peak memory over a block: CUDA allocator peak on GPU, sampled RSS growth on CPU (bytes)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.proc, self.base, self.running = psutil.Process(), psutil.Process().memory_info().rss, True
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.proc.memory_info().rss - self.base)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.running = False
+            self.thread.join()
+
+
+def timed(fn, device: torch.device) -> tuple[float, int]:
+    with PeakMemory(device) as mem:
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    return seconds, mem.peak
+
+
+def batches_by_length(lengths: list[int], token_budget: int) -> list[list[int]]:
+    """Longest first, as many rows as fit ``rows × longest <= token_budget`` (written out, not imported)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    out: list[list[int]] = []
+    for i in order:
+        if out and (len(out[-1]) + 1) * lengths[out[-1][0]] <= token_budget:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
+@torch.inference_mode()
+def limit(model, seqs, prompt_lens, token_budget: int, with_head: bool, chunk: int = 1024) -> None:
+    """The least work: trunk on sorted micro-batches; output embedding + log-softmax at completion positions only."""
+    device = model.device
+    trunk, weight = model.model, model.get_output_embeddings().weight
+    sums = torch.zeros(len(seqs), weight.shape[1], device=device)
+    logps = torch.zeros(len(seqs), device=device)
+    lengths = [len(s) for s in seqs]
+    for group in batches_by_length(lengths, token_budget):
+        width = lengths[group[0]]
+        ids = torch.zeros(len(group), width, dtype=torch.long)
+        mask = torch.zeros(len(group), width, dtype=torch.long)
+        for r, i in enumerate(group):
+            ids[r, : lengths[i]] = torch.tensor(seqs[i])
+            mask[r, : lengths[i]] = 1
+        h = trunk(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
+        rows = torch.cat([torch.full((lengths[i] - prompt_lens[i],), r) for r, i in enumerate(group)])
+        cols = torch.cat([torch.arange(prompt_lens[i] - 1, lengths[i] - 1) for i in group])
+        seq = torch.tensor(group, device=device)[rows.to(device)]
+        sel = h[rows.to(device), cols.to(device)]  # [M, d]
+        sums.index_add_(0, seq, sel.float())
+        if with_head:
+            targets = ids[rows, cols + 1].to(device)
+            for s in range(0, sel.shape[0], chunk):
+                z = (sel[s : s + chunk] @ weight.T).float()  # [c, V]
+                lp = z.gather(1, targets[s : s + chunk, None]).squeeze(1) - torch.logsumexp(z, -1)
+                logps.index_add_(0, seq[s : s + chunk], lp)
+    sums.cpu(), logps.cpu()
+
+
+@torch.inference_mode()
+def naive(model, seqs, prompt_lens) -> None:
+    """The paper's script: per example, unpadded, float32, full hidden states and full logits."""
+    for ids, P in zip(seqs, prompt_lens):
+        out = model(input_ids=torch.tensor([ids], device=model.device), output_hidden_states=True)
+        S = out.hidden_states[-1][0, P - 1 : -1].sum(0)
+        lp = torch.log_softmax(out.logits[0, P - 1 : -1].float(), -1).gather(1, torch.tensor(ids[P:], device=model.device)[:, None]).sum()
+        S.cpu(), lp.cpu()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="cpu-small", choices=sorted(SHAPES))
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--pairs", type=int, default=256)
+    parser.add_argument("--token_budget", type=int, default=16384)
+    parser.add_argument("--batch_size", type=int, default=256, help="rows per Dataset.map batch")
+    parser.add_argument("--naive_pairs", type=int, default=None, help="time the naive loop on this many pairs")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args()
+    disable_progress_bars()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    config = SHAPES[args.shape]()
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype)).to(device).eval()
+    tokenizer = build_tokenizer()
+    rows = realistic_pairs(args.pairs)
+    ds = Dataset.from_dict(rows)
+    pairs = tokenize_pairs(read_rows(rows, range(args.pairs)), tokenizer)
+    seqs = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]
+    plens = [len(p.prompt_ids) for p in pairs] * 2
+    tokens = sum(len(s) for s in seqs)
+    n_naive = args.naive_pairs or args.pairs
+    naive_seqs = seqs[:n_naive] + seqs[args.pairs : args.pairs + n_naive]
+    naive_plens = plens[:n_naive] + plens[args.pairs : args.pairs + n_naive]
+    naive_model = model if args.dtype == "float32" else AutoModelForCausalLM.from_config(config).to(device).eval()
+
+    full = CHESScorer(model, tokenizer, token_budget=args.token_budget)
+    ches_only = CHESScorer(model, tokenizer, token_budget=args.token_budget, scores=("ches", "ln_ches"))
+    runs = {
+        "map": lambda: ds.map(full, batched=True, batch_size=args.batch_size),
+        "limit": lambda: limit(model, seqs, plens, args.token_budget, with_head=True),
+        "ches-only": lambda: ds.map(ches_only, batched=True, batch_size=args.batch_size),
+        "trunk": lambda: limit(model, seqs, plens, args.token_budget, with_head=False),
+        "naive": lambda: naive(naive_model, naive_seqs, naive_plens),
+    }
+    runs["limit"]()  # warm-up: allocator, kernels, the scorers' one-time architecture check
+    full.load(), ches_only.load()
+    naive(naive_model, naive_seqs[:2], naive_plens[:2])
+    results = {}
+    for name, fn in runs.items():
+        seconds, peak = timed(fn, device)
+        n_pairs = n_naive if name == "naive" else args.pairs
+        n_tokens = sum(len(s) for s in naive_seqs) if name == "naive" else tokens
+        results[name] = {"seconds": seconds, "pairs_per_s": n_pairs / seconds, "tokens_per_s": n_tokens / seconds,
+                         "peak_mib": peak / 2**20}
+    logits_mib = max(len(s) for s in seqs) * min(args.batch_size, 8) * config.vocab_size * 4 / 2**20
+    print(f"device={device} shape={args.shape} dtype={args.dtype} pairs={args.pairs} tokens={tokens} "
+          f"token_budget={args.token_budget} torch={torch.__version__} threads={torch.get_num_threads()}")
+    print(f"{'run':<10} {'seconds':>8} {'pairs/s':>9} {'tokens/s':>10} {'peak MiB':>9}")
+    for name, r in results.items():
+        print(f"{name:<10} {r['seconds']:8.2f} {r['pairs_per_s']:9.1f} {r['tokens_per_s']:10.0f} {r['peak_mib']:9.1f}")
+    tps = {k: v["tokens_per_s"] for k, v in results.items()}
+    ratios = {
+        "map_time_over_limit_time": results["map"]["seconds"] / results["limit"]["seconds"],
+        "map_throughput_over_limit": tps["map"] / tps["limit"],
+        "ches_only_throughput_over_trunk": tps["ches-only"] / tps["trunk"],
+        "map_speedup_over_naive": tps["map"] / tps["naive"],
+        "full_logits_mib_for_8_rows_of_longest": logits_mib,
+    }
+    for k, v in ratios.items():
+        print(f"{k:<38} {v:8.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "device": str(device), "results": results, "ratios": ratios}, f, indent=1)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

@@ -1,0 +1,159 @@
+"""Ranking accuracy (Chen et al. 2024) as an `evaluate` metric.
+
+This module is the only home of the `RankingAccuracy` class. `metrics/ranking_accuracy/ranking_accuracy.py`
+re-exports it, which makes `evaluate.load("metrics/ranking_accuracy")` (or any path to that folder) and
+`from hf_ches.metric import RankingAccuracy` give the same class. evaluate's import scanner reads that script, sees
+`hf_ches` as a library dependency and imports it, and `import_main_class` picks up the re-exported class. The math
+lives in `hf_ches.ranking`; `_compute` is one call into it.
+"""
+
+import datasets
+import evaluate
+
+from hf_ches import ranking
+
+_CITATION = """\
+@inproceedings{chen2024preference,
+    title = {Preference Learning Algorithms Do Not Learn Preference Rankings},
+    author = {Chen, Angelica and Malladi, Sadhika and Zhang, Lily H. and Chen, Xinyi and Zhang, Qiuyi and
+              Ranganath, Rajesh and Cho, Kyunghyun},
+    booktitle = {Advances in Neural Information Processing Systems},
+    year = {2024},
+    eprint = {2405.19534},
+    archivePrefix = {arXiv},
+}
+"""
+
+_DESCRIPTION = """\
+Ranking accuracy is the share of preference pairs in which the model gives the preferred (chosen) response at least
+the likelihood of the rejected one: R = 1[π(chosen|x) >= π(rejected|x)] (Chen et al. 2024, Def. 2.3). Ties count
+as correct. Inputs are per-sequence log-probabilities, i.e. sums of completion-token log-probs such as
+`CHESScorer` writes to the `chosen_logps` / `rejected_logps` columns. Configurations:
+"default" (pairs), "length_normalized" (also compares mean log-probs per token), "idealized" (with reference-model
+log-probs and rater agreement: the accuracy a perfect DPO optimum would reach, the alignment gap, DPO reward accuracy
+and the loss each wrongly ranked pair must reach to flip) and "listwise" (several responses per prompt, correct only
+when the whole ranking matches the human one). Every accuracy comes with a seeded bootstrap confidence interval.
+"""
+
+_KWARGS_DESCRIPTION = """
+Args:
+    chosen_logps (`list` of `float`): log π(chosen | prompt), summed over completion tokens. Not in "listwise".
+    rejected_logps (`list` of `float`): log π(rejected | prompt), summed likewise. Not in "listwise".
+    chosen_num_tokens (`list` of `int`): "length_normalized" only: number of completion tokens of `chosen`.
+    rejected_num_tokens (`list` of `int`): "length_normalized" only: the same for `rejected`.
+    ref_chosen_logps (`list` of `float`): "idealized" only: log πref(chosen | prompt) of the reference model.
+    ref_rejected_logps (`list` of `float`): "idealized" only: log πref(rejected | prompt).
+    preference_probs (`list` of `float`): "idealized" only: α, the share of raters preferring `chosen`. Below 0.5
+        the raters prefer `rejected`, so the correct order flips; 0.5 is a human tie; α is clipped to
+        [0.001, 0.999], which turns 0 and 1 into 0.001 and 0.999 as the paper's code does.
+    logps (`list` of `list` of `float`): "listwise" only: log-probs of every response to one prompt.
+    scores (`list` of `list` of `float`): "listwise" only: human scores of those responses (higher is better).
+    tie_margin (`float`, defaults to 0): pairs whose log-probs differ by at most this much are model ties. They
+        count as correct, as the paper's `>=` does. Does not apply to "listwise".
+    human_tie_epsilon (`float`, defaults to 0.01): "idealized": a pair with α = 0.5 is correct when the log-probs
+        differ by less than this (Def. C.1).
+    beta (`float` or `list` of `float`, defaults to [0.01, 0.1, 1, 5, 10]): "idealized": DPO β values.
+    return_per_example (`bool`, defaults to False): also return per-example flags, in input order.
+    n_resamples (`int`, defaults to 1000), confidence_level (`float`, defaults to 0.95), seed (`int`, defaults
+        to 0): settings of the percentile bootstrap behind every `*_ci`.
+Returns:
+    ranking_accuracy (`float`): share of examples ranked correctly; `ranking_accuracy_ci` is [low, high].
+    num_pairs (`int`) and num_ties (`int`, pairs within `tie_margin`), or num_lists (`int`) for "listwise".
+    length_normalized_ranking_accuracy (`float`, with `_ci`) and length_normalized_num_ties: "length_normalized".
+    "idealized" adds: beta, num_human_ties, idealized_ranking_accuracy (one per β, with `_ci`) and its `_min`,
+        `_median` and `_max`, alignment_gap (median idealized minus observed, with `_ci`), reward_accuracy (one
+        per β, with `_ci`: DPO implicit reward strictly higher for the preferred response), num_reference_wrong
+        and flip_loss_threshold_mean / _q25 / _median / _q75 (one per β: the DPO loss, softplus(-β c), that
+        each wrongly ranked pair must get below, c = log πref(yl) - log πref(yw)).
+    "listwise" adds num_human_ties (lists with equal human scores, which count as correct only if the model's
+        log-probs tie exactly).
+    With return_per_example: `correct` and `tie` lists (and more per config; see `hf_ches.ranking`).
+Examples:
+    The default config. Pair 2 is a tie (counted correct), pair 3 is wrong:
+
+    >>> from hf_ches.metric import RankingAccuracy
+    >>> metric = RankingAccuracy()  # the same as evaluate.load("metrics/ranking_accuracy")
+    >>> results = metric.compute(chosen_logps=[-10.0, -12.0, -9.0, -20.0],
+    ...                          rejected_logps=[-11.0, -12.0, -8.0, -25.0], return_per_example=True)
+    >>> results["ranking_accuracy"], results["num_pairs"], results["num_ties"], results["correct"]
+    (0.75, 4, 1, [True, True, False, True])
+    >>> low, high = results["ranking_accuracy_ci"]
+    >>> bool(0 <= low <= 0.75 <= high <= 1)
+    True
+
+    Length-normalized: the mean log-prob per token can disagree with the sum.
+
+    >>> metric = RankingAccuracy(config_name="length_normalized")
+    >>> results = metric.compute(chosen_logps=[-10.0, -12.0, -9.0, -20.0],
+    ...                          rejected_logps=[-11.0, -12.0, -8.0, -25.0],
+    ...                          chosen_num_tokens=[5, 4, 3, 10], rejected_num_tokens=[11, 4, 2, 20])
+    >>> results["ranking_accuracy"], results["length_normalized_ranking_accuracy"]
+    (0.75, 0.5)
+
+    Idealized: all raters prefer chosen in pair 1 (α = 1, clipped to 0.999); 3 of 4 do in pair 2.
+
+    >>> metric = RankingAccuracy(config_name="idealized")
+    >>> results = metric.compute(chosen_logps=[-10.0, -5.0], rejected_logps=[-9.0, -6.0],
+    ...                          ref_chosen_logps=[-11.0, -5.0], ref_rejected_logps=[-9.0, -6.0],
+    ...                          preference_probs=[1.0, 0.75], beta=[0.1, 10.0])
+    >>> results["ranking_accuracy"], results["idealized_ranking_accuracy"], results["alignment_gap"]
+    (0.5, [1.0, 0.5], 0.25)
+    >>> results["reward_accuracy"], results["num_reference_wrong"]
+    ([0.5, 0.5], 1)
+    >>> [round(value, 4) for value in results["flip_loss_threshold_median"]]
+    [0.5981, 0.0]
+
+    Listwise: the second prompt has two equally scored responses, which the model does not tie:
+
+    >>> metric = RankingAccuracy(config_name="listwise")
+    >>> results = metric.compute(logps=[[-1.0, -2.0, -3.0], [-1.0, -2.0, -3.0], [-2.0, -1.0]],
+    ...                          scores=[[9.0, 5.0, 1.0], [9.0, 9.0, 1.0], [1.0, 2.0]])
+    >>> results["ranking_accuracy"], results["num_lists"], results["num_human_ties"]
+    (0.6666666666666666, 3, 1)
+"""
+
+_FLOAT = datasets.Value("float64")
+_FEATURES = {
+    "default": {"chosen_logps": _FLOAT, "rejected_logps": _FLOAT},
+    "length_normalized": {
+        "chosen_logps": _FLOAT,
+        "rejected_logps": _FLOAT,
+        "chosen_num_tokens": datasets.Value("int64"),
+        "rejected_num_tokens": datasets.Value("int64"),
+    },
+    "idealized": {
+        "chosen_logps": _FLOAT,
+        "rejected_logps": _FLOAT,
+        "ref_chosen_logps": _FLOAT,
+        "ref_rejected_logps": _FLOAT,
+        "preference_probs": _FLOAT,
+    },
+    "listwise": {"logps": datasets.Sequence(_FLOAT), "scores": datasets.Sequence(_FLOAT)},
+}
+_COMPUTE = {
+    "default": ranking.ranking_accuracy,
+    "length_normalized": ranking.ranking_accuracy,
+    "idealized": ranking.idealized_ranking_accuracy,
+    "listwise": ranking.listwise_ranking_accuracy,
+}
+
+
+@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
+class RankingAccuracy(evaluate.Metric):
+    def _info(self) -> evaluate.MetricInfo:
+        if self.config_name not in _FEATURES:
+            raise ValueError(f"config_name: expected one of {list(_FEATURES)}, found {self.config_name!r}")
+        return evaluate.MetricInfo(
+            description=_DESCRIPTION,
+            citation=_CITATION,
+            inputs_description=_KWARGS_DESCRIPTION,
+            # No format="numpy": datasets' numpy formatter casts float64 to float32, which merges near-ties of
+            # log-prob sums. Python lists keep float64, and hf_ches.ranking turns them into arrays.
+            features=datasets.Features(_FEATURES[self.config_name]),
+            reference_urls=["https://arxiv.org/abs/2405.19534"],
+            codebase_urls=["https://github.com/angie-chen55/pref-learning-ranking-acc"],
+        )
+
+    def _compute(self, **inputs_and_options) -> dict:
+        inputs = {name: inputs_and_options.pop(name) for name in self._feature_names()}
+        return _COMPUTE[self.config_name](**inputs, options=ranking.RankingOptions(**inputs_and_options))

@@ -1,0 +1,89 @@
+"""Fixtures for talking to the loopback Hub (``hf_ches.hub_server``) with the real huggingface_hub and datasets.
+
+``hub_server`` (session): one ``LocalHub`` subprocess per test process, so one per xdist worker.
+``hub_env`` (function): points huggingface_hub and datasets at it, with its write token and fresh caches under
+``tmp_path``, and yields a ``HubEnv``. Name repos with ``hub_env.repo_id("stem")``: the server lives for the whole
+session, so names must not collide between tests.
+
+Both libraries read their settings when first imported, and by then (collection) it is too late for environment
+variables, so ``hub_env`` patches the module attributes read at call time. Each one below was checked by removing it
+and rerunning tests/test_hub_server.py:
+- ``huggingface_hub.constants.ENDPOINT``: the default endpoint of ``HfApi``, ``hf_hub_download``, ``HfFileSystem``;
+  ``HUGGINGFACE_CO_URL_TEMPLATE``: the download URL of ``hf_hub_download`` (loads hang without either);
+- ``huggingface_hub.hf_api.api.endpoint``: the shared ``HfApi`` behind module-level functions such as
+  ``upload_file`` (``DatasetCard.push_to_hub`` fails without it);
+- ``huggingface_hub.constants.HF_HUB_DISABLE_XET``: otherwise uploads go through Xet, which this server lacks
+  (``push_to_hub`` hangs without it);
+- ``datasets.config.HF_ENDPOINT`` (``push_to_hub``/``load_dataset`` pass it explicitly) and ``HUB_DATASETS_URL``
+  (rewrites Image/Audio file URLs that start with it);
+- ``HF_HUB_OFFLINE`` in both libraries: a run with ``HF_HUB_OFFLINE=1`` in the environment may still use the
+  loopback Hub (pushes fail without it);
+- the caches (``huggingface_hub.constants.HF_HUB_CACHE``, ``datasets.config.HF_DATASETS_CACHE`` and the download
+  paths derived from it), the saved-login path ``HF_TOKEN_PATH`` and ``AGENT_HARNESSES_PATH`` (a registry
+  huggingface_hub fetches from the endpoint and keeps for a day): not needed for the round trips to pass, but
+  without them tests would share (and leak into) ``~/.cache/huggingface``; checked with a throwaway ``HOME``.
+The environment variables are set as well, for subprocesses and for libraries imported later.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from hf_ches.hub_server import LocalHub
+
+
+@dataclass(frozen=True)
+class HubEnv:
+    """The hub a test talks to: its URL, a write token for ``user``, and the test's HF_HOME."""
+
+    endpoint: str
+    token: str
+    user: str
+    hf_home: Path
+
+    def repo_id(self, stem: str) -> str:
+        """A repo id in the user's namespace that no other test of the session uses."""
+        return f"{self.user}/{stem}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def hub_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalHub]:
+    """A running loopback Hub for the session. Tokens: ``hub_server.token`` writes as ``hf-ches-user``;
+    ``"hf_other"`` writes as ``other-user``; ``"hf_reader"`` only reads, as ``hf-ches-user``."""
+    tokens = {"hf_other": "other-user", "hf_reader": "hf-ches-user:read"}
+    with LocalHub(data_dir=tmp_path_factory.mktemp("hub-data"), tokens=tokens) as hub:
+        yield hub
+
+
+@pytest.fixture
+def hub_env(hub_server: LocalHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> HubEnv:
+    """Point huggingface_hub and datasets at ``hub_server`` with its write token, Xet off and caches in tmp_path."""
+    import datasets.config
+    import huggingface_hub.constants
+    import huggingface_hub.hf_api
+
+    endpoint, hf_home = hub_server.endpoint, tmp_path / "hf_home"
+    hub_cache, datasets_cache = hf_home / "hub", hf_home / "datasets"
+    for name, value in {"HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": hub_server.token,
+                        "HF_HOME": hf_home, "HF_HUB_CACHE": hub_cache, "HF_DATASETS_CACHE": datasets_cache,
+                        "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "NO_PROXY": "127.0.0.1,localhost"}.items():
+        monkeypatch.setenv(name, str(value))
+    for name, value in {"ENDPOINT": endpoint,
+                        "HUGGINGFACE_CO_URL_TEMPLATE": endpoint + "/{repo_id}/resolve/{revision}/{filename}",
+                        "HF_HUB_DISABLE_XET": True, "HF_HUB_OFFLINE": False, "HF_HUB_CACHE": str(hub_cache),
+                        "HF_TOKEN_PATH": str(hf_home / "token"),
+                        "AGENT_HARNESSES_PATH": str(hf_home / ".agent_harnesses.json")}.items():
+        monkeypatch.setattr(huggingface_hub.constants, name, value)
+    monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", endpoint)
+    for name, value in {"HF_ENDPOINT": endpoint,
+                        "HUB_DATASETS_URL": endpoint + "/datasets/{repo_id}/resolve/{revision}/{path}",
+                        "HF_HUB_OFFLINE": False, "HF_DATASETS_CACHE": datasets_cache,
+                        "DOWNLOADED_DATASETS_PATH": datasets_cache / "downloads",
+                        "EXTRACTED_DATASETS_PATH": datasets_cache / "downloads" / "extracted"}.items():
+        monkeypatch.setattr(datasets.config, name, value)
+    return HubEnv(endpoint, hub_server.token, hub_server.user, hf_home)

@@ -1,0 +1,89 @@
+"""Bad preference rows give errors that name the row index and the column; nothing is dropped."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from datasets import Dataset
+
+from hf_ches import CHESScorer
+from hf_ches.pairs import PairError
+from hf_ches.testing import synthetic_pairs
+
+
+def score(tiny_model, rows, **options):
+    return CHESScorer(tiny_model, **options).map(Dataset.from_list(rows) if isinstance(rows, list) else
+                                                 Dataset.from_dict(rows), batch_size=4)
+
+
+def assert_error(tiny_model, rows, row, column, words):
+    with pytest.raises(PairError) as info:
+        score(tiny_model, rows)
+    assert (info.value.row, info.value.column) == (row, column)
+    assert f"row {row}, column {column!r}" in str(info.value) and words in str(info.value)
+
+
+def test_missing_column(tiny_model):
+    assert_error(tiny_model, {"prompt": ["a"], "chosen": ["b"]}, 0, "rejected", "missing column")
+
+
+def test_none_completion(tiny_model):
+    rows = synthetic_pairs(6)
+    rows["rejected"][5] = None
+    assert_error(tiny_model, rows, 5, "rejected", "found None")
+
+
+def test_non_string_completion(tiny_model):
+    rows = synthetic_pairs(6)
+    rows["chosen"] = list(range(6))  # an int column: Arrow cannot mix types, so a whole column is the real case
+    assert_error(tiny_model, rows, 0, "chosen", "found int 0")
+    from hf_ches.pairs import read_rows
+
+    with pytest.raises(PairError, match=r"row 9, column 'chosen': expected a string or a non-empty list of messages, "
+                                        r"found int 7"):
+        read_rows({"prompt": ["q"], "chosen": [7], "rejected": ["r"]}, [9])
+
+
+def test_conversational_row_without_assistant_turn(tiny_model):
+    rows = synthetic_pairs(5, fmt="conversational")
+    rows["chosen"][3] = [{"role": "user", "content": "no answer here"}]
+    assert_error(tiny_model, rows, 3, "chosen", "without an assistant turn")
+
+
+def test_empty_dataset(tiny_model):
+    assert_error(tiny_model, {"prompt": [], "chosen": [], "rejected": []}, 0, "chosen", "empty")
+
+
+def test_mixed_formats(tiny_model):
+    conv = synthetic_pairs(5, fmt="conversational")
+    rows = {"prompt": synthetic_pairs(5)["prompt"], "chosen": conv["chosen"], "rejected": conv["rejected"]}
+    assert_error(tiny_model, rows, 0, "chosen", "must share one format")
+
+
+def test_prompt_not_a_token_prefix_is_an_error_or_a_flag(tiny_model):
+    rows = synthetic_pairs(6)
+    rows["prompt"][4], rows["chosen"][4] = "the answ", "er is good"  # BPE merges across the boundary
+    assert_error(tiny_model, rows, 4, "prompt", "not a prefix")
+    flagged = score(tiny_model, rows, on_invalid="flag")
+    assert len(flagged) == 6  # counts in == counts out
+    assert flagged["ches_flag"][4].startswith("the tokenized prompt is not a prefix")
+    assert all(flag == "" for i, flag in enumerate(flagged["ches_flag"]) if i != 4)
+    assert math.isfinite(flagged["ches"][4])  # scored the way TRL trains on it
+
+
+def test_unscorable_row_is_flagged_with_nan_not_dropped(tiny_model):
+    rows = synthetic_pairs(6, prompt_words=(3, 5))
+    rows["prompt"][1] = " ".join(["the answer"] * 40)  # prompt alone longer than max_length
+    with pytest.raises(PairError, match="row 1, column 'prompt'.*max_length"):
+        score(tiny_model, rows, max_length=50)
+    flagged = score(tiny_model, rows, max_length=50, on_invalid="flag")
+    assert len(flagged) == 6 and math.isnan(flagged["ches"][1]) and "max_length" in flagged["ches_flag"][1]
+    assert sum(math.isnan(x) for x in flagged["ches"]) == 1
+
+
+def test_bare_map_without_indices_names_batch_position(tiny_model):
+    rows = synthetic_pairs(6)
+    rows["chosen"][5] = None
+    with pytest.raises(PairError, match=r"row 1, column 'chosen'.*position in this map batch"):
+        Dataset.from_dict(rows).map(CHESScorer(tiny_model), batched=True, batch_size=4)

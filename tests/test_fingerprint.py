@@ -1,0 +1,73 @@
+"""Stable datasets fingerprints, cache reuse across runs, and identical scores with num_proc=2 / with_rank=True."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+from datasets import Dataset, load_from_disk
+from datasets.fingerprint import Hasher
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hf_ches import CHESScorer
+from hf_ches.testing import synthetic_pairs
+
+HASH_SNIPPET = """
+import sys
+from datasets import load_from_disk
+from datasets.fingerprint import Hasher
+from hf_ches import CHESScorer
+scorer = CHESScorer(sys.argv[1], token_budget=512, max_length=300)
+ds = load_from_disk(sys.argv[2])
+print(Hasher.hash(scorer), ds.map(scorer, batched=True, with_indices=True, load_from_cache_file=False)._fingerprint)
+"""
+
+
+def test_same_fingerprint_in_separate_processes(tiny_model, tmp_path):
+    Dataset.from_dict(synthetic_pairs(4)).save_to_disk(tmp_path / "ds")
+    outputs = set()
+    for seed in ("1", "2"):  # different hash seeds: nothing may depend on Python's str hashing
+        env = {"PYTHONHASHSEED": seed, "PATH": "/usr/bin:/bin", "HF_DATASETS_CACHE": str(tmp_path / f"c{seed}")}
+        run = subprocess.run([sys.executable, "-c", HASH_SNIPPET, tiny_model, str(tmp_path / "ds")],
+                             capture_output=True, text=True, env=env, check=True)
+        outputs.add(run.stdout.strip().splitlines()[-1])
+    assert len(outputs) == 1
+    scorer_hash = outputs.pop().split()[0]
+    assert scorer_hash == Hasher.hash(CHESScorer(tiny_model, token_budget=512, max_length=300))
+    assert scorer_hash != Hasher.hash(CHESScorer(tiny_model, token_budget=512, max_length=301))
+
+
+def test_hash_never_touches_weights(tiny_model):
+    """The pickled scorer holds settings and identity only, so hashing cost does not grow with the model."""
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_model), AutoTokenizer.from_pretrained(tiny_model)
+    for scorer in (CHESScorer(tiny_model), CHESScorer(model, tokenizer)):
+        scorer.load() if scorer.config.model != "<in-memory>" else None
+        assert len(pickle.dumps(scorer)) < 2_000
+    # a different in-memory model (other weights) gets a different identity
+    other = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with __import__("torch").no_grad():
+        other.get_output_embeddings().weight.add_(1.0)
+    assert CHESScorer(other, tokenizer).identity != CHESScorer(model, tokenizer).identity
+
+
+def test_second_run_loads_from_cache(tiny_model, tmp_path):
+    Dataset.from_dict(synthetic_pairs(12)).save_to_disk(tmp_path / "ds")
+    ds = load_from_disk(tmp_path / "ds")
+    first = CHESScorer(tiny_model).map(ds, batch_size=4)
+    again = CHESScorer(tiny_model)  # a fresh scorer with the same settings, as in a new run
+    second = again.map(load_from_disk(tmp_path / "ds"), batch_size=4)
+    assert again._loaded is None  # never called: the result came from the cache file
+    assert second.cache_files == first.cache_files
+    assert second["ches"] == first["ches"]
+
+
+def test_num_proc_2_with_rank_gives_identical_scores(tiny_model, tmp_path):
+    Dataset.from_dict(synthetic_pairs(16)).save_to_disk(tmp_path / "ds")
+    ds = load_from_disk(tmp_path / "ds")
+    single = CHESScorer(tiny_model).map(ds, batch_size=4)
+    multi = CHESScorer(tiny_model).map(ds, batch_size=4, num_proc=2, with_rank=True)
+    assert len(multi.cache_files) == 2  # one shard per worker
+    for column in ("ches", "ln_ches", "chosen_logps", "rejected_logps"):
+        np.testing.assert_array_equal(multi[column], single[column])
