@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -323,6 +324,7 @@ class HubHandler(BaseHTTPRequestHandler):
     """Routes each request through ``ROUTES`` to a ``route_<name>`` method; errors are ``HubError``s."""
 
     protocol_version = "HTTP/1.1"  # keep-alive: every answer has a Content-Length and request bodies are drained
+    disable_nagle_algorithm = True  # keep-alive answers otherwise wait ~40 ms on delayed ACKs (Nagle)
     server: HubServer
     account: Account | None  # who sent the request being handled; None for anonymous
     timeout = 300
@@ -684,6 +686,60 @@ class HubHandler(BaseHTTPRequestHandler):
             elif key != "header":
                 raise HubError(400, f"unsupported commit operation {key!r}")
         return files
+
+
+def client_settings(endpoint: str, token: str, hf_home: str | Path) -> tuple[dict[str, str], list[tuple]]:
+    """What points huggingface_hub and datasets at ``endpoint``: environment variables and module attributes.
+
+    Both libraries read their settings when first imported, so besides the environment (for subprocesses and later
+    imports) the module attributes read at call time are patched (``tests/plugins/hub.py`` says why each is needed):
+    the endpoint and download URL template, the shared ``HfApi`` behind module-level functions, Xet off (this
+    server has no Xet; pushes hang with it), offline mode off, and caches, saved login and agent-harness registry
+    under ``hf_home`` so nothing leaks into ``~/.cache/huggingface``. Returns ``(env, [(object, name, value)])``.
+    """
+    import datasets.config
+    import huggingface_hub.constants as hub_constants
+    import huggingface_hub.hf_api
+
+    hf_home = Path(hf_home)
+    hub_cache, datasets_cache = hf_home / "hub", hf_home / "datasets"
+    env = {"HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": token, "HF_HOME": str(hf_home),
+           "HF_HUB_CACHE": str(hub_cache), "HF_DATASETS_CACHE": str(datasets_cache), "HF_HUB_OFFLINE": "0",
+           "HF_DATASETS_OFFLINE": "0", "NO_PROXY": "127.0.0.1,localhost"}
+    attrs = [(hub_constants, name, value) for name, value in {
+        "ENDPOINT": endpoint, "HUGGINGFACE_CO_URL_TEMPLATE": endpoint + "/{repo_id}/resolve/{revision}/{filename}",
+        "HF_HUB_DISABLE_XET": True, "HF_HUB_OFFLINE": False, "HF_HUB_CACHE": str(hub_cache),
+        "HF_TOKEN_PATH": str(hf_home / "token"), "AGENT_HARNESSES_PATH": str(hf_home / ".agent_harnesses.json"),
+    }.items()]
+    attrs.append((huggingface_hub.hf_api.api, "endpoint", endpoint))
+    attrs += [(datasets.config, name, value) for name, value in {
+        "HF_ENDPOINT": endpoint, "HUB_DATASETS_URL": endpoint + "/datasets/{repo_id}/resolve/{revision}/{path}",
+        "HF_HUB_OFFLINE": False, "HF_DATASETS_CACHE": datasets_cache,
+        "DOWNLOADED_DATASETS_PATH": datasets_cache / "downloads",
+        "EXTRACTED_DATASETS_PATH": datasets_cache / "downloads" / "extracted",
+    }.items()]
+    return env, attrs
+
+
+@contextlib.contextmanager
+def clients_pointed_at(endpoint: str, token: str, hf_home: str | Path) -> Iterator[None]:
+    """Point huggingface_hub and datasets at ``endpoint`` (see :func:`client_settings`) for the ``with`` block."""
+    env, attrs = client_settings(endpoint, token, hf_home)
+    saved_env = {name: os.environ.get(name) for name in env}
+    saved_attrs = [(obj, name, getattr(obj, name)) for obj, name, _ in attrs]
+    os.environ.update(env)
+    for obj, name, value in attrs:
+        setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        for obj, name, value in saved_attrs:
+            setattr(obj, name, value)
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 class LocalHub:

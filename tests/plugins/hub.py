@@ -6,7 +6,8 @@
 session, so names must not collide between tests.
 
 Both libraries read their settings when first imported, and by then (collection) it is too late for environment
-variables, so ``hub_env`` patches the module attributes read at call time. Each one below was checked by removing it
+variables, so ``hub_env`` patches the module attributes read at call time, as listed by
+``hf_ches.hub_server.client_settings`` (which the demo uses too). Each one below was checked by removing it
 and rerunning tests/test_hub_server.py:
 - ``huggingface_hub.constants.ENDPOINT``: the default endpoint of ``HfApi``, ``hf_hub_download``, ``HfFileSystem``;
   ``HUGGINGFACE_CO_URL_TEMPLATE``: the download URL of ``hf_hub_download`` (loads hang without either);
@@ -34,7 +35,7 @@ from typing import Iterator
 
 import pytest
 
-from hf_ches.hub_server import LocalHub
+from hf_ches.hub_server import LocalHub, client_settings
 
 
 @dataclass(frozen=True)
@@ -63,27 +64,10 @@ def hub_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalHub]:
 @pytest.fixture
 def hub_env(hub_server: LocalHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> HubEnv:
     """Point huggingface_hub and datasets at ``hub_server`` with its write token, Xet off and caches in tmp_path."""
-    import datasets.config
-    import huggingface_hub.constants
-    import huggingface_hub.hf_api
-
-    endpoint, hf_home = hub_server.endpoint, tmp_path / "hf_home"
-    hub_cache, datasets_cache = hf_home / "hub", hf_home / "datasets"
-    for name, value in {"HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": hub_server.token,
-                        "HF_HOME": hf_home, "HF_HUB_CACHE": hub_cache, "HF_DATASETS_CACHE": datasets_cache,
-                        "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "NO_PROXY": "127.0.0.1,localhost"}.items():
-        monkeypatch.setenv(name, str(value))
-    for name, value in {"ENDPOINT": endpoint,
-                        "HUGGINGFACE_CO_URL_TEMPLATE": endpoint + "/{repo_id}/resolve/{revision}/{filename}",
-                        "HF_HUB_DISABLE_XET": True, "HF_HUB_OFFLINE": False, "HF_HUB_CACHE": str(hub_cache),
-                        "HF_TOKEN_PATH": str(hf_home / "token"),
-                        "AGENT_HARNESSES_PATH": str(hf_home / ".agent_harnesses.json")}.items():
-        monkeypatch.setattr(huggingface_hub.constants, name, value)
-    monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", endpoint)
-    for name, value in {"HF_ENDPOINT": endpoint,
-                        "HUB_DATASETS_URL": endpoint + "/datasets/{repo_id}/resolve/{revision}/{path}",
-                        "HF_HUB_OFFLINE": False, "HF_DATASETS_CACHE": datasets_cache,
-                        "DOWNLOADED_DATASETS_PATH": datasets_cache / "downloads",
-                        "EXTRACTED_DATASETS_PATH": datasets_cache / "downloads" / "extracted"}.items():
-        monkeypatch.setattr(datasets.config, name, value)
-    return HubEnv(endpoint, hub_server.token, hub_server.user, hf_home)
+    hf_home = tmp_path / "hf_home"
+    env, attrs = client_settings(hub_server.endpoint, hub_server.token, hf_home)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    for obj, name, value in attrs:
+        monkeypatch.setattr(obj, name, value)
+    return HubEnv(hub_server.endpoint, hub_server.token, hub_server.user, hf_home)

@@ -1,0 +1,350 @@
+"""The dataset card of a CHES-filtered preference dataset: a pure function of the selection and its provenance.
+
+A published repo holds three configs (``CONFIGS``): ``default`` = the kept pairs (what ``load_dataset(repo)`` gives,
+ready for TRL's ``DPOTrainer``), ``removed`` = the removed pairs with ``removal_reason``, ``scored`` = every input pair
+with its scores. A config split with no rows is left out (``datasets`` cannot load an empty split), and a config with
+no rows at all is not published. Next to the data: ``PLOT_PATH`` (the score histogram with the cut-off, see
+`write_histogram`) and ``RUN_JSON_PATH`` (`run_record`, also the card's ``hf_ches`` YAML block).
+
+>>> from datasets import Dataset
+>>> from hf_ches.filtering import select_pairs
+>>> pairs = Dataset.from_dict({"prompt": ["q1", "q2"], "chosen": ["a", "b"], "rejected": ["c", "d"],
+...                            "ln_ches": [0.1, 0.9]})
+>>> sel = {"train": select_pairs(pairs, SelectionRule(remove_top=0.5))}
+>>> card = render_card("me/clean-prefs", RunInfo(source_dataset="org/prefs", source_is_hub=True), sel)
+>>> [c["config_name"] for c in card.data.configs], card.data.source_datasets
+(['default', 'removed', 'scored'], ['org/prefs'])
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from huggingface_hub import DatasetCard, DatasetCardData
+
+from hf_ches import __version__
+from hf_ches.filtering import HIGH_SCORE, REASON_COLUMN, Selection, SelectionRule
+
+CONFIGS = ("default", "removed", "scored")
+PLOT_PATH = "ches/score_histogram.png"
+RUN_JSON_PATH = "ches/run.json"
+TAGS = ["dpo", "preference", "ches", "likelihood-displacement", "trl", "hf-ches"]
+PAPER_URL = "https://arxiv.org/abs/2410.08847"
+CITATION = """\
+@inproceedings{razin2025unintentional,
+  title     = {Unintentional Unalignment: Likelihood Displacement in Direct Preference Optimization},
+  author    = {Razin, Noam and Malladi, Sadhika and Bhaskar, Adithya and Chen, Danqi and Arora, Sanjeev and
+               Hanin, Boris},
+  booktitle = {International Conference on Learning Representations},
+  year      = {2025},
+  eprint    = {2410.08847},
+  archivePrefix = {arXiv},
+}"""
+_SIZE_CATEGORIES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
+                    (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B")]
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """Where the pairs and their scores came from and how they were selected (the card's provenance block).
+
+    Model fields are None when the scores came with the input. ``command`` is the command line that reproduces
+    the dataset (it never holds a token).
+    """
+
+    source_dataset: str
+    source_config: str | None = None
+    source_revision: str | None = None  # commit sha of the source dataset when known
+    source_license: str | None = None
+    source_is_hub: bool = False
+    model: str | None = None
+    model_revision: str | None = None
+    model_commit: str | None = None
+    model_fingerprint: str | None = None
+    tokenizer: str | None = None
+    chat_template_sha256: str | None = None
+    dtype: str | None = None
+    max_length: int | None = None
+    rule: SelectionRule = field(default_factory=SelectionRule)
+    command: str | None = None
+    hf_ches_version: str = __version__
+
+
+def config_data_dir(config: str) -> str:
+    """The repo folder of a config's parquet shards, as ``push_to_hub`` names it (``data`` for ``default``)."""
+    return "data" if config == "default" else config
+
+
+def config_part(selection: Selection, config: str) -> Any:
+    """The rows of one split that ``config`` publishes: kept (``default``), removed, or scored (all)."""
+    return {"default": selection.kept, "removed": selection.removed, "scored": selection.scored}[config]
+
+
+def config_datasets(selections: dict[str, Selection]) -> dict[str, dict[str, Any]]:
+    """``{config: {split: Dataset}}`` of what is published: splits with rows only, configs with any rows only.
+
+    >>> from datasets import Dataset
+    >>> from hf_ches.filtering import select_pairs
+    >>> sel = {"train": select_pairs(Dataset.from_dict({"ln_ches": [0.1, 0.9]}), SelectionRule(threshold=5.0))}
+    >>> {config: list(splits) for config, splits in config_datasets(sel).items()}
+    {'default': ['train'], 'scored': ['train']}
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for config in CONFIGS:
+        splits = {split: config_part(sel, config) for split, sel in selections.items() if len(config_part(sel, config))}
+        if splits:
+            out[config] = splits
+    return out
+
+
+def configs_metadata(layout: dict[str, list[str]]) -> list[dict]:
+    """The ``configs`` YAML list for ``{config: [split, ...]}``, in the exact form ``push_to_hub`` writes."""
+    return [{"config_name": config, "data_files": [{"split": split, "path": f"{config_data_dir(config)}/{split}-*"}
+                                                   for split in splits]} for config, splits in layout.items()]
+
+
+def size_category(num_rows: int) -> str:
+    """The Hub's ``size_categories`` value for ``num_rows``.
+
+    >>> size_category(999), size_category(1000), size_category(250_000)
+    ('n<1K', '1K<n<10K', '100K<n<1M')
+    """
+    return next((name for limit, name in _SIZE_CATEGORIES if num_rows < limit), "n>1B")
+
+
+def run_record(info: RunInfo, selections: dict[str, Selection]) -> dict[str, Any]:
+    """The run's parameters and results as plain JSON-able data: ``RUN_JSON_PATH`` and the card's ``hf_ches`` block."""
+    rule = info.rule
+    return {
+        "hf_ches_version": info.hf_ches_version,
+        "source": {"dataset": info.source_dataset, "config": info.source_config, "revision": info.source_revision},
+        "scoring": {"model": info.model, "model_revision": info.model_revision, "model_commit": info.model_commit,
+                    "model_fingerprint": info.model_fingerprint, "tokenizer": info.tokenizer,
+                    "chat_template_sha256": info.chat_template_sha256, "dtype": info.dtype,
+                    "max_length": info.max_length},
+        "selection": {"score_column": rule.score_column, "rule": rule.kind, "value": rule.value,
+                      "group_by": rule.group_by, "description": rule.describe(),
+                      "nan_scores": f"removed with {REASON_COLUMN}=nan_score"},
+        "splits": {split: {"num_rows": s.report.num_rows, "num_kept": s.report.num_kept,
+                           "num_removed": s.report.num_removed, "num_unscorable": s.report.num_unscorable,
+                           "cutoff": s.report.cutoff, "score_summary": s.report.summary}
+                   for split, s in selections.items()},
+        "command": info.command,
+    }
+
+
+def _histogram_figure(selections: dict[str, Selection], rule: SelectionRule) -> Any:
+    """One stacked histogram (kept, removed) per split, the cut-off as a dashed line (matplotlib's object API on the
+    Agg canvas, so pyplot and the user's backend are never touched)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.2 * len(selections), 3.2), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(selections), squeeze=False)[0]
+    for ax, (split, sel) in zip(axes, selections.items()):
+        kept, removed = (np.asarray(part.with_format("numpy")[rule.score_column], dtype=np.float64)
+                         for part in (sel.kept, sel.removed))
+        removed = removed[~np.isnan(removed)]  # unscorable rows have no place on the axis
+        bins = np.histogram_bin_edges(np.concatenate([kept, removed]), bins=40)
+        ax.hist([kept, removed], bins=bins, stacked=True, color=["#4c78a8", "#f58518"], label=["kept", "removed"])
+        report = sel.report
+        if report.cutoff is not None:
+            ax.axvline(report.cutoff, color="#d62728", linestyle="--", label=f"cut-off {report.cutoff:.4g}")
+        ax.legend(loc="upper left", fontsize=8)
+        ax.set_title(f"{split}: kept {report.num_kept} of {report.num_rows}", fontsize=10)
+        ax.set_xlabel(rule.score_column)
+        ax.set_ylabel("pairs")
+    return fig
+
+
+def write_histogram(selections: dict[str, Selection], rule: SelectionRule, path: str | Path) -> Path:
+    """Write the PNG histogram of ``rule.score_column`` per split, with the cut-off line, to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(histogram_bytes(selections, rule))
+    return path
+
+
+def histogram_bytes(selections: dict[str, Selection], rule: SelectionRule) -> bytes:
+    """The PNG bytes `write_histogram` writes (what is uploaded as ``PLOT_PATH``)."""
+    buffer = io.BytesIO()
+    _histogram_figure(selections, rule).savefig(buffer, format="png", metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def _cell(value: Any, limit: int = 160) -> str:
+    """One text or conversation as a short, table-safe markdown cell.
+
+    >>> _cell([{"role": "user", "content": "Hi | there"}, {"role": "assistant", "content": "<b>x</b>"}])
+    'user: Hi \\\\| there / assistant: &lt;b&gt;x&lt;/b&gt;'
+    """
+    if isinstance(value, list):
+        value = " / ".join(f"{m.get('role', '?')}: {m.get('content', '')}" for m in value if isinstance(m, dict))
+    text = re.sub(r"\s+", " ", str(value)).strip()
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _top_removed(selections: dict[str, Selection], column: str, k: int) -> list[tuple[float, str, dict]]:
+    """The ``k`` highest-scoring removed rows over all splits (NaN-score rows excluded), highest first."""
+    found = []
+    for split, sel in selections.items():
+        removed = sel.removed
+        scores = np.asarray(removed.with_format("numpy")[column], dtype=np.float64)
+        scores = np.where(np.array(list(removed[REASON_COLUMN])) == HIGH_SCORE, scores, np.nan)
+        for i in np.argsort(-np.nan_to_num(scores, nan=-np.inf), kind="stable")[:k]:
+            if not np.isnan(scores[i]):
+                found.append((float(scores[i]), split, removed[int(i)]))
+    return sorted(found, key=lambda item: -item[0])[:k]
+
+
+def _body(repo_id: str, info: RunInfo, selections: dict[str, Selection], layout: dict[str, list[str]],
+          examples: int) -> str:
+    rule, record = info.rule, run_record(info, selections)
+    source = f"[{info.source_dataset}](https://huggingface.co/datasets/{info.source_dataset})" if info.source_is_hub \
+        else f"`{info.source_dataset}`"
+    lines = [
+        f"# {info.source_dataset.rstrip('/').split('/')[-1]}, filtered by CHES",
+        "",
+        f"The preference pairs of {source} (`prompt` / `chosen` / `rejected`), scored with "
+        f"hf-ches and filtered by CHES: **{rule.describe()}**. The pairs most "
+        "likely to make DPO *lower* the probability of the preferred response are set apart in the `removed` config.",
+        "",
+        "## Configs",
+        "",
+        "| config | contents | " + " | ".join(f"{split} rows" for split in selections) + " |",
+        "|---|---|" + "---|" * len(selections),
+    ]
+    what = {"default": "kept pairs, with their scores (train on this)", "removed": "removed pairs, with "
+            f"`{REASON_COLUMN}`", "scored": "every input pair with its scores"}
+    for config in CONFIGS:
+        counts = [str(len(config_part(s, config))) for s in selections.values()]
+        name = f"`{config}`" if config in layout else f"`{config}` (not published: no rows)"
+        lines.append(f"| {name} | {what[config]} | " + " | ".join(counts) + " |")
+    load = [f'ds = load_dataset("{repo_id}")  # kept pairs: the default config'] + [
+        f'{config} = load_dataset("{repo_id}", "{config}")' for config in layout if config != "default"]
+    lines += [
+        "",
+        "Kept and removed rows carry `original_index`, the row's index in the source split, so the two add up to "
+        "the `scored` config row for row.",
+        "",
+        "```python",
+        "from datasets import load_dataset",
+        "",
+        *load,
+        "```",
+        "",
+        "The default config has TRL's preference format, so it goes straight into `trl.DPOTrainer(..., "
+        'train_dataset=ds["train"])`; the extra score columns are ignored by the trainer.',
+        "",
+        "## Why remove high-CHES pairs",
+        "",
+        "DPO raises the margin between the preferred response y⁺ and the dispreferred y⁻, yet often lowers the "
+        "probability of y⁺ as well (*likelihood displacement*), which can shift mass to responses nobody preferred "
+        f"— e.g. a refusal turning into compliance. [Razin et al. 2024]({PAPER_URL}) show that the *centered hidden "
+        "embedding similarity* (CHES) of a pair predicts how strongly it displaces y⁺. With h the model's last "
+        "hidden states that produce the logits of the response tokens, S± their sum over y± and n± the token "
+        "counts:",
+        "",
+        "$$\\mathrm{CHES}_x(y^+, y^-) = \\langle S^+, S^- \\rangle - \\lVert S^+ \\rVert^2, \\qquad "
+        "\\overline{\\mathrm{CHES}}_x = \\frac{\\langle S^+, S^- \\rangle}{n^+ n^-} - "
+        "\\frac{\\lVert S^+ \\rVert^2}{(n^+)^2}$$",
+        "",
+        "A high score means the two responses look alike to the model. The paper filters by the length-normalised "
+        "score (`ln_ches`): on SORRY-Bench, DPO on the lowest-CHES pairs kept the refusal rates that DPO on all "
+        "pairs lowered (Sec. 6, where it keeps the lowest 5%). Here the rule is applied to "
+        f"`{rule.score_column}`; rows whose score is NaN (not scorable) are removed with "
+        f"`{REASON_COLUMN}=nan_score`.",
+        "",
+        "## Selection",
+        "",
+        f"Rule: **{rule.describe()}** (ties broken by row order).",
+        "",
+        "| split | rows | kept | removed | of which unscorable | cut-off | mean | p50 | p90 | max |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for split, sel in selections.items():
+        r, s = sel.report, sel.report.summary
+        fmt = lambda v: "—" if v is None else f"{v:.4g}"  # noqa: E731
+        lines.append(f"| {split} | {r.num_rows} | {r.num_kept} | {r.num_removed} | {r.num_unscorable} | "
+                     f"{fmt(r.cutoff)} | {fmt(s['mean'])} | {fmt(s['p50'])} | {fmt(s['p90'])} | {fmt(s['max'])} |")
+    lines += ["", f"![Histogram of {rule.score_column} with the cut-off]({PLOT_PATH})", ""]
+    top = _top_removed(selections, rule.score_column, examples)
+    lines += ["## Highest-scoring removed pairs", ""]
+    if top:
+        lines += [f"| {rule.score_column} | split | index | prompt | chosen | rejected |", "|---|---|---|---|---|---|"]
+        lines += [f"| {score:.4g} | {split} | {row['original_index']} | {_cell(row.get('prompt', ''))} | "
+                  f"{_cell(row['chosen'])} | {_cell(row['rejected'])} |" for score, split, row in top]
+    else:
+        lines.append("No pair was removed for its score.")
+    scoring = record["scoring"]
+    model = "scores provided with the input" if info.model is None else (
+        f"`{info.model}`" + (f" (revision `{info.model_revision}`)" if info.model_revision else "")
+        + (f", commit `{info.model_commit}`" if info.model_commit else ""))
+    lines += [
+        "",
+        "## Provenance",
+        "",
+        f"- source: {source}" + (f", config `{info.source_config}`" if info.source_config else "")
+        + (f", revision `{info.source_revision}`" if info.source_revision else ""),
+        f"- model: {model}" + (f"; weights fingerprint `{info.model_fingerprint}`" if info.model_fingerprint else ""),
+        f"- tokenizer: `{scoring['tokenizer']}`; chat template sha256: `{scoring['chat_template_sha256']}`",
+        f"- dtype: `{scoring['dtype']}`; max_length: `{scoring['max_length']}`",
+        f"- hf-ches {info.hf_ches_version}; all parameters and statistics: [`{RUN_JSON_PATH}`]({RUN_JSON_PATH}) "
+        "(also the `hf_ches` block of this card's YAML)",
+        "",
+        "## Reproduce",
+        "",
+        "```bash",
+        info.command or "# (the command was not recorded)",
+        "```",
+        "",
+        "## Citation",
+        "",
+        "```bibtex",
+        CITATION,
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def render_card(repo_id: str, info: RunInfo, selections: dict[str, Selection], dataset_info: list | dict | None = None,
+                examples: int = 5) -> DatasetCard:
+    """The dataset card (YAML metadata + markdown body) of a filtered dataset published at ``repo_id``.
+
+    ``dataset_info`` is the block ``push_to_hub`` measured on the Hub (features and byte sizes per config); the
+    card keeps it so that pushing the card last does not drop it. ``examples`` highest-scoring removed pairs are shown.
+    """
+    layout = {config: list(splits) for config, splits in config_datasets(selections).items()}
+    num_kept = sum(s.report.num_kept for s in selections.values())
+    data = DatasetCardData(
+        pretty_name=f"{info.source_dataset.rstrip('/').split('/')[-1]} (CHES-filtered)",
+        license=info.source_license,
+        tags=TAGS,
+        source_datasets=[info.source_dataset] if info.source_is_hub else None,
+        size_categories=[size_category(num_kept)],
+        configs=configs_metadata(layout),
+        dataset_info=dataset_info,
+        hf_ches=run_record(info, selections),
+    )
+    return DatasetCard(f"---\n{data.to_yaml()}\n---\n\n{_body(repo_id, info, selections, layout, examples)}")
+
+
+def card_bytes(card: DatasetCard) -> bytes:
+    """The README.md bytes of a card (what is uploaded and what the dry run writes)."""
+    return str(card).encode("utf-8")
+
+
+def run_json_bytes(info: RunInfo, selections: dict[str, Selection]) -> bytes:
+    """``RUN_JSON_PATH``'s content."""
+    return (json.dumps(run_record(info, selections), indent=2) + "\n").encode("utf-8")
+

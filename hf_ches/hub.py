@@ -1,0 +1,269 @@
+"""Publish a CHES selection to the Hub as one dataset repo with three configs, or write the same files locally.
+
+A `Publication` is built offline from the selection: the data of each config (see `hf_ches.card.CONFIGS`), the
+number of parquet shards of each split (so the dry run and the push name the same files), the card, the score
+histogram and the run's parameters. `publish` then:
+
+1. checks the token (``whoami``: 401 → bad token, read-only → refused) and creates the repo if needed;
+2. pushes each config with ``DatasetDict.push_to_hub`` (one commit each; ``push_to_hub`` deletes the config's stale
+   shards and writes the config's ``configs``/``dataset_info`` into the README, keeping the rest of it);
+3. reads back the ``dataset_info`` that ``push_to_hub`` measured, renders the card with it (so pushing the card last
+   does not drop it, the trap of TRL's dataset scripts), and commits README, plot and run JSON together, deleting
+   the shards of configs that this run no longer publishes.
+
+With ``create_pr=True`` the first commit that changes something opens a pull request and the later ones go to it
+(nothing changed at all: no pull request). Errors are
+`PublishError`\\ s that say what failed and never contain the token. `write_local` is the dry run: it writes exactly
+the files the push adds, at the same paths (the Hub's own ``.gitattributes`` aside), and the README without the
+``dataset_info`` block that only the push measures.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, DatasetCard, HfApi, get_token
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+from tqdm.auto import tqdm
+
+from hf_ches.card import (
+    CONFIGS,
+    PLOT_PATH,
+    RUN_JSON_PATH,
+    RunInfo,
+    card_bytes,
+    config_data_dir,
+    config_datasets,
+    histogram_bytes,
+    render_card,
+    run_json_bytes,
+)
+from hf_ches.filtering import Selection
+
+logger = logging.getLogger(__name__)
+
+README = "README.md"
+DEFAULT_COMMIT_MESSAGE = "Publish CHES-filtered preference pairs (hf-ches)"
+MAX_SHARD_BYTES = 500 * 1024 * 1024  # datasets' default max_shard_size
+_NETWORK_LIBRARIES = ("httpx", "httpx2", "httpcore", "requests", "urllib3")
+
+
+class PublishError(RuntimeError):
+    """A publish step failed; the message says which and why, and never contains the token."""
+
+
+@dataclass(frozen=True)
+class PublishOptions:
+    """Where and how to push. ``token``: default ``HF_TOKEN`` or the saved login (``hf auth login``).
+
+    ``private`` makes a new repo private; pushing with it to an existing *public* repo is refused rather than
+    publishing what was meant to stay private. Without it an existing repo keeps its visibility.
+    """
+
+    repo_id: str
+    private: bool = False
+    revision: str | None = None  # branch to push to (created if missing); default main
+    create_pr: bool = False  # open one pull request with all the commits instead of pushing to the branch
+    token: str | None = field(default=None, repr=False)
+    commit_message: str = DEFAULT_COMMIT_MESSAGE
+
+
+@dataclass(frozen=True)
+class Publication:
+    """Everything a push writes, built offline; ``card()`` renders the README (with ``dataset_info`` once known)."""
+
+    repo_id: str
+    info: RunInfo
+    selections: dict[str, Selection]
+    configs: dict[str, dict[str, Dataset]]
+    num_shards: dict[str, dict[str, int]]
+    files: dict[str, bytes]  # extra files: PLOT_PATH, RUN_JSON_PATH
+    examples: int = 5
+
+    def card(self, dataset_info: list | None = None) -> DatasetCard:
+        return render_card(self.repo_id, self.info, self.selections, dataset_info, self.examples)
+
+    def shard_paths(self) -> list[str]:
+        """Repo paths of every parquet shard, named as ``push_to_hub`` names them."""
+        return [f"{config_data_dir(config)}/{split}-{i:05d}-of-{n:05d}.parquet"
+                for config, splits in self.num_shards.items() for split, n in splits.items() for i in range(n)]
+
+    def paths(self) -> list[str]:
+        """Every file the push adds, sorted (the repo's ``.gitattributes``, made by the Hub, aside)."""
+        return sorted([README, *self.files, *self.shard_paths()])
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    repo_id: str
+    revision: str  # the branch or ``refs/pr/N`` the files landed on
+    commit_url: str
+    pr_url: str | None
+    files: list[str]
+
+
+def num_shards(dataset: Dataset, max_shard_bytes: int = MAX_SHARD_BYTES) -> int:
+    """Parquet shards for ``dataset``: its in-memory size over ``max_shard_bytes``, at least 1.
+
+    >>> num_shards(Dataset.from_dict({"x": list(range(1000))}), max_shard_bytes=3000)
+    3
+    """
+    table_rows = max(dataset.data.num_rows, 1)
+    nbytes = dataset.data.nbytes * len(dataset) / table_rows  # a selected view holds len(dataset) of the table rows
+    return max(1, math.ceil(nbytes / max_shard_bytes))
+
+
+def build_publication(repo_id: str, info: RunInfo, selections: dict[str, Selection], examples: int = 5,
+                      max_shard_bytes: int = MAX_SHARD_BYTES) -> Publication:
+    """Assemble what to publish from a selection (offline; renders the histogram and the run JSON)."""
+    configs = config_datasets(selections)
+    return Publication(
+        repo_id=repo_id, info=info, selections=selections, configs=configs,
+        num_shards={config: {split: num_shards(ds, max_shard_bytes) for split, ds in splits.items()}
+                    for config, splits in configs.items()},
+        files={PLOT_PATH: histogram_bytes(selections, info.rule), RUN_JSON_PATH: run_json_bytes(info, selections)},
+        examples=examples,
+    )
+
+
+# ---- dry run ------------------------------------------------------------------------------------------------------
+def write_shards(configs: dict[str, dict[str, Dataset]], shards: dict[str, dict[str, int]], folder: Path) -> None:
+    """Write each config split as parquet shards at the paths ``push_to_hub`` uses."""
+    for config, splits in configs.items():
+        for split, ds in splits.items():
+            n = shards[config][split]
+            for i in tqdm(range(n), desc=f"Writing {config}/{split}", disable=n == 1):
+                path = folder / config_data_dir(config) / f"{split}-{i:05d}-of-{n:05d}.parquet"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                ds.shard(num_shards=n, index=i, contiguous=True).to_parquet(str(path))
+
+
+def check_output_dir(folder: str | Path) -> None:
+    """Raise unless ``folder`` is missing, empty, or an earlier hf-ches output (which `write_local` replaces)."""
+    folder = Path(folder)
+    if folder.is_file():
+        raise ValueError(f"output_dir {str(folder)!r} is a file; expected a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / RUN_JSON_PATH).is_file():
+        raise ValueError(f"output_dir {str(folder)!r} is not empty and holds no earlier hf-ches output "
+                         f"({RUN_JSON_PATH}); choose a new or empty folder")
+
+
+def _prepare_folder(folder: Path) -> None:
+    """Create ``folder``, or remove the files of an earlier hf-ches output from it."""
+    check_output_dir(folder)
+    for name in (README, *(config_data_dir(c) for c in CONFIGS), RUN_JSON_PATH.split("/")[0]):
+        target = folder / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+
+
+def write_local(publication: Publication, folder: str | Path) -> list[str]:
+    """Dry run: write the files the push would add into ``folder``, at the repo paths; returns them sorted.
+
+    The folder is a loadable dataset repo: ``load_dataset(folder, "removed")`` works as on the Hub.
+    """
+    folder = Path(folder)
+    _prepare_folder(folder)
+    write_shards(publication.configs, publication.num_shards, folder)
+    for path, content in {README: card_bytes(publication.card()), **publication.files}.items():
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
+        (folder / path).write_bytes(content)
+    return publication.paths()
+
+
+# ---- push ---------------------------------------------------------------------------------------------------------
+def _redact(text: str, token: str | None) -> str:
+    return text.replace(token, "hf_***") if token else text
+
+
+def _is_network_error(error: BaseException) -> bool:
+    library = type(error).__module__.split(".")[0]
+    return isinstance(error, (ConnectionError, TimeoutError)) or library in _NETWORK_LIBRARIES
+
+
+@contextmanager
+def _step(what: str, repo_id: str, endpoint: str, token: str) -> Iterator[None]:
+    """Turn the Hub errors of one publish step into a `PublishError` that names the step and hides the token."""
+    try:
+        yield
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else None
+        server = error.server_message or str(error).splitlines()[0]
+        namespace = repo_id.split("/")[0] if "/" in repo_id else "your namespace"
+        hints = {401: f"the Hub at {endpoint} refused the token (401). Check HF_TOKEN, `hf auth login` or --token",
+                 403: f"the token has no write access to {namespace!r} (403). Use a write token of that user or org",
+                 404: f"not found (404) at {endpoint}"}
+        message = f"{what}: {hints.get(status, f'HTTP {status}')}: {server}"
+        raise PublishError(_redact(message, token)) from None
+    except OfflineModeIsEnabled:
+        raise PublishError(f"{what}: HF_HUB_OFFLINE is set; unset it to push to {endpoint}") from None
+    except Exception as error:
+        if not _is_network_error(error):
+            raise
+        message = f"{what}: cannot reach the Hub at {endpoint} ({type(error).__name__}: {error})"
+        raise PublishError(_redact(message, token)) from None
+
+
+def _dataset_info(api: HfApi, repo_id: str, revision: str, configs: list[str]) -> list:
+    """The ``dataset_info`` entries that ``push_to_hub`` wrote into the repo's README for ``configs``."""
+    path = api.hf_hub_download(repo_id, README, repo_type="dataset", revision=revision)
+    found = DatasetCard.load(path).data.to_dict().get("dataset_info") or []
+    found = [found] if isinstance(found, dict) else found
+    return [entry for entry in found if entry.get("config_name", "default") in configs]
+
+
+def publish(publication: Publication, options: PublishOptions) -> PublishResult:
+    """Push ``publication`` to ``options.repo_id`` (see the module docstring); re-running updates the repo."""
+    token = options.token or get_token()
+    if not token:
+        raise PublishError("no Hugging Face token: set HF_TOKEN, run `hf auth login`, or pass --token")
+    api = HfApi(token=token)
+    repo_id, endpoint = options.repo_id, api.endpoint
+
+    def step(what: str):
+        return _step(what, repo_id, endpoint, token)
+
+    with step("checking the token"):
+        who = api.whoami()
+    if who.get("auth", {}).get("accessToken", {}).get("role") == "read":
+        raise PublishError(f"the token of {who.get('name')!r} is read-only; pushing needs a write token")
+    with step(f"creating the dataset repo {repo_id}"):
+        repo_id = api.create_repo(repo_id, repo_type="dataset", private=options.private, exist_ok=True).repo_id
+        if options.private and not api.dataset_info(repo_id).private:
+            raise PublishError(f"{repo_id} already exists and is public, but private=True was asked: make it private "
+                               "on the Hub first, or push without --private")
+    revision, pr_url = options.revision or "main", None
+    pr_pending = options.create_pr  # until a commit opens the PR (a push that changes nothing opens none)
+    for config, splits in tqdm(publication.configs.items(), desc="Publishing configs", unit="config"):
+        with step(f"pushing the {config!r} config to {repo_id}@{revision}"):
+            info = DatasetDict(splits).push_to_hub(
+                repo_id, config_name=config, token=token, revision=revision, create_pr=pr_pending,
+                num_shards=publication.num_shards[config], commit_message=f"{options.commit_message} ({config} config)")
+        if pr_pending and info.pr_revision:
+            revision, pr_url, pr_pending = info.pr_revision, info.pr_url, False
+    with step(f"updating the card of {repo_id}@{revision}"):
+        card = publication.card(_dataset_info(api, repo_id, revision, list(publication.configs)))
+        expected = set(publication.paths())
+        stale = [path for path in api.list_repo_files(repo_id, repo_type="dataset", revision=revision)
+                 if path.split("/")[0] in {config_data_dir(c) for c in CONFIGS} and path not in expected]
+        operations = [CommitOperationAdd(README, card_bytes(card)),
+                      *(CommitOperationAdd(path, content) for path, content in publication.files.items()),
+                      *(CommitOperationDelete(path) for path in stale)]
+        commit = api.create_commit(repo_id, operations, commit_message=options.commit_message, repo_type="dataset",
+                                   revision=revision, create_pr=pr_pending)
+    if pr_pending and commit.pr_revision:
+        revision, pr_url = commit.pr_revision, commit.pr_url
+    logger.info("Published %s to %s (%s)", ", ".join(publication.configs), repo_id, commit.commit_url)
+    return PublishResult(repo_id=repo_id, revision=revision, commit_url=commit.commit_url, pr_url=pr_url,
+                         files=publication.paths())
+

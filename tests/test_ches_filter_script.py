@@ -1,0 +1,238 @@
+"""hub_scripts/ches_filter.py and the `hf-ches` CLI (hf_ches/pipeline.py, hf_ches/cli.py), end to end: tiny model,
+synthetic pairs, the loopback Hub, TRL's DPOTrainer."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import json
+import runpy
+import socket
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import yaml
+from huggingface_hub import DatasetCard, HfApi, hf_hub_download
+
+from hf_ches import cli
+from hf_ches.card import PLOT_PATH, RUN_JSON_PATH
+from hf_ches.pipeline import ScriptArguments, command_line, load_source, selection_rule
+from hf_ches.testing import synthetic_pairs
+
+SCRIPT = Path(__file__).resolve().parents[1] / "hub_scripts" / "ches_filter.py"
+SCORE_COLUMNS = {"ches", "ln_ches", "chosen_logps", "rejected_logps", "chosen_num_tokens", "rejected_num_tokens"}
+
+
+@pytest.fixture(scope="module")
+def source_dir(tmp_path_factory) -> str:
+    """300 train + 60 test synthetic pairs, saved with save_to_disk (so datasets caches the scoring map)."""
+    path = tmp_path_factory.mktemp("source") / "prefs"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(synthetic_pairs(300, seed=0)),
+                          "test": datasets.Dataset.from_dict(synthetic_pairs(60, seed=1))}).save_to_disk(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def scored_dir(source_dir, tiny_model, tmp_path_factory) -> str:
+    """`hf-ches score`: the same pairs with the CHES columns, saved to disk."""
+    path = str(tmp_path_factory.mktemp("scored") / "prefs")
+    assert cli.main(["score", "--dataset_name", source_dir, "--model_name_or_path", tiny_model, "--output_dir", path]) == 0
+    return path
+
+
+def run_script(*args: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run hub_scripts/ches_filter.py as `python ches_filter.py ARGS` does, in this process."""
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *args])
+    runpy.run_path(str(SCRIPT), run_name="__main__")
+
+
+def card(repo_id: str) -> tuple[dict, str]:
+    _, head, body = open(hf_hub_download(repo_id, "README.md", repo_type="dataset")).read().split("---\n", 2)
+    return yaml.safe_load(head), body
+
+
+def sizes(dataset_dict) -> dict[str, int]:
+    return {split: len(ds) for split, ds in dataset_dict.items()}
+
+
+def test_script_scores_filters_publishes_and_updates(hub_env, tiny_model, source_dir, monkeypatch):
+    repo_id = hub_env.repo_id("prefs-ches")
+    run_script("--dataset_name", source_dir, "--model_name_or_path", tiny_model, "--push_to_hub", "--repo_id", repo_id,
+               monkeypatch=monkeypatch)
+
+    kept, removed, scored = (datasets.load_dataset(repo_id, *config) for config in ((), ("removed",), ("scored",)))
+    assert sizes(scored) == {"train": 300, "test": 60}
+    assert sizes(kept) == {"train": 270, "test": 54} and sizes(removed) == {"train": 30, "test": 6}  # top 10% out
+    for split in ("train", "test"):
+        assert SCORE_COLUMNS <= set(kept[split].column_names) and "original_index" in kept[split].column_names
+        indices = sorted([*kept[split]["original_index"], *removed[split]["original_index"]])
+        assert indices == list(range(len(scored[split])))
+        assert max(kept[split]["ln_ches"]) <= min(removed[split]["ln_ches"])
+        assert set(removed[split]["removal_reason"]) == {"high_score"}
+        by_index = {row["original_index"]: row for row in kept[split].to_list()}
+        for i, row in enumerate(scored[split].to_list()):
+            if i in by_index:
+                assert {k: by_index[i][k] for k in row} == row  # kept rows are the scored rows, unchanged
+
+    meta, body = card(repo_id)
+    assert [c["config_name"] for c in meta["configs"]] == ["default", "removed", "scored"]
+    assert {"dpo", "preference", "ches", "trl"} <= set(meta["tags"])
+    assert meta["hf_ches"]["scoring"]["model"] == tiny_model and meta["hf_ches"]["scoring"]["dtype"] == "float32"
+    assert meta["hf_ches"]["command"].startswith("hf-ches publish --dataset_name")
+    files = HfApi().list_repo_files(repo_id, repo_type="dataset")
+    assert PLOT_PATH in files and RUN_JSON_PATH in files and f"]({PLOT_PATH})" in body
+
+    # again, with the paper's recipe: the repo is updated, the counts in the card change
+    run_script("--dataset_name", source_dir, "--model_name_or_path", tiny_model, "--preset", "sorry-bench",
+               "--push_to_hub", "--repo_id", repo_id, monkeypatch=monkeypatch)
+    meta, body = card(repo_id)
+    assert {s: r["num_kept"] for s, r in meta["hf_ches"]["splits"].items()} == {"train": 15, "test": 3}
+    assert meta["hf_ches"]["selection"]["description"] == "keep the lowest 5% of pairs by ln_ches"
+    assert sizes(datasets.load_dataset(repo_id)) == {"train": 15, "test": 3}
+    assert sizes(datasets.load_dataset(repo_id, "removed")) == {"train": 285, "test": 57}
+    assert "| train | 300 | 15 | 285 | 0 |" in body
+
+
+def test_hub_source_then_dpo_on_the_published_default_config(hub_env, tiny_model, scored_dir):
+    from transformers import AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    source = hub_env.repo_id("source")  # a scored dataset on the Hub, with a license in its card
+    datasets.load_from_disk(scored_dir).push_to_hub(source)
+    source_card = DatasetCard.load(source, repo_type="dataset")
+    source_card.data.license = "apache-2.0"
+    source_card.push_to_hub(source, repo_type="dataset")
+    repo_id = hub_env.repo_id("dpo-ready")
+    assert cli.main(["publish", "--dataset_name", source, "--push_to_hub", "--repo_id", repo_id]) == 0
+    meta, _ = card(repo_id)
+    assert meta["source_datasets"] == [source] and meta["license"] == "apache-2.0"
+    assert meta["hf_ches"]["source"]["revision"] == HfApi().dataset_info(source).sha
+    train = datasets.load_dataset(repo_id, split="train")
+
+    args = DPOConfig(output_dir=str(hub_env.hf_home / "dpo"), max_steps=2, per_device_train_batch_size=2,
+                     report_to="none", use_cpu=True, bf16=False, logging_steps=1, save_strategy="no",
+                     train_sampling_strategy="sequential")
+    trainer = DPOTrainer(model=tiny_model, args=args, train_dataset=train,
+                         processing_class=AutoTokenizer.from_pretrained(tiny_model))
+    trainer.train()
+    first = trainer.state.log_history[0]
+    assert trainer.state.global_step == 2 and np.isfinite(first["loss"])
+    # step 1 saw rows 0 and 1, before any update: TRL's own log-probs are the published ones
+    assert first["logps/chosen"] == pytest.approx(np.mean(train["chosen_logps"][:2]), rel=1e-4)
+    assert first["logps/rejected"] == pytest.approx(np.mean(train["rejected_logps"][:2]), rel=1e-4)
+
+
+def closed_port_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_bad_input_fails_before_any_network_call(hub_env, scored_dir, tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    url = closed_port_url()  # every Hub call would fail with a connection error (see the control test below)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", url)
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", url)
+    push = ["--push_to_hub", "--repo_id", f"{hub_env.user}/never"]
+
+    def error_of(*args: str) -> str:
+        with pytest.raises(SystemExit) as exit_:
+            run_script(*args, monkeypatch=monkeypatch)
+        assert exit_.value.code == 1
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    assert "score column 'helpfulness' not found; columns: ['prompt', 'chosen', 'rejected', 'ches', 'ln_ches'" in \
+        error_of("--dataset_name", scored_dir, "--score_column", "helpfulness", *push)
+    assert "remove_top: expected a fraction in [0, 1], got 1.5" in error_of("--dataset_name", scored_dir,
+                                                                           "--remove_top", "1.5", *push)
+    (tmp_path / "empty.jsonl").write_text("")  # (datasets itself cannot save or load a DatasetDict with an empty split)
+    assert "split 'train' has no rows (empty file(s)" in error_of("--dataset_name", str(tmp_path / "empty.jsonl"), *push)
+    assert "--push_to_hub needs --repo_id" in error_of("--dataset_name", scored_dir, "--push_to_hub")
+    assert "--dataset_splits: ['validation'] not in" in error_of("--dataset_name", scored_dir, "--dataset_splits",
+                                                                 "validation", *push)
+    monkeypatch.delenv("HF_TOKEN")
+    assert "--push_to_hub needs a Hub token" in error_of("--dataset_name", scored_dir, *push)
+
+
+def test_control_a_valid_run_does_reach_for_the_closed_endpoint(hub_env, scored_dir, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    url = closed_port_url()
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", url)
+    with pytest.raises(SystemExit):
+        run_script("--dataset_name", scored_dir, "--push_to_hub", "--repo_id", f"{hub_env.user}/never",
+                   monkeypatch=monkeypatch)
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith(f"ches_filter.py: error: checking the token: cannot reach the Hub at {url}")
+    assert hub_env.token not in message
+
+
+def test_score_then_filter_locally_with_the_cli(scored_dir, tmp_path):
+    scored = datasets.load_from_disk(scored_dir)
+    assert SCORE_COLUMNS <= set(scored["train"].column_names) and sizes(scored) == {"train": 300, "test": 60}
+    out = tmp_path / "filtered"
+    assert cli.main(["filter", "--dataset_name", scored_dir, "--keep_bottom", "0.5", "--output_dir", str(out)]) == 0
+    assert sizes(datasets.load_dataset(str(out))) == {"train": 150, "test": 30}
+    assert sizes(datasets.load_dataset(str(out), "removed")) == {"train": 150, "test": 30}
+    run = json.loads((out / RUN_JSON_PATH).read_text())
+    assert run["command"] == f"hf-ches filter --dataset_name {scored_dir} --keep_bottom 0.5 --output_dir {out}"
+    assert run["scoring"]["model"] is None  # the scores came with the input
+    # the filtered folder is itself a valid --dataset_name: re-select from its `scored` config
+    again = tmp_path / "again"
+    assert cli.main(["filter", "--dataset_name", str(out), "--dataset_config", "scored", "--threshold", "0",
+                     "--output_dir", str(again)]) == 0
+    kept = sum(int(np.sum(np.array(scored[s]["ln_ches"]) <= 0)) for s in scored)
+    assert sum(sizes(datasets.load_dataset(str(again))).values()) == kept
+
+
+def test_script_help_states_the_default_selection():
+    result = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "Default selection (no --preset/--remove_top/--keep_bottom/--threshold): remove the top 10% of pairs" in text
+    for option in ("--dataset_name", "--dataset_config", "--dataset_splits", "--model_name_or_path", "--push_to_hub",
+                   "--repo_id", "--dataset_num_proc", "--dtype", "--max_length", "--token_budget", "--batch_size",
+                   "--preset", "--remove_top", "--keep_bottom", "--threshold", "--group_by", "--private",
+                   "--revision", "--create_pr", "--token", "--commit_message", "--output_dir"):
+        assert option in text
+
+
+def test_cli_dispatch(monkeypatch, capsys):
+    assert cli.main(["frobnicate"]) == 2 and "unknown command 'frobnicate'" in capsys.readouterr().err
+    assert cli.main([]) == 2
+    calls = []
+    demo = types.ModuleType("hf_ches.demo")
+    demo.__spec__ = importlib.machinery.ModuleSpec("hf_ches.demo", None)
+    demo.main = lambda argv: calls.append(argv)
+    monkeypatch.setitem(sys.modules, "hf_ches.demo", demo)
+    assert cli.main(["demo", "--fast"]) == 0 and calls == [["--fast"]]
+
+
+def test_load_source_from_data_files(tmp_path):
+    rows = synthetic_pairs(12, seed=3)
+    for name in ("a.jsonl", "b.jsonl"):
+        datasets.Dataset.from_dict(rows).to_json(tmp_path / name)
+    one = load_source(ScriptArguments(dataset_name=str(tmp_path / "a.jsonl")))
+    both = load_source(ScriptArguments(dataset_name=str(tmp_path / "*.jsonl")))
+    assert sizes(one) == {"train": 12} and sizes(both) == {"train": 24}
+    assert one["train"].to_dict() == rows
+    (tmp_path / "c.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"unknown data file type '\.txt'"):
+        load_source(ScriptArguments(dataset_name=str(tmp_path / "c.txt")))
+    with pytest.raises(ValueError, match="no file matches"):  # a typo is not sent to the Hub as a dataset id
+        load_source(ScriptArguments(dataset_name=str(tmp_path / "typo.jsonl")))
+
+
+def test_rule_and_command_from_arguments():
+    assert selection_rule(ScriptArguments(dataset_name="x")).describe() == "remove the top 10% of pairs by ln_ches"
+    assert selection_rule(ScriptArguments(dataset_name="x", threshold=0.2, score_column="ches")).describe() == \
+        "remove pairs with ches > 0.2"
+    with pytest.raises(ValueError, match="--preset sorry-bench already sets the rule; drop --remove_top"):
+        selection_rule(ScriptArguments(dataset_name="x", preset="sorry-bench", remove_top=0.2))
+    args = ScriptArguments(dataset_name="my data/x.jsonl", remove_top=0.2, private=True, token="hf_secret")
+    assert command_line(args) == "hf-ches publish --dataset_name 'my data/x.jsonl' --remove_top 0.2 --private"
