@@ -5,10 +5,16 @@ re-exports it, which makes `evaluate.load("metrics/ranking_accuracy")` (or any p
 `from hf_ches.metric import RankingAccuracy` give the same class. evaluate's import scanner reads that script, sees
 `hf_ches` as a library dependency and imports it, and `import_main_class` picks up the re-exported class. The math
 lives in `hf_ches.ranking`; `_compute` is one call into it.
+
+`add_batch` (which `compute(**inputs)` calls) hands whole columns to pyarrow. evaluate's own `add_batch` encodes
+every value in Python (`Features.encode_batch`), about 1 s per million values and input; pyarrow converts the same
+lists or arrays in C, with the same result.
 """
 
 import datasets
 import evaluate
+import numpy as np
+import pyarrow as pa
 
 from hf_ches import ranking
 
@@ -130,6 +136,7 @@ _FEATURES = {
     },
     "listwise": {"logps": datasets.Sequence(_FLOAT), "scores": datasets.Sequence(_FLOAT)},
 }
+_COLUMN = getattr(datasets.arrow_dataset, "Column", ())  # what `ds[name]` returns in datasets >= 4
 _COMPUTE = {
     "default": ranking.ranking_accuracy,
     "length_normalized": ranking.ranking_accuracy,
@@ -147,13 +154,57 @@ class RankingAccuracy(evaluate.Metric):
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
-            # No format="numpy": datasets' numpy formatter casts float64 to float32, which merges near-ties of
-            # log-prob sums. Python lists keep float64, and hf_ches.ranking turns them into arrays.
             features=datasets.Features(_FEATURES[self.config_name]),
+            # Arrow columns, which `_from_arrow` turns into float64/int64 arrays: datasets' numpy formatter would
+            # cast float64 to float32 (merging near-ties of log-prob sums), and Python lists cost ~0.1 s per million
+            # values. evaluate allows a format only when every feature is a Value, so "listwise" gets lists.
+            format=None if self.config_name == "listwise" else "arrow",
             reference_urls=["https://arxiv.org/abs/2405.19534"],
             codebase_urls=["https://github.com/angie-chen55/pref-learning-ranking-acc"],
         )
 
+    def add_batch(self, **inputs) -> None:
+        """Add a batch of inputs, as `evaluate.Metric.add_batch` does; `compute(**inputs)` calls it too.
+
+        Our features are plain numbers (float64, int64, lists of float64), whose Python encoding is `float(x)` /
+        `int(x)`. pyarrow's conversion to the declared type gives the same values (floats, ints, numpy arrays, None
+        as null, NaN kept), in C. Whatever pyarrow refuses (other input types, strings, values out of range,
+        unknown or missing inputs, columns of different lengths) goes through evaluate's own `add_batch`, so its
+        coercions and error messages are unchanged. The rows go to the same writer, so the cache files and
+        evaluate's distributed mode work as before. A dataset column (`ds["chosen_logps"]`, a lazy `Column` in
+        datasets >= 4) is read in one slice rather than row by row (~17 s per million rows).
+        """
+        inputs = {name: values[:] if isinstance(values, _COLUMN) else values for name, values in inputs.items()}
+        columns = self._arrow_columns(inputs)
+        if columns is None:
+            return super().add_batch(**inputs)
+        if self.writer is None:
+            self.selected_feature_format = self._infer_feature_from_batch(columns)
+            self._init_writer()
+        self.writer.write_batch(columns)
+
+    def _arrow_columns(self, inputs: dict) -> dict[str, pa.Array] | None:
+        """`inputs` as pyarrow arrays of the declared types, or None when pyarrow cannot take them as they are."""
+        names = self._feature_names()
+        if set(inputs) != set(names) or not all(isinstance(inputs[n], (list, tuple, np.ndarray)) for n in names):
+            return None
+        schema = self.features.arrow_schema
+        try:
+            columns = {name: pa.array(inputs[name], type=schema.field(name).type) for name in names}
+        except (pa.ArrowException, TypeError, ValueError, OverflowError):
+            return None
+        return columns if len({len(column) for column in columns.values()}) == 1 else None
+
     def _compute(self, **inputs_and_options) -> dict:
-        inputs = {name: inputs_and_options.pop(name) for name in self._feature_names()}
+        inputs = {name: _from_arrow(inputs_and_options.pop(name)) for name in self._feature_names()}
         return _COMPUTE[self.config_name](**inputs, options=ranking.RankingOptions(**inputs_and_options))
+
+
+def _from_arrow(column: pa.ChunkedArray | list) -> np.ndarray | list:
+    """A stored input column as `hf_ches.ranking` takes it: an Arrow column as a numpy array of its own dtype (null
+    becomes NaN, which `ranking` reports by index); the Python lists of "listwise" as they are.
+
+    >>> _from_arrow(pa.chunked_array([[-1.5, None]])), _from_arrow([[1.0, 2.0]])
+    (array([-1.5,  nan]), [[1.0, 2.0]])
+    """
+    return column.to_numpy() if isinstance(column, pa.ChunkedArray) else column

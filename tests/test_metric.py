@@ -5,9 +5,11 @@ import multiprocessing
 import os
 from pathlib import Path
 
+import datasets
 import evaluate
 import numpy as np
 import pytest
+import torch
 
 import hf_ches.metric
 from hf_ches import ranking
@@ -176,3 +178,38 @@ def test_distributed_two_processes_equal_one(tmp_path, monkeypatch):
         **INPUTS["idealized"], return_per_example=True, beta=[0.1, 1.0]
     )
     assert results[0] == expected
+
+
+DATASET = datasets.Dataset.from_dict(INPUTS["idealized"]).select(range(N - 1, -1, -1))
+FAST_PATH_CASES = {  # inputs that take the pyarrow path, and inputs that fall back to evaluate's own encoding
+    "lists": ("default", {"chosen_logps": [-1.0, -2.5, -3.0], "rejected_logps": [-2.0, -2.5, -1.0]}),
+    "float32 array": ("default", {"chosen_logps": np.array([-1.1, -2.5], np.float32), "rejected_logps": [-2.0, -2.5]}),
+    "ints": ("default", {"chosen_logps": [-1, -2], "rejected_logps": [-2, -2]}),
+    "None": ("default", {"chosen_logps": [-1.0, None], "rejected_logps": [-2.0, -2.0]}),
+    "strings": ("default", {"chosen_logps": ["-1.5", "-2"], "rejected_logps": [-2.0, -2.0]}),
+    "lengths differ": ("default", {"chosen_logps": [-1.0, -2.0], "rejected_logps": [-2.0]}),
+    "torch": ("default", {"chosen_logps": torch.tensor([-1.0, -2.0]), "rejected_logps": torch.tensor([-2.0, -1.0])}),
+    "float counts": ("length_normalized", {"chosen_logps": [-1.0, -2.0], "rejected_logps": [-2.0, -1.0],
+                                           "chosen_num_tokens": [2.0, 3.7], "rejected_num_tokens": [1, 4]}),
+    "NaN count": ("length_normalized", {"chosen_logps": [-1.0, -2.0], "rejected_logps": [-2.0, -1.0],
+                                        "chosen_num_tokens": [float("nan"), 3], "rejected_num_tokens": [1, 4]}),
+    "listwise": ("listwise", {"logps": [np.array([-1.0, -2.0]), [-3.0, -1.0, -2.0]], "scores": [[1, 0], [2, 2, 1]]}),
+    "listwise None": ("listwise", {"logps": [None, [-3.0, -1.0]], "scores": [[1.0, 0.0], [2, 1]]}),
+    "dataset columns": ("idealized", {name: DATASET[name] for name in INPUTS["idealized"]}),
+}
+
+
+@pytest.mark.parametrize("case", list(FAST_PATH_CASES))
+def test_add_batch_stores_what_evaluates_own_encoding_stores(case, tmp_path):
+    """Our pyarrow fast path of add_batch stores the same values, and raises the same errors, as evaluate's own."""
+    config_name, inputs = FAST_PATH_CASES[case]
+
+    def run(add_batch, folder: str) -> tuple:
+        metric = RankingAccuracy(config_name=config_name, cache_dir=str(tmp_path / folder))
+        try:
+            add_batch(metric, **inputs)
+            return "ok", metric.compute(return_per_example=True, n_resamples=50)
+        except Exception as err:
+            return type(err).__name__, str(err)
+
+    assert run(RankingAccuracy.add_batch, "pyarrow") == run(evaluate.Metric.add_batch, "evaluate")

@@ -141,3 +141,12 @@ def test_iterable_dataset_map(tiny_model):
     eager = CHESScorer(tiny_model).map(Dataset.from_dict(rows))
     lazy = Dataset.from_dict(rows).to_iterable_dataset().map(CHESScorer(tiny_model), batched=True, batch_size=4)
     np.testing.assert_allclose([r["ches"] for r in lazy], eager["ches"], rtol=1e-6)
+
+
+def test_map_each_split_of_a_dataset_dict(tiny_model):
+    from datasets import DatasetDict
+
+    dd = DatasetDict({"train": Dataset.from_dict(synthetic_pairs(6)), "test": Dataset.from_dict(synthetic_pairs(3))})
+    scored = CHESScorer(tiny_model).map(dd)
+    assert {k: len(v) for k, v in scored.items()} == {"train": 6, "test": 3}
+    assert scored["test"]["ches"] == CHESScorer(tiny_model).map(dd["test"])["ches"]

@@ -1,0 +1,50 @@
+"""On an accelerator: CHESScorer on the device matches the per-example float64 CPU reference. Not a test.
+
+The unit tests run on CPU only (CI has no GPU); this script is the same check for a CUDA device, float32 models
+of each tiny architecture, batch size 64, shuffled rows:
+
+    python benchmarks/check_device.py
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import torch
+from datasets import Dataset, disable_progress_bars
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hf_ches import CHESScorer
+from hf_ches.pairs import read_rows, tokenize_pairs
+from hf_ches.testing import build_tiny_model, synthetic_pairs
+from tests.plugins.models import reference_pair
+
+
+def main() -> None:
+    disable_progress_bars()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    worst = {}
+    for arch in ("llama", "qwen2", "gpt2", "gemma2"):
+        path = build_tiny_model(tempfile.mkdtemp(), arch=arch)
+        model64 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
+        for fmt in ("standard", "conversational", "implicit"):
+            rows = synthetic_pairs(64, fmt) | {"id": list(range(64))}
+            pairs = tokenize_pairs(read_rows(rows, range(64)), AutoTokenizer.from_pretrained(path))
+            refs = [reference_pair(model64, p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in pairs]
+            scored = CHESScorer(path, device=device, token_budget=700).map(Dataset.from_dict(rows).shuffle(seed=1),
+                                                                          batch_size=64)
+            for row in scored:
+                ref = refs[row["id"]]
+                for name in ("ches", "ln_ches"):
+                    err = abs(row[name] - ref[name]) / ref[f"{name}_scale"]
+                    worst[name] = max(worst.get(name, 0.0), err)
+                for name in ("chosen_logps", "rejected_logps"):
+                    err = abs(row[name] - ref[name]) / max(1.0, abs(ref[name]))
+                    worst["logps"] = max(worst.get("logps", 0.0), err)
+    print(f"device={device}: worst relative error vs float64 CPU reference: "
+          + ", ".join(f"{k} {v:.2e}" for k, v in worst.items()))
+    print("PASS" if max(worst.values()) <= 1e-5 else "FAIL (tolerance 1e-5)")
+
+
+if __name__ == "__main__":
+    main()
