@@ -34,6 +34,7 @@ from datasets import Dataset, disable_progress_bars
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from hf_ches import CHESScorer
+from hf_ches.batching import pad_right, plan_microbatches
 from hf_ches.pairs import read_rows, tokenize_pairs
 from hf_ches.testing import build_tokenizer, synthetic_text
 
@@ -107,18 +108,6 @@ def timed(fn, device: torch.device) -> tuple[float, int]:
     return seconds, mem.peak
 
 
-def batches_by_length(lengths: list[int], token_budget: int) -> list[list[int]]:
-    """Longest first, as many rows as fit ``rows × longest <= token_budget`` (written out, not imported)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    out: list[list[int]] = []
-    for i in order:
-        if out and (len(out[-1]) + 1) * lengths[out[-1][0]] <= token_budget:
-            out[-1].append(i)
-        else:
-            out.append([i])
-    return out
-
-
 @torch.inference_mode()
 def limit(model, seqs, prompt_lens, token_budget: int, with_head: bool, chunk: int = 1024) -> None:
     """The least work: trunk on sorted micro-batches; output embedding + log-softmax at completion positions only."""
@@ -127,13 +116,8 @@ def limit(model, seqs, prompt_lens, token_budget: int, with_head: bool, chunk: i
     sums = torch.zeros(len(seqs), weight.shape[1], device=device)
     logps = torch.zeros(len(seqs), device=device)
     lengths = [len(s) for s in seqs]
-    for group in batches_by_length(lengths, token_budget):
-        width = lengths[group[0]]
-        ids = torch.zeros(len(group), width, dtype=torch.long)
-        mask = torch.zeros(len(group), width, dtype=torch.long)
-        for r, i in enumerate(group):
-            ids[r, : lengths[i]] = torch.tensor(seqs[i])
-            mask[r, : lengths[i]] = 1
+    for group in plan_microbatches(lengths, token_budget):  # longest first, rows x longest <= token_budget
+        ids, mask = pad_right([seqs[i] for i in group], pad_id=0)
         h = trunk(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
         rows = torch.cat([torch.full((lengths[i] - prompt_lens[i],), r) for r, i in enumerate(group)])
         cols = torch.cat([torch.arange(prompt_lens[i] - 1, lengths[i] - 1) for i in group])

@@ -62,6 +62,26 @@ parameters. Default selection (no --preset/--remove_top/--keep_bottom/--threshol
 --preset sorry-bench (keep the lowest 5%). The token comes from --token, HF_TOKEN or `hf auth login`."""
 
 
+# Options that every hub script shares, defined once: ``name: type = shared_field("name")``.
+SHARED_FIELDS: dict[str, tuple[Any, str]] = {
+    "dataset_config": (None, "Dataset configuration name."),
+    "dataset_revision": (None, "Branch, tag or commit of a Hub dataset."),
+    "dtype": (None, "Model dtype; when not given: float32 on CPU, bfloat16 on CUDA."),
+    "max_length": (None, "Truncate prompt+completion to this many tokens (TRL's keep_start); no truncation when "
+                         "not given."),
+    "token_budget": (16384, "Most rows x padded length per forward micro-batch."),
+    "batch_size": (64, "Rows per datasets.map batch while scoring."),
+    "token": (None, "Hub token; when not given: HF_TOKEN or the saved login."),
+}
+
+
+def shared_field(name: str) -> Any:
+    """The dataclass ``field`` of a shared option (its default and ``--help`` text)."""
+    default, text = SHARED_FIELDS[name]
+    metadata = {"help": text} | ({"choices": ["float32", "bfloat16", "float16"]} if name == "dtype" else {})
+    return field(default=default, metadata=metadata)
+
+
 @dataclass(frozen=True)
 class ScriptArguments:
     """Arguments of the score/filter/publish recipe (TRL's names where TRL has one).
@@ -77,21 +97,18 @@ class ScriptArguments:
 
     dataset_name: str = field(metadata={"help": "Hub dataset id, local folder, or data files (*.jsonl, *.json, "
                                                 "*.parquet, *.csv; globs allowed) of preference pairs."})
-    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
-    dataset_revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of a Hub dataset."})
+    dataset_config: str | None = shared_field("dataset_config")
+    dataset_revision: str | None = shared_field("dataset_revision")
     dataset_splits: list[str] | None = field(default=None, metadata={"help": "Splits to process; all when not given."})
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for scoring (datasets' num_proc; "
                                                                          "each loads the model)."})
     model_name_or_path: str | None = field(default=None, metadata={
         "help": "Model to score with: Hub id, local folder, .gguf file or 'smollm2'. Omit if the data is scored."})
     model_revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of a Hub model."})
-    dtype: str | None = field(default=None, metadata={
-        "help": "Model dtype; when not given: float32 on CPU, bfloat16 on CUDA.",
-        "choices": ["float32", "bfloat16", "float16"]})
-    max_length: int | None = field(default=None, metadata={"help": "Truncate prompt+completion to this many tokens "
-                                                                   "(TRL's keep_start); no truncation when not given."})
-    token_budget: int = field(default=16384, metadata={"help": "Most rows x padded length per forward micro-batch."})
-    batch_size: int = field(default=64, metadata={"help": "Rows per datasets.map batch while scoring."})
+    dtype: str | None = shared_field("dtype")
+    max_length: int | None = shared_field("max_length")
+    token_budget: int = shared_field("token_budget")
+    batch_size: int = shared_field("batch_size")
     on_invalid: str = field(default="raise", metadata={
         "help": "Rows that cannot be tokenized cleanly: 'raise' an error, or 'flag' them (unscorable rows get NaN "
                 "scores and are then removed with removal_reason=nan_score).", "choices": ["raise", "flag"]})
@@ -116,8 +133,7 @@ class ScriptArguments:
     revision: str | None = field(default=None, metadata={"help": "Branch to push to; main when not given."})
     create_pr: bool = field(default=False, metadata={"help": "Open a pull request instead of pushing to the branch."})
     commit_message: str | None = field(default=None, metadata={"help": "Commit message of the push."})
-    token: str | None = field(default=None, metadata={"help": "Hub token; when not given: HF_TOKEN or the saved "
-                                                              "login."})
+    token: str | None = shared_field("token")
     output_dir: str | None = field(default=None, metadata={
         "help": "Dry run: write the files the push would create (README.md, parquet shards, plot, run JSON) here."})
 

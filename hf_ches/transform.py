@@ -38,8 +38,9 @@ SCORE_COLUMNS = {"logps": ("chosen_logps", "rejected_logps"), "entk_w": ("entk_w
 # torch's CPU thread pool (GNU OpenMP) is not fork-safe and the first parallel matmul can hang forever.
 _IMPORT_PID = os.getpid()
 
-# Models handed to a scorer as objects, by identity. Forked ``num_proc`` workers inherit this table, so the scorer
-# itself never has to carry (or hash) the weights.
+# Loaded models: handed to a scorer as objects (by identity) or loaded from a path (by identity and load settings).
+# Forked ``num_proc`` workers inherit this table, so the scorer itself never carries (or hashes) the weights, and
+# scorers of the same model in one process load it once.
 _IN_MEMORY: dict[str, tuple[Any, Any]] = {}
 
 
@@ -181,10 +182,14 @@ class CHESScorer:
             else:
                 from hf_ches.models import load_model_and_tokenizer
 
-                model, tokenizer = load_model_and_tokenizer(
-                    cfg.model, revision=cfg.revision, dtype=cfg.dtype, device=self._device(rank),
-                    gguf_file=cfg.gguf_file, chat_template=cfg.chat_template,
-                )
+                device = self._device(rank)
+                key = f"{self.identity}|{cfg.revision}|{cfg.dtype}|{device}|{cfg.gguf_file}|{cfg.chat_template}"
+                if key not in _IN_MEMORY:  # scorers of the same model in one process (policy/report, splits) share it
+                    _IN_MEMORY[key] = load_model_and_tokenizer(
+                        cfg.model, revision=cfg.revision, dtype=cfg.dtype, device=device,
+                        gguf_file=cfg.gguf_file, chat_template=cfg.chat_template,
+                    )
+                model, tokenizer = _IN_MEMORY[key]
             self._loaded = (model.eval(), tokenizer, inspect_model(model))
         return self._loaded
 
@@ -207,14 +212,17 @@ class CHESScorer:
         return out
 
     def map(self, dataset, **map_kwargs):
-        """``dataset.map(self, batched=True, with_indices=True)`` with declared output features.
+        """``dataset.map(self, batched=True, with_indices=True)`` with declared output features (each split of a
+        ``DatasetDict``).
 
         Errors then name dataset row indices, and an empty dataset is an error (a bare ``dataset.map(scorer)``
         never calls the scorer on an empty dataset, so it silently adds no column). Extra keyword arguments go to
         ``map`` (``batch_size``, ``num_proc``, ``with_rank``, ``desc``, ...).
         """
-        from datasets import Dataset, Features
+        from datasets import Dataset, DatasetDict, Features
 
+        if isinstance(dataset, DatasetDict):
+            return DatasetDict({split: self.map(ds, **map_kwargs) for split, ds in dataset.items()})
         kwargs = dict(batched=True, with_indices=True) | map_kwargs
         if isinstance(dataset, Dataset):
             if len(dataset) == 0:  # Dataset.map never calls the function on an empty dataset

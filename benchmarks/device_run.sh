@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The GPU checks of this project, as one script for a lent accelerator (see README "Speed"):
+# correctness against the float64 CPU reference, then the throughput and kernel-cost benchmarks.
+# Needs wheels of what the machine lacks in .whl/ (datasets, dill, multiprocess, pyarrow); writes to $OUT. The
+# target folder must have "site-packages" in its path: dill pickles modules from anywhere else by value, and
+# datasets fingerprints then fail on pyarrow types.
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-packages .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site-packages:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_DISABLE_PROGRESS_BARS=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers, datasets; print('torch', torch.__version__, 'transformers', transformers.__version__, 'datasets', datasets.__version__)"
+python3 benchmarks/check_device.py 2>&1 | grep -v -i warn | tail -3
+python3 benchmarks/bench_ches.py --shape qwen2.5-0.5b --dtype bfloat16 --pairs 512 --naive_pairs 128 --repeats 3 \
+    --json "$OUT/bench_ches_gpu.json" 2>&1 | grep -v -i warn
+python3 benchmarks/bench_kernel_cost.py --shape qwen2.5-0.5b --dtype bfloat16 --pairs 32 2>&1 | grep -v -i warn
