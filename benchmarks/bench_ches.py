@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import threading
 import time
@@ -151,6 +150,7 @@ def main() -> None:
     parser.add_argument("--token_budget", type=int, default=16384)
     parser.add_argument("--batch_size", type=int, default=256, help="rows per Dataset.map batch")
     parser.add_argument("--naive_pairs", type=int, default=64, help="time the naive loop on this many pairs")
+    parser.add_argument("--pipeline_rows", type=int, default=None, help="CHESScorer's pipeline_rows (default: auto)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the fastest of each counts")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
@@ -171,8 +171,9 @@ def main() -> None:
     naive_plens = plens[:n_naive] + plens[args.pairs : args.pairs + n_naive]
     naive_model = model if args.dtype == "float32" else AutoModelForCausalLM.from_config(config).to(device).eval()
 
-    full = CHESScorer(model, tokenizer, token_budget=args.token_budget)
-    ches_only = CHESScorer(model, tokenizer, token_budget=args.token_budget, scores=("ches", "ln_ches"))
+    options = dict(token_budget=args.token_budget, pipeline_rows=args.pipeline_rows)
+    full = CHESScorer(model, tokenizer, **options)
+    ches_only = CHESScorer(model, tokenizer, scores=("ches", "ln_ches"), **options)
     runs = {
         "map": lambda: ds.map(full, batched=True, batch_size=args.batch_size),
         "limit": lambda: limit(model, seqs, plens, args.token_budget, with_head=True),
@@ -218,5 +219,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main()

@@ -20,9 +20,23 @@ from hf_ches.testing import build_tiny_model, synthetic_pairs
 from tests.plugins.models import reference_pair
 
 
+def probe(device: str) -> None:
+    """What float32 means on this device: the library's setting, and the error of one product and of attention."""
+    a, b = torch.randn(512, 512, dtype=torch.float64), torch.randn(512, 512, dtype=torch.float64)
+    exact = a @ b
+    matmul = ((a.float().to(device) @ b.float().to(device)).double().cpu() - exact).abs().max() / exact.abs().max()
+    q = torch.randn(1, 4, 64, 32, dtype=torch.float64)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    got = torch.nn.functional.scaled_dot_product_attention(*(q.float().to(device),) * 3, is_causal=True)
+    attention = (got.double().cpu() - ref).abs().max() / ref.abs().max()
+    print(f"float32 matmul precision {torch.get_float32_matmul_precision()!r}, cudnn.allow_tf32 "
+          f"{torch.backends.cudnn.allow_tf32}; float32 relative error: matmul {matmul:.1e}, sdpa {attention:.1e}")
+
+
 def main() -> None:
     disable_progress_bars()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    probe(device)
     worst = {}
     for arch in ("llama", "qwen2", "gpt2", "gemma2"):
         path = build_tiny_model(tempfile.mkdtemp(), arch=arch)
@@ -31,7 +45,7 @@ def main() -> None:
             rows = synthetic_pairs(64, fmt) | {"id": list(range(64))}
             pairs = tokenize_pairs(read_rows(rows, range(64)), AutoTokenizer.from_pretrained(path))
             refs = [reference_pair(model64, p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in pairs]
-            scored = CHESScorer(path, device=device, token_budget=700).map(Dataset.from_dict(rows).shuffle(seed=1),
+            scored = CHESScorer(path, device=device, dtype="float32", token_budget=700).map(Dataset.from_dict(rows).shuffle(seed=1),
                                                                           batch_size=64)
             for row in scored:
                 ref = refs[row["id"]]

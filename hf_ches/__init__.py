@@ -16,6 +16,10 @@ _LAZY = {
     "CHESScorer": "hf_ches.transform",
     "LogProbScorer": "hf_ches.transform",
     "ScorerConfig": "hf_ches.transform",
+    "GradientKernelScorer": "hf_ches.kernels",
+    "SelectionRule": "hf_ches.filtering",
+    "select_pairs": "hf_ches.filtering",
+    "RankingAccuracy": "hf_ches.metric",
 }
 __all__ = [*_LAZY, "__version__"]
 

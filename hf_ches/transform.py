@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -60,6 +61,7 @@ class ScorerConfig:
     on_invalid: OnInvalid = "raise"
     column_prefix: str = ""  # e.g. "ref_" to write ref_chosen_logps / ref_rejected_logps
     head_chunk: int = 1024  # completion positions per output-embedding chunk
+    pipeline_rows: int | None = None  # rows tokenized ahead while the model runs; None: 128 on CUDA, all on CPU
 
 
 def _dtype_name(dtype: Any) -> str | None:
@@ -238,13 +240,18 @@ class CHESScorer:
         cfg = self.config
         try:
             rows = read_rows(batch, indices if indices is not None else range(len(batch.get("chosen", []))))
-            pairs = tokenize_pairs(rows, tokenizer, cfg.max_length, cfg.on_invalid)
+            chunk = cfg.pipeline_rows or (128 if head.weight.device.type == "cuda" else len(rows))
+            chunks = [rows[i : i + chunk] for i in range(0, len(rows), chunk)]
+            # a thread tokenizes chunk i+1 (the tokenizer releases the GIL) while the accelerator runs chunk i
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                tokenized = [pool.submit(tokenize_pairs, c, tokenizer, cfg.max_length, cfg.on_invalid) for c in chunks]
+                parts = [self._score(future.result(), model, tokenizer, head) for future in tokenized]
         except PairError as err:
             if indices is None:
                 raise PairError(err.row, err.column, str(err).split(": ", 1)[1] + " [row = position in this map "
                                 "batch; use scorer.map(ds) or with_indices=True for dataset row indices]") from None
             raise
-        return self._score(pairs, model, tokenizer, head)
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
     def _score(self, pairs: list[TokenizedPair], model: Any, tokenizer: Any, head: Any) -> dict[str, np.ndarray]:
         cfg, p = self.config, self.config.column_prefix
