@@ -34,7 +34,7 @@ from datasets import Dataset, DatasetDict, concatenate_datasets
 from transformers import HfArgumentParser
 
 from hf_ches import LogProbScorer
-from hf_ches.pipeline import load_source
+from hf_ches.pipeline import load_source, shared_field
 from hf_ches.ranking import DEFAULT_BETAS, RankingOptions
 from hf_ches.report import (
     build_report,
@@ -69,8 +69,8 @@ class ScriptArguments:
     dataset_name: str = field(metadata={"help": "Hub dataset id, local folder, or data files (*.jsonl, *.json, "
                                                 "*.parquet, *.csv; globs allowed) of preference pairs."})
     model_name_or_path: str = field(metadata={"help": "The policy: Hub id, local folder, .gguf file or 'smollm2'."})
-    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
-    dataset_revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of a Hub dataset."})
+    dataset_config: str | None = shared_field("dataset_config")
+    dataset_revision: str | None = shared_field("dataset_revision")
     dataset_splits: list[str] | None = field(default=None, metadata={
         "help": "Splits to report on, each separately; all splits when not given."})
     model_revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of the policy."})
@@ -87,13 +87,10 @@ class ScriptArguments:
         "help": "Rows per split, drawn as the paper does: numpy default_rng(seed).choice without replacement "
                 "(the paper: 1000). All rows when not given."})
     seed: int = field(default=0, metadata={"help": "Seed of the row sample and of the bootstrap intervals."})
-    dtype: str | None = field(default=None, metadata={
-        "help": "Model dtype; when not given: float32 on CPU, bfloat16 on CUDA.",
-        "choices": ["float32", "bfloat16", "float16"]})
-    max_length: int | None = field(default=None, metadata={"help": "Truncate prompt+completion to this many tokens "
-                                                                   "(TRL's keep_start); no truncation when not given."})
-    token_budget: int = field(default=16384, metadata={"help": "Most rows x padded length per forward micro-batch."})
-    batch_size: int = field(default=64, metadata={"help": "Rows per datasets.map batch while scoring."})
+    dtype: str | None = shared_field("dtype")
+    max_length: int | None = shared_field("max_length")
+    token_budget: int = shared_field("token_budget")
+    batch_size: int = shared_field("batch_size")
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for scoring (datasets' num_proc; "
                                                                          "each loads the models)."})
     output_dir: str | None = field(default=None, metadata={
@@ -105,8 +102,7 @@ class ScriptArguments:
     config_name: str | None = field(default=None, metadata={
         "help": "Config of this run in --repo_id; default: the policy's name (org__name, or the folder name)."})
     private: bool = field(default=False, metadata={"help": "Create --repo_id as a private repo."})
-    token: str | None = field(default=None, metadata={"help": "Hub token; when not given: HF_TOKEN or the saved "
-                                                              "login."})
+    token: str | None = shared_field("token")
 
 
 def check_arguments(args: ScriptArguments) -> None:
