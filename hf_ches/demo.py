@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.dtype = args.dtype or default_dtype()
-    from datasets import concatenate_datasets, disable_progress_bars, load_dataset
+    from datasets import disable_progress_bars, enable_progress_bars, load_dataset
     from huggingface_hub import hf_hub_download
 
     from hf_ches.hub_server import LocalHub, clients_pointed_at
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         model, _, _ = CHESScorer(args.model_name_or_path, dtype=args.dtype).load()  # shared by the runs below
         print(f"    {type(model).__name__}, {model.num_parameters() / 1e6:.1f}M parameters")
 
-    results, backs = {}, {}
+    backs = {}
     with LocalHub(data_dir=out / "hub") as hub, clients_pointed_at(hub.endpoint, hub.token, out / "hf_home"):
         for config in CONFIGS:
             repo_id = f"{hub.user}/hf-ches-demo-{config}"
@@ -98,12 +98,13 @@ def main(argv: list[str] | None = None) -> int:
                 dataset_name=str(SHIPPED_DATA_DIR), dataset_config=config, model_name_or_path=args.model_name_or_path,
                 dtype=args.dtype, remove_top=args.remove_top, push_to_hub=True, repo_id=repo_id, token=hub.token)
             with step(timings, f"score, select, card and publish the {config} pairs to {repo_id}"):
-                results[config] = run(script_args)
+                run(script_args)
             with step(timings, f"load {repo_id} back (default, removed, scored)"):
-                disable_progress_bars()
+                disable_progress_bars()  # quiet here only: the next format's scoring keeps its progress bar
                 backs[config] = {name: load_dataset(repo_id, name)["train"] for name in ("default", "removed", "scored")}
                 for name in ("README.md", "ches/score_histogram.png"):
                     hf_hub_download(repo_id, name, repo_type="dataset", local_dir=out / config)
+                enable_progress_bars()
 
     with step(timings, "ranking accuracy of the model (evaluate metric, length_normalized config)"):
         accuracy = {}

@@ -28,8 +28,7 @@ checks on a short input that trunk + head reproduce the model's own logits and r
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -146,27 +145,6 @@ def inspect_model(model: torch.nn.Module) -> OutputHead:
     return head
 
 
-@contextlib.contextmanager
-def ieee_float32(enabled: bool) -> Iterator[None]:
-    """Keep float32 matrix products in float32 for the block (restoring the caller's setting after it).
-
-    With TF32 on (``torch.set_float32_matmul_precision("high")``, set by many training scripts and libraries), a
-    float32 model on an NVIDIA GPU multiplies with a 10-bit mantissa, about 1e-3 relative error: far from the 1e-5
-    that scores of a float32 model are checked to. Low-precision models are unaffected.
-    """
-    if not enabled:
-        yield
-        return
-    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
-    torch.set_float32_matmul_precision("highest")
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(saved[0])
-        torch.backends.cudnn.allow_tf32 = saved[1]
-
-
 @torch.inference_mode()
 def encode(
     model: torch.nn.Module,
@@ -203,32 +181,32 @@ def encode(
     last = torch.zeros_like(sums) if want_last else None
     states: list = [None] * n
     lse: list = [None] * n
-    with ieee_float32(head.weight.dtype == torch.float32 and head.weight.device.type == "cuda"):
-        for group in plan_microbatches(lengths, token_budget):
-            ids, mask = pad_right([sequences[i] for i in group], pad_id)  # [B, T]
-            uniform = all(lengths[i] == lengths[group[0]] for i in group)
-            h = trunk(
-                input_ids=ids.to(device), attention_mask=None if uniform else mask.to(device), use_cache=False
-            ).last_hidden_state  # [B, T, d]
-            # completion-predicting positions P-1 … L-2 of every row, flattened: rows[m], cols[m] -> targets[m]
-            rows = torch.cat([torch.full((lengths[i] - prompt_lens[i],), b) for b, i in enumerate(group)])
-            cols = torch.cat([torch.arange(prompt_lens[i] - 1, lengths[i] - 1) for i in group])
-            seq_ids = torch.as_tensor(group, device=device)[rows.to(device)]  # [M]
-            sel = h[rows.to(device), cols.to(device)]  # [M, d]
-            sums.index_add_(0, seq_ids, sel.float())
-            if want_logps or want_states:
-                targets = ids[rows, cols + 1].to(device)  # [M]
-                token_logps, token_lse = head.token_logps(sel, targets, head_chunk)  # [M], [M]
-                if want_logps:
-                    logps.index_add_(0, seq_ids, token_logps.double())
-                if want_states:
-                    counts = [lengths[i] - prompt_lens[i] for i in group]
-                    keep = torch.promote_types(sel.dtype, torch.float32)
-                    for i, h_i, lse_i in zip(group, sel.split(counts), token_lse.split(counts)):
-                        states[i], lse[i] = h_i.to("cpu", keep), lse_i.cpu()  # [n_i, d], [n_i]
-            if want_last:
-                ends = torch.as_tensor([lengths[i] - 2 for i in group], device=device)
-                last[torch.as_tensor(group, device=device)] = h[torch.arange(len(group), device=device), ends].float()
+    for group in plan_microbatches(lengths, token_budget):
+        ids, mask = pad_right([sequences[i] for i in group], pad_id)  # [B, T]
+        uniform = all(lengths[i] == lengths[group[0]] for i in group)
+        h = trunk(
+            input_ids=ids.to(device), attention_mask=None if uniform else mask.to(device), use_cache=False
+        ).last_hidden_state  # [B, T, d]
+        # completion-predicting positions P-1 … L-2 of every row, flattened: rows[m], cols[m] -> targets[m]
+        rows = torch.cat([torch.full((lengths[i] - prompt_lens[i],), b) for b, i in enumerate(group)])
+        cols = torch.cat([torch.arange(prompt_lens[i] - 1, lengths[i] - 1) for i in group])
+        group_d, rows_d = torch.as_tensor(group, device=device), rows.to(device)
+        seq_ids = group_d[rows_d]  # [M]
+        sel = h[rows_d, cols.to(device)]  # [M, d]
+        sums.index_add_(0, seq_ids, sel.float())
+        if want_logps or want_states:
+            targets = ids[rows, cols + 1].to(device)  # [M]
+            token_logps, token_lse = head.token_logps(sel, targets, head_chunk)  # [M], [M]
+            if want_logps:
+                logps.index_add_(0, seq_ids, token_logps.double())
+            if want_states:
+                counts = [lengths[i] - prompt_lens[i] for i in group]
+                keep = torch.promote_types(sel.dtype, torch.float32)
+                for i, h_i, lse_i in zip(group, sel.split(counts), token_lse.split(counts)):
+                    states[i], lse[i] = h_i.to("cpu", keep), lse_i.cpu()  # [n_i, d], [n_i]
+        if want_last:
+            ends = torch.as_tensor([lengths[i] - 2 for i in group], device=device)
+            last[group_d] = h[torch.arange(len(group), device=device), ends].float()
     return Encoded(
         sums=sums.cpu(),
         num_tokens=torch.as_tensor([lengths[i] - prompt_lens[i] for i in range(n)]),
