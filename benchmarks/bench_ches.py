@@ -9,7 +9,8 @@ Everything is measured in one run on the same preference pairs, with the same mo
                 log-softmax at completion positions only, in chunks;
 * ``ches-only`` the map with ``scores=("ches", "ln_ches")`` (must skip the output embedding);
 * ``trunk``     the trunk alone on the same micro-batches: the floor of a CHES-only run;
-* ``naive``     the paper's loop: one example at a time, full ``output_hidden_states`` and full logits, float32.
+* ``naive``     the paper's loop: one example at a time, full ``output_hidden_states`` and full logits, float32;
+* ``tokenize``  TRL tokenization of each map batch alone, on the host (the map overlaps most of it with the model).
 
 Targets (issue 2): on CPU, map ≤ 1.15 × limit time and faster than naive; on a GPU, map ≥ 0.9 × limit throughput,
 CHES-only ≥ 0.9 × trunk throughput, ≥ 10× naive, peak memory far below full-vocabulary logits.
@@ -27,14 +28,16 @@ import random
 import threading
 import time
 
+import numpy as np
 import psutil
 import torch
 from datasets import Dataset, disable_progress_bars
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from hf_ches import CHESScorer
-from hf_ches.batching import pad_right, plan_microbatches
-from hf_ches.pairs import read_rows, tokenize_pairs
+from hf_ches.transform import CPU_TOKEN_BUDGET, GPU_TOKEN_BUDGET
+from hf_ches.batching import completion_positions, pad_right, plan_microbatches
+from hf_ches.pairs import PendingPairs, read_rows, tokenize_pairs
 from hf_ches.testing import build_tokenizer, synthetic_text
 
 SHAPES = {
@@ -109,27 +112,45 @@ def timed(fn, device: torch.device) -> tuple[float, int]:
 
 @torch.inference_mode()
 def limit(model, seqs, prompt_lens, token_budget: int, with_head: bool, chunk: int = 1024) -> None:
-    """The least work: trunk on sorted micro-batches; output embedding + log-softmax at completion positions only."""
+    """The least work: trunk on sorted micro-batches; output embedding + log-softmax at completion positions only.
+
+    Right padding and a causal model need no attention mask; host-to-device copies come from pinned memory and do
+    not make the host wait for the device.
+    """
     device = model.device
     trunk, weight = model.model, model.get_output_embeddings().weight
     sums = torch.zeros(len(seqs), weight.shape[1], device=device)
     logps = torch.zeros(len(seqs), device=device)
-    lengths = [len(s) for s in seqs]
-    for group in plan_microbatches(lengths, token_budget):  # longest first, rows x longest <= token_budget
-        ids, mask = pad_right([seqs[i] for i in group], pad_id=0)
-        h = trunk(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
-        rows = torch.cat([torch.full((lengths[i] - prompt_lens[i],), r) for r, i in enumerate(group)])
-        cols = torch.cat([torch.arange(prompt_lens[i] - 1, lengths[i] - 1) for i in group])
-        seq = torch.tensor(group, device=device)[rows.to(device)]
-        sel = h[rows.to(device), cols.to(device)]  # [M, d]
+    lengths, plens = np.array([len(s) for s in seqs]), np.array(prompt_lens)
+
+    def to_device(a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(a)
+        return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+    for group in plan_microbatches(lengths.tolist(), token_budget):  # longest first, rows x longest <= token_budget
+        g = np.array(group)
+        rows, cols = completion_positions(lengths[g], plens[g])  # completion-predicting positions P-1 … L-2
+        ids, rows, cols, seq = map(to_device, (pad_right([seqs[i] for i in group], pad_id=0), rows, cols, g[rows]))
+        h = trunk(input_ids=ids, use_cache=False).last_hidden_state
+        sel = h[rows, cols]  # [M, d]
         sums.index_add_(0, seq, sel.float())
         if with_head:
-            targets = ids[rows, cols + 1].to(device)
+            targets = ids[rows, cols + 1]
             for s in range(0, sel.shape[0], chunk):
                 z = (sel[s : s + chunk] @ weight.T).float()  # [c, V]
                 lp = z.gather(1, targets[s : s + chunk, None]).squeeze(1) - torch.logsumexp(z, -1)
                 logps.index_add_(0, seq[s : s + chunk], lp)
     sums.cpu(), logps.cpu()
+
+
+def tokenize(rows: dict[str, list], tokenizer, batch_size: int) -> None:
+    """TRL tokenization of each map batch alone, threaded as :class:`CHESScorer` does (which overlaps it with the
+    model: the model starts on the longest pairs as soon as they are tokenized)."""
+    n = len(rows["chosen"])
+    for start in range(0, n, batch_size):
+        batch = {k: v[start : start + batch_size] for k, v in rows.items()}
+        threads = max(1, min(torch.get_num_threads(), len(batch["chosen"]) // 16))
+        list(PendingPairs(read_rows(batch, range(len(batch["chosen"]))), tokenizer, threads=threads))
 
 
 @torch.inference_mode()
@@ -147,15 +168,15 @@ def main() -> None:
     parser.add_argument("--shape", default="cpu-small", choices=sorted(SHAPES))
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--pairs", type=int, default=256)
-    parser.add_argument("--token_budget", type=int, default=16384)
+    parser.add_argument("--token_budget", type=int, default=None, help="default: CHESScorer's for the device")
     parser.add_argument("--batch_size", type=int, default=256, help="rows per Dataset.map batch")
     parser.add_argument("--naive_pairs", type=int, default=64, help="time the naive loop on this many pairs")
-    parser.add_argument("--pipeline_rows", type=int, default=None, help="CHESScorer's pipeline_rows (default: auto)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the fastest of each counts")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     disable_progress_bars()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.token_budget = args.token_budget or (CPU_TOKEN_BUDGET if device.type == "cpu" else GPU_TOKEN_BUDGET)
     torch.manual_seed(0)
     config = SHAPES[args.shape]()
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype)).to(device).eval()
@@ -171,15 +192,15 @@ def main() -> None:
     naive_plens = plens[:n_naive] + plens[args.pairs : args.pairs + n_naive]
     naive_model = model if args.dtype == "float32" else AutoModelForCausalLM.from_config(config).to(device).eval()
 
-    options = dict(token_budget=args.token_budget, pipeline_rows=args.pipeline_rows)
-    full = CHESScorer(model, tokenizer, **options)
-    ches_only = CHESScorer(model, tokenizer, scores=("ches", "ln_ches"), **options)
+    full = CHESScorer(model, tokenizer, token_budget=args.token_budget)
+    ches_only = CHESScorer(model, tokenizer, scores=("ches", "ln_ches"), token_budget=args.token_budget)
     runs = {
         "map": lambda: ds.map(full, batched=True, batch_size=args.batch_size),
         "limit": lambda: limit(model, seqs, plens, args.token_budget, with_head=True),
         "ches-only": lambda: ds.map(ches_only, batched=True, batch_size=args.batch_size),
         "trunk": lambda: limit(model, seqs, plens, args.token_budget, with_head=False),
         "naive": lambda: naive(naive_model, naive_seqs, naive_plens),
+        "tokenize": lambda: tokenize(rows, tokenizer, args.batch_size),
     }
     runs["limit"]()  # warm-up: allocator, kernels, the scorers' one-time architecture check
     full.load(), ches_only.load()

@@ -3,7 +3,7 @@
 Sorting by length before packing is what makes batched scoring fast: rows of similar length waste little padding,
 so a micro-batch of ``rows × longest`` tokens is mostly real tokens (``performance.md``: 2.3–5× over fixed-size
 batches in random order). Right padding keeps every real token at its own position, so with a causal model the
-hidden states of real tokens do not depend on the padding at all.
+hidden states of real tokens do not depend on the padding at all: no attention mask is needed.
 
 >>> plan_microbatches([5, 2, 9, 3], token_budget=10)
 [[2], [0, 3], [1]]
@@ -11,9 +11,10 @@ hidden states of real tokens do not depend on the padding at all.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
-import torch
+import numpy as np
 
 
 def plan_microbatches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
@@ -21,29 +22,57 @@ def plan_microbatches(lengths: Sequence[int], token_budget: int) -> list[list[in
 
     A sequence longer than the budget gets a micro-batch of its own (it is never truncated here).
     """
+    return list(pack(sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)), lengths.__getitem__, token_budget))
+
+
+def pack(order: Iterable[int], length: Callable[[int], int], token_budget: int) -> Iterator[list[int]]:
+    """Cut ``order`` into consecutive groups with ``len(group) * longest_in_group <= token_budget``.
+
+    Lazy: a group is yielded as soon as the next sequence does not fit, so ``length`` may wait for sequences that
+    are still being tokenized (see :class:`hf_ches.pairs.PendingPairs`). In an order of decreasing length this is
+    :func:`plan_microbatches`; in an order that only roughly decreases it wastes a little more padding.
+
+    >>> list(pack([2, 0, 3, 1], [5, 2, 9, 3].__getitem__, token_budget=10))
+    [[2], [0, 3], [1]]
+    """
     if token_budget < 1:
         raise ValueError(f"token_budget must be >= 1, got {token_budget}")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    groups: list[list[int]] = []
+    group: list[int] = []
+    longest = 0
     for i in order:
-        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= token_budget:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    return groups
+        n = length(i)
+        if group and (len(group) + 1) * max(longest, n) > token_budget:
+            yield group
+            group, longest = [], 0
+        group.append(i)
+        longest = max(longest, n)
+    if group:
+        yield group
 
 
-def pad_right(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token id lists into ``input_ids`` and ``attention_mask`` tensors of shape ``[B, T]``.
+def pad_right(sequences: Sequence[Sequence[int]], pad_id: int) -> np.ndarray:
+    """Right-pad token id lists into one ``int64`` array ``[B, longest]``.
 
-    >>> ids, mask = pad_right([[5, 6, 7], [8]], pad_id=0)
-    >>> ids.tolist(), mask.tolist()
-    ([[5, 6, 7], [8, 0, 0]], [[1, 1, 1], [1, 0, 0]])
+    >>> pad_right([[5, 6, 7], [8]], pad_id=0).tolist()
+    [[5, 6, 7], [8, 0, 0]]
     """
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    return ids, mask
+    lengths = np.array([len(s) for s in sequences])
+    ids = np.full((len(sequences), lengths.max()), pad_id, dtype=np.int64)
+    # the real positions of a row are its first len(row) columns, so row-major order is the concatenation order
+    ids[np.arange(ids.shape[1]) < lengths[:, None]] = np.fromiter(
+        itertools.chain.from_iterable(sequences), dtype=np.int64, count=int(lengths.sum())
+    )
+    return ids
+
+
+def completion_positions(lengths: np.ndarray, prompt_lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column of every completion-predicting position ``P-1 … L-2`` of a padded batch, row by row.
+
+    >>> rows, cols = completion_positions(np.array([4, 3]), np.array([2, 1]))
+    >>> rows.tolist(), cols.tolist()
+    ([0, 0, 1, 1], [1, 2, 0, 1])
+    """
+    counts = lengths - prompt_lens
+    first = np.repeat(np.cumsum(counts) - counts, counts)  # flat index where each row's positions start
+    cols = np.arange(counts.sum()) - first + np.repeat(prompt_lens - 1, counts)
+    return np.repeat(np.arange(len(lengths)), counts), cols

@@ -28,12 +28,13 @@ checks on a short input that trunk + head reproduce the model's own logits and r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from hf_ches.batching import pad_right, plan_microbatches
+from hf_ches.batching import completion_positions, pack, pad_right
 
 
 class UnsupportedModelError(ValueError):
@@ -145,12 +146,28 @@ def inspect_model(model: torch.nn.Module) -> OutputHead:
     return head
 
 
+def _to_device(device: torch.device, *arrays: np.ndarray) -> list[torch.Tensor]:
+    """The integer ``arrays`` as ``int64`` tensors on ``device``, in one copy that does not block the host.
+
+    A copy from ordinary (pageable) host memory makes the host wait for the device to finish all queued work; from
+    pinned memory with ``non_blocking=True`` it does not, so the host prepares the next micro-batch while the
+    accelerator still runs this one. (PyTorch keeps the pinned buffer alive until the copy is done.)
+    """
+    flat = torch.from_numpy(np.concatenate([a.ravel() for a in arrays]).astype(np.int64, copy=False))
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    else:
+        flat = flat.to(device)
+    return [part.view(a.shape) for part, a in zip(flat.split([a.size for a in arrays]), arrays)]
+
+
 @torch.inference_mode()
 def encode(
     model: torch.nn.Module,
     sequences: Sequence[Sequence[int]],
     prompt_lens: Sequence[int],
     *,
+    order: Iterable[int] | None = None,
     token_budget: int = 16384,
     want_logps: bool = False,
     want_last: bool = False,
@@ -163,7 +180,11 @@ def encode(
 
     Args:
         model: a causal LM (``AutoModelForCausalLM``); its device and dtype are used as they are.
-        sequences: full token ids per sequence; ``prompt_lens[i]`` of them are prompt (``>= 1``, ``< len``).
+        sequences: full token ids per sequence; ``prompt_lens[i]`` of them are prompt. A sequence without a prompt
+            token or a completion token has no state to sum: it gets zeros and ``num_tokens`` 0.
+        order: the order in which sequences are packed into micro-batches (default: by length, longest first).
+            ``sequences`` and ``prompt_lens`` are read in this order, so they may be lazy (e.g. backed by
+            :class:`hf_ches.pairs.PendingPairs`) when ``order`` comes from a guess at the lengths.
         token_budget: most ``rows × padded length`` tokens per micro-batch.
         want_logps: also compute the summed completion-token log-probs (applies the output embedding).
         want_last: also return the state predicting the last completion token (a baseline of the paper).
@@ -175,41 +196,43 @@ def encode(
     head = head or output_head(model)
     trunk, device = trunk_of(model), head.weight.device
     n = len(sequences)
-    lengths = [len(s) for s in sequences]
+    if order is None:
+        order = sorted(range(n), key=lambda i: (-len(sequences[i]), i))
+    num_tokens = torch.zeros(n, dtype=torch.long)
     sums = torch.zeros(n, head.weight.shape[1], dtype=torch.float32, device=device)
     logps = torch.zeros(n, dtype=torch.float64, device=device) if want_logps else None
     last = torch.zeros_like(sums) if want_last else None
     states: list = [None] * n
     lse: list = [None] * n
-    for group in plan_microbatches(lengths, token_budget):
-        ids, mask = pad_right([sequences[i] for i in group], pad_id)  # [B, T]
-        uniform = all(lengths[i] == lengths[group[0]] for i in group)
-        h = trunk(
-            input_ids=ids.to(device), attention_mask=None if uniform else mask.to(device), use_cache=False
-        ).last_hidden_state  # [B, T, d]
-        # completion-predicting positions P-1 … L-2 of every row, flattened: rows[m], cols[m] -> targets[m]
-        rows = torch.cat([torch.full((lengths[i] - prompt_lens[i],), b) for b, i in enumerate(group)])
-        cols = torch.cat([torch.arange(prompt_lens[i] - 1, lengths[i] - 1) for i in group])
-        group_d, rows_d = torch.as_tensor(group, device=device), rows.to(device)
-        seq_ids = group_d[rows_d]  # [M]
-        sel = h[rows_d, cols.to(device)]  # [M, d]
+    scorable = (i for i in order if 0 < prompt_lens[i] < len(sequences[i]))
+    for group in pack(scorable, lambda i: len(sequences[i]), token_budget):
+        batch = [sequences[i] for i in group]
+        lengths = np.array([len(s) for s in batch])
+        prompts = np.array([prompt_lens[i] for i in group])
+        num_tokens[group] = torch.from_numpy(lengths - prompts)
+        rows, cols = completion_positions(lengths, prompts)  # [M], [M]
+        ids, rows, cols, group_d, ends = _to_device(
+            device, pad_right(batch, pad_id), rows, cols, np.array(group), lengths - 2
+        )
+        # right padding and a causal model: real tokens never attend to padding, so no attention mask is needed
+        h = trunk(input_ids=ids, use_cache=False).last_hidden_state  # [B, T, d]
+        sel = h[rows, cols]  # [M, d]: the states at P-1 … L-2 of every row, flattened; they predict ids[rows, cols+1]
+        seq_ids = group_d[rows]  # [M]: the sequence each state belongs to
         sums.index_add_(0, seq_ids, sel.float())
         if want_logps or want_states:
-            targets = ids[rows, cols + 1].to(device)  # [M]
-            token_logps, token_lse = head.token_logps(sel, targets, head_chunk)  # [M], [M]
+            token_logps, token_lse = head.token_logps(sel, ids[rows, cols + 1], head_chunk)  # [M], [M]
             if want_logps:
                 logps.index_add_(0, seq_ids, token_logps.double())
             if want_states:
-                counts = [lengths[i] - prompt_lens[i] for i in group]
                 keep = torch.promote_types(sel.dtype, torch.float32)
-                for i, h_i, lse_i in zip(group, sel.split(counts), token_lse.split(counts)):
+                split = (lengths - prompts).tolist()
+                for i, h_i, lse_i in zip(group, sel.split(split), token_lse.split(split)):
                     states[i], lse[i] = h_i.to("cpu", keep), lse_i.cpu()  # [n_i, d], [n_i]
         if want_last:
-            ends = torch.as_tensor([lengths[i] - 2 for i in group], device=device)
             last[group_d] = h[torch.arange(len(group), device=device), ends].float()
     return Encoded(
         sums=sums.cpu(),
-        num_tokens=torch.as_tensor([lengths[i] - prompt_lens[i] for i in range(n)]),
+        num_tokens=num_tokens,
         logps=logps.cpu() if want_logps else None,
         last_hidden=last.cpu() if want_last else None,
         states=tuple(states) if want_states else None,

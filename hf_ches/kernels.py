@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from hf_ches.forward import trunk_of
-from hf_ches.pairs import TokenizedPair
+from hf_ches.pairs import PendingPairs
 from hf_ches.transform import CHESScorer, ScorerConfig
 
 KERNEL_SCORES = ("ntk", "signgd", "logps")
@@ -251,7 +251,7 @@ class GradientKernelScorer(CHESScorer):
             raise ValueError(f"projection_dim: expected None or an int >= 1, got {dim!r}")
         super().__init__(model, tokenizer, **options)
 
-    def _compute(self, pairs: list[TokenizedPair], model: Any, tokenizer: Any, head: Any) -> dict[str, list]:
+    def _compute(self, pairs: PendingPairs, model: Any, tokenizer: Any, head: Any) -> dict[str, list]:
         cfg, names = self.config, self.config.scores
         named = select_parameters(model, cfg.parameters)
 
@@ -260,6 +260,9 @@ class GradientKernelScorer(CHESScorer):
 
         rows = []
         for pair in pairs:
+            if not pair.scorable:
+                rows.append(dict.fromkeys(self.columns(), math.nan))
+                continue
             prompt_len = len(pair.prompt_ids)
             g_c, logp_c = sequence_gradients(model, named, pair.prompt_ids + pair.chosen_ids, prompt_len)
             r_c = reduce(g_c)

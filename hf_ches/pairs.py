@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -53,6 +54,12 @@ class Row:
     rejected: Any
     template_kwargs: dict = field(default_factory=dict)
 
+    def sizes(self) -> tuple[int, int]:
+        """Characters of prompt + chosen and of prompt + rejected: a guess at the sequences' lengths before
+        tokenization (token counts follow character counts closely), to order the work longest first."""
+        prompt = _characters(self.prompt)
+        return prompt + _characters(self.chosen), prompt + _characters(self.rejected)
+
 
 @dataclass(frozen=True)
 class TokenizedPair:
@@ -72,6 +79,10 @@ class TokenizedPair:
     @property
     def scorable(self) -> bool:
         return len(self.prompt_ids) > 0 and len(self.chosen_ids) > 0 and len(self.rejected_ids) > 0
+
+
+def _characters(value: str | list[dict]) -> int:
+    return len(value) if isinstance(value, str) else sum(len(str(m.get("content", ""))) for m in value)
 
 
 def _describe(value: Any) -> str:
@@ -234,3 +245,48 @@ def tokenize_pairs(
             raise PairError(row.index, column, problem + " (pass on_invalid='flag' to flag such rows and go on)")
         pairs.append(pair)
     return pairs
+
+
+class PendingPairs(Sequence[TokenizedPair]):
+    """``tokenize_pairs`` of ``rows`` running ahead on worker threads; ``pairs[i]`` waits only for row ``i``.
+
+    Rows are tokenized in slices of ``slice_rows``, longest first (by :meth:`Row.sizes`), on ``threads`` threads: a
+    fast tokenizer releases the GIL, so a consumer that needs the longest sequences first (the packing order of
+    :func:`hf_ches.forward.encode`) can start on them while the rest are still being tokenized. A slice's
+    :class:`PairError` is raised to whoever asks for one of its rows.
+
+    >>> from hf_ches.testing import build_tokenizer
+    >>> rows = read_rows({"prompt": ["a", "b"], "chosen": [" yes", " no"], "rejected": [" maybe so", " no"]}, [0, 1])
+    >>> pairs = PendingPairs(rows, build_tokenizer())
+    >>> [pair.index for pair in pairs], len(pairs[0].rejected_ids) > len(pairs[1].rejected_ids)
+    ([0, 1], True)
+    """
+
+    def __init__(self, rows: list[Row], tokenizer, max_length: int | None = None, on_invalid: OnInvalid = "raise",
+                 threads: int = 1, slice_rows: int = 16):
+        self._sizes = [row.sizes() for row in rows]
+        order = sorted(range(len(rows)), key=lambda i: (-max(self._sizes[i]), i))
+        self._where: list = [None] * len(rows)  # row -> (future of its slice, position in the slice)
+        tokenizer("")  # a call may reset the backend's truncation/padding state; the threads must only read it
+        pool = ThreadPoolExecutor(max_workers=threads)
+        for start in range(0, len(order), slice_rows):
+            part = order[start : start + slice_rows]
+            future = pool.submit(tokenize_pairs, [rows[i] for i in part], tokenizer, max_length, on_invalid)
+            for k, i in enumerate(part):
+                self._where[i] = (future, k)
+        pool.shutdown(wait=False)  # the threads finish the submitted slices, then exit
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __getitem__(self, i: int) -> TokenizedPair:
+        future, k = self._where[i]
+        return future.result()[k]
+
+    def sequence_order(self) -> list[int]:
+        """The chosen sequences (``i``) and the rejected ones (``len(self) + i``), longest first by characters.
+
+        Packed in this order, each sequence's row is tokenized before any row whose sequences all come later.
+        """
+        sizes = [size for pair in zip(*self._sizes) for size in pair]  # chosen sizes, then rejected sizes
+        return sorted(range(len(sizes)), key=lambda j: (-sizes[j], j))

@@ -69,7 +69,8 @@ SHARED_FIELDS: dict[str, tuple[Any, str]] = {
     "dtype": (None, "Model dtype; when not given: float32 on CPU, bfloat16 on CUDA."),
     "max_length": (None, "Truncate prompt+completion to this many tokens (TRL's keep_start); no truncation when "
                          "not given."),
-    "token_budget": (16384, "Most rows x padded length per forward micro-batch."),
+    "token_budget": (None, "Most rows x padded length per forward micro-batch; when not given: 16384 on a GPU, 2048 "
+                           "on CPU."),
     "batch_size": (64, "Rows per datasets.map batch while scoring."),
     "token": (None, "Hub token; when not given: HF_TOKEN or the saved login."),
 }
@@ -107,7 +108,7 @@ class ScriptArguments:
     model_revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of a Hub model."})
     dtype: str | None = shared_field("dtype")
     max_length: int | None = shared_field("max_length")
-    token_budget: int = shared_field("token_budget")
+    token_budget: int | None = shared_field("token_budget")
     batch_size: int = shared_field("batch_size")
     on_invalid: str = field(default="raise", metadata={
         "help": "Rows that cannot be tokenized cleanly: 'raise' an error, or 'flag' them (unscorable rows get NaN "
@@ -188,8 +189,9 @@ def check_arguments(args: ScriptArguments, stage: Stage = "publish") -> Selectio
             if not (args.token or get_token()):
                 raise ValueError("--push_to_hub needs a Hub token: set HF_TOKEN, run `hf auth login`, or pass --token")
     for name in ("batch_size", "token_budget", "card_examples"):
-        if getattr(args, name) < (0 if name == "card_examples" else 1):
-            raise ValueError(f"--{name}: expected a positive number, got {getattr(args, name)}")
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "card_examples" else 1):
+            raise ValueError(f"--{name}: expected a positive number, got {value}")
     return rule
 
 

@@ -89,7 +89,7 @@ class ScriptArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the row sample and of the bootstrap intervals."})
     dtype: str | None = shared_field("dtype")
     max_length: int | None = shared_field("max_length")
-    token_budget: int = shared_field("token_budget")
+    token_budget: int | None = shared_field("token_budget")
     batch_size: int = shared_field("batch_size")
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for scoring (datasets' num_proc; "
                                                                          "each loads the models)."})

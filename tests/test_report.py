@@ -203,7 +203,7 @@ def test_long_prompts_in_one_batch_score_only_the_completion(tiny_model):
     assert min(len(ids) for ids in prompts) > 200 and max(n - len(p) for n, p in zip(lengths, prompts)) <= 8
     assert len(set(lengths)) > 1 and len(plan_microbatches(lengths, 16384)) == 1  # one padded batch
 
-    scored = LogProbScorer(tiny_model).map(Dataset.from_dict(rows), batch_size=4)
+    scored = LogProbScorer(tiny_model, token_budget=16384).map(Dataset.from_dict(rows), batch_size=4)
     ours = np.concatenate([scored["chosen_logps"][:], scored["rejected_logps"][:]])
     counts = scored["chosen_num_tokens"][:] + scored["rejected_num_tokens"][:]
     assert counts == [n - len(p) for n, p in zip(lengths, prompts)]

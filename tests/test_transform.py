@@ -11,7 +11,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_ches import CHESScorer
-from hf_ches.pairs import PairError
+from hf_ches.pairs import PairError, PendingPairs, read_rows, tokenize_pairs
 from hf_ches.testing import synthetic_pairs
 from tests.plugins.models import reference_pair
 
@@ -153,14 +153,24 @@ def test_map_each_split_of_a_dataset_dict(tiny_model):
     assert scored["test"]["ches"] == CHESScorer(tiny_model).map(dd["test"])["ches"]
 
 
-def test_pipelined_chunks_give_the_same_scores(tiny_model):
-    """Tokenizing ahead in chunks (the accelerator path) changes nothing but the schedule."""
-    ds = Dataset.from_dict(synthetic_pairs(10))
-    whole = CHESScorer(tiny_model).map(ds)
-    chunked = CHESScorer(tiny_model, pipeline_rows=3).map(ds)
-    for name in ("ches", "ln_ches", "chosen_logps", "rejected_logps", "chosen_num_tokens"):
-        np.testing.assert_allclose(chunked[name], whole[name], rtol=1e-6)
-    rows = synthetic_pairs(10)
-    rows["chosen"][7] = None  # an error in a later chunk still names its row
-    with pytest.raises(PairError, match="row 7, column 'chosen'"):
-        CHESScorer(tiny_model, pipeline_rows=3).map(Dataset.from_dict(rows))
+@pytest.mark.parametrize("fmt", ["standard", "conversational"])
+def test_pending_pairs_are_the_tokenized_pairs(tiny_model, fmt):
+    """Tokenizing ahead in slices on threads, longest first, gives each row the pair tokenize_pairs gives it."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    rows = read_rows(synthetic_pairs(10, fmt=fmt), range(10))
+    expected = tokenize_pairs(rows, tokenizer)
+    for threads, slice_rows in [(1, 16), (3, 2), (2, 3)]:
+        assert list(PendingPairs(rows, tokenizer, threads=threads, slice_rows=slice_rows)) == expected
+    sizes = [max(row.sizes()) for row in rows]
+    order = PendingPairs(rows, tokenizer).sequence_order()
+    assert sorted(order) == list(range(20)) and max(sizes) in (rows[order[0] % 10].sizes())
+
+
+def test_an_error_reaches_whoever_asks_for_its_row(tiny_model):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    raw = synthetic_pairs(10)
+    raw["prompt"][7], raw["chosen"][7] = "the answ", "er is good"  # BPE merges across the prompt/completion boundary
+    pairs = PendingPairs(read_rows(raw, range(10)), tokenizer, threads=2, slice_rows=1)
+    assert pairs[3].index == 3  # other slices are unaffected
+    with pytest.raises(PairError, match="row 7, column 'prompt'"):
+        pairs[7]
