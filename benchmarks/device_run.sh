@@ -13,4 +13,7 @@ python3 -c "import torch, transformers, datasets; print('torch', torch.__version
 python3 benchmarks/check_device.py 2>&1 | grep -v -i warn | tail -3
 python3 benchmarks/bench_ches.py --shape qwen2.5-0.5b --dtype bfloat16 --pairs 512 --naive_pairs 128 --repeats 3 \
     --json "$OUT/bench_ches_gpu.json" 2>&1 | grep -v -i warn
+python3 benchmarks/bench_ches.py --shape qwen2.5-0.5b --dtype bfloat16 --pairs 512 --naive_pairs 8 --repeats 3 \
+    --batch_size 512 --json "$OUT/bench_ches_gpu_512.json" 2>&1 | grep -v -i warn
+python3 benchmarks/bench_host.py --repeats 2 2>&1 | grep -v -i warn  # this host's tokenizer against an emulated device
 python3 benchmarks/bench_kernel_cost.py --shape qwen2.5-0.5b --dtype bfloat16 --pairs 32 2>&1 | grep -v -i warn

@@ -263,7 +263,7 @@ class PendingPairs(Sequence[TokenizedPair]):
     """
 
     def __init__(self, rows: list[Row], tokenizer, max_length: int | None = None, on_invalid: OnInvalid = "raise",
-                 threads: int = 1, slice_rows: int = 16):
+                 threads: int = 1, slice_rows: int = 8):
         self._sizes = [row.sizes() for row in rows]
         order = sorted(range(len(rows)), key=lambda i: (-max(self._sizes[i]), i))
         self._where: list = [None] * len(rows)  # row -> (future of its slice, position in the slice)

@@ -266,13 +266,14 @@ class CHESScorer:
             out[p + "ches_flag"] = np.array([x.problem or "" for x in pairs], dtype=object)
         return out
 
-    def _compute(self, pairs: PendingPairs, model: Any, tokenizer: Any, head: Any) -> dict[str, Any]:
-        """Each of :meth:`columns`: one value per pair, in order (any value for a pair that is not ``scorable``).
+    def _packing_order(self, pairs: PendingPairs, head: Any) -> list[int] | None:
+        """On an accelerator, the sequences longest first by characters, so that the model starts on the longest
+        while the others are still being tokenized; on a CPU, which the tokenizer and the model share, ``None``:
+        :func:`encode` waits for all of them and packs by exact length."""
+        return None if head.weight.device.type == "cpu" else pairs.sequence_order()
 
-        On an accelerator the forward pass starts on the longest sequences (by characters) while the others are
-        still being tokenized; on a CPU, which the tokenizer and the model share, it waits for all of them and packs
-        by exact length.
-        """
+    def _compute(self, pairs: PendingPairs, model: Any, tokenizer: Any, head: Any) -> dict[str, Any]:
+        """Each of :meth:`columns`: one value per pair, in order (any value for a pair that is not ``scorable``)."""
         cfg, names, k = self.config, self.config.scores, len(pairs)
 
         def sequence(j: int) -> list[int]:  # the chosen sequence of pair j at j, its rejected one at k + j
@@ -280,11 +281,10 @@ class CHESScorer:
             return pair.prompt_ids + (pair.chosen_ids if j < k else pair.rejected_ids)
 
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        on_cpu = head.weight.device.type == "cpu"
+        budget = cfg.token_budget or (CPU_TOKEN_BUDGET if head.weight.device.type == "cpu" else GPU_TOKEN_BUDGET)
         enc = encode(
             model, _Lazy(2 * k, sequence), _Lazy(2 * k, lambda j: len(pairs[j % k].prompt_ids)),
-            order=None if on_cpu else pairs.sequence_order(),
-            token_budget=cfg.token_budget or (CPU_TOKEN_BUDGET if on_cpu else GPU_TOKEN_BUDGET),
+            order=self._packing_order(pairs, head), token_budget=budget,
             want_logps="logps" in names, want_last="last_hidden_ip" in names, want_states="entk_w" in names,
             pad_id=pad_id, head=head, head_chunk=cfg.head_chunk,
         )
