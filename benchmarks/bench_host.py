@@ -24,10 +24,9 @@ from datasets import Dataset, disable_progress_bars
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from benchmarks.bench_ches import realistic_pairs
-from hf_ches import CHESScorer
 from hf_ches.batching import plan_microbatches
 from hf_ches.pairs import PendingPairs, read_rows
-from hf_ches.testing import build_tokenizer
+from hf_ches.testing import AcceleratorOrderScorer, build_tokenizer
 
 
 class EmulatedDevice(torch.nn.Module):
@@ -47,13 +46,6 @@ class EmulatedDevice(torch.nn.Module):
         return SimpleNamespace(last_hidden_state=torch.zeros(()).expand(*input_ids.shape, self.hidden))
 
 
-class AcceleratorPath(CHESScorer):
-    """The scorer as it runs on a GPU: packing in the order that lets the model start before tokenization ends."""
-
-    def _packing_order(self, pairs: PendingPairs, head) -> list[int]:
-        return pairs.sequence_order()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=512)
@@ -71,7 +63,7 @@ def main() -> None:
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=4, intermediate_size=4, num_hidden_layers=1,
                          num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=4096)
     model = AutoModelForCausalLM.from_config(config).eval()
-    scorer = AcceleratorPath(model, tokenizer, scores=("ches", "ln_ches"), token_budget=args.token_budget)
+    scorer = AcceleratorOrderScorer(model, tokenizer, scores=("ches", "ln_ches"), token_budget=args.token_budget)
     scorer.load()  # checks the real trunk once; then the device stands in for it
     device = model.model = EmulatedDevice(config.hidden_size, args.tokens_per_s, args.launch_ms / 1e3)
 

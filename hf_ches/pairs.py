@@ -288,5 +288,5 @@ class PendingPairs(Sequence[TokenizedPair]):
 
         Packed in this order, each sequence's row is tokenized before any row whose sequences all come later.
         """
-        sizes = [size for pair in zip(*self._sizes) for size in pair]  # chosen sizes, then rejected sizes
+        sizes = [size for column in zip(*self._sizes) for size in column]  # chosen sizes, then rejected sizes
         return sorted(range(len(sizes)), key=lambda j: (-sizes[j], j))

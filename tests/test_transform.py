@@ -11,8 +11,9 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_ches import CHESScorer
+from hf_ches.transform import SCORES
 from hf_ches.pairs import PairError, PendingPairs, read_rows, tokenize_pairs
-from hf_ches.testing import synthetic_pairs
+from hf_ches.testing import AcceleratorOrderScorer, synthetic_pairs
 from tests.plugins.models import reference_pair
 
 FORMATS = ("standard", "conversational", "implicit")
@@ -62,12 +63,13 @@ def assert_matches_reference(scored: Dataset, refs: list[dict]) -> None:
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gemma2"])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_matches_float64_reference(cases, tiny_models, arch, fmt):
-    """Any batch size, token budget and row order gives the paper's per-example float64 numbers."""
+    """Any batch size, token budget, row order and packing order gives the paper's per-example float64 numbers."""
     rows, _, refs = cases[arch, fmt]
-    scorer = CHESScorer(tiny_models[arch])
     ds = Dataset.from_dict(rows)
-    for batch_size, token_budget, shuffle in [(1, 1 << 20, False), (64, 16, True), (64, 1 << 20, True), (7, 300, False)]:
-        scorer = CHESScorer(tiny_models[arch], token_budget=token_budget)
+    runs = [(CHESScorer, 1, 1 << 20, False), (CHESScorer, 64, 16, True), (CHESScorer, 64, 1 << 20, True),
+            (CHESScorer, 7, 300, False), (AcceleratorOrderScorer, 64, 2000, True)]
+    for scorer_class, batch_size, token_budget, shuffle in runs:
+        scorer = scorer_class(tiny_models[arch], token_budget=token_budget)
         data = ds.shuffle(seed=batch_size) if shuffle else ds
         assert_matches_reference(scorer.map(data, batch_size=batch_size), refs)
 
@@ -174,3 +176,20 @@ def test_an_error_reaches_whoever_asks_for_its_row(tiny_model):
     assert pairs[3].index == 3  # other slices are unaffected
     with pytest.raises(PairError, match="row 7, column 'prompt'"):
         pairs[7]
+
+
+def test_accelerator_order_gives_every_column_of_the_cpu_order(tiny_model):
+    """Packing longest-first by characters while tokenizing (the GPU path) changes no output, flagged rows included."""
+    rows = synthetic_pairs(12, prompt_words=(3, 5))
+    rows["prompt"][1] = " ".join(["the answer"] * 40)  # no completion token left under max_length: NaN, flagged
+    rows["prompt"][4], rows["chosen"][4] = "the answ", "er is good"  # not a token prefix: scored, flagged
+    options = dict(scores=SCORES, max_length=60, on_invalid="flag", token_budget=200)
+    cpu = CHESScorer(tiny_model, **options).map(Dataset.from_dict(rows), batch_size=5)
+    accelerator = AcceleratorOrderScorer(tiny_model, **options).map(Dataset.from_dict(rows), batch_size=5)
+    assert cpu.column_names == accelerator.column_names
+    for name in cpu.column_names:
+        if isinstance(cpu[0][name], float):
+            np.testing.assert_allclose(accelerator[name], cpu[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        else:
+            assert accelerator[name] == cpu[name], name
+    assert np.isnan(cpu["ches"][1]) and cpu["ches_flag"][4] and not np.isnan(cpu["ches"][4])
