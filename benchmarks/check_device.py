@@ -8,6 +8,7 @@ of each tiny architecture, batch size 64, shuffled rows:
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 
 import torch
@@ -34,6 +35,9 @@ def probe(device: str) -> None:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=64, help="preference rows per architecture and format")
+    args = parser.parse_args()
     disable_progress_bars()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     probe(device)
@@ -42,11 +46,11 @@ def main() -> None:
         path = build_tiny_model(tempfile.mkdtemp(), arch=arch)
         model64 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
         for fmt in ("standard", "conversational", "implicit"):
-            rows = synthetic_pairs(64, fmt) | {"id": list(range(64))}
-            pairs = tokenize_pairs(read_rows(rows, range(64)), AutoTokenizer.from_pretrained(path))
+            rows = synthetic_pairs(args.rows, fmt) | {"id": list(range(args.rows))}
+            pairs = tokenize_pairs(read_rows(rows, range(args.rows)), AutoTokenizer.from_pretrained(path))
             refs = [reference_pair(model64, p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in pairs]
-            scored = CHESScorer(path, device=device, dtype="float32", token_budget=700).map(Dataset.from_dict(rows).shuffle(seed=1),
-                                                                          batch_size=64)
+            scorer = CHESScorer(path, device=device, dtype="float32", token_budget=700)
+            scored = scorer.map(Dataset.from_dict(rows).shuffle(seed=1), batch_size=64)
             for row in scored:
                 ref = refs[row["id"]]
                 for name in ("ches", "ln_ches"):

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks of this project, as one script for a lent accelerator (see README "Speed"):
 # correctness against the float64 CPU reference, then the throughput and kernel-cost benchmarks.
-# Needs wheels of what the machine lacks in .whl/ (datasets, dill, multiprocess, pyarrow); writes to $OUT. The
+# Needs wheels of what the machine lacks in .whl/ (datasets, dill, multiprocess, pyarrow), fetched here with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d .whl \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#       datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 pyarrow==26.0.1
+# and carried with the run (carry [".whl"]); writes to $OUT. The
 # target folder must have "site-packages" in its path: dill pickles modules from anywhere else by value, and
 # datasets fingerprints then fail on pyarrow types.
 set -uo pipefail
