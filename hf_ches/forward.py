@@ -118,8 +118,9 @@ def inspect_model(model: torch.nn.Module) -> OutputHead:
     """Check on a short input that trunk + :class:`OutputHead` give the model's own hidden states and logits.
 
     The input of the output embedding is captured with a forward pre-hook during a normal forward pass and compared
-    with the trunk's output; the model's logits are compared with the head's. Raises
-    :class:`UnsupportedModelError` naming the architecture when either differs.
+    with the trunk's output; the model's logits are compared with the head's; and appending tokens must leave the
+    earlier states alone (a causal trunk), which is what lets :func:`encode` right-pad without an attention mask.
+    Raises :class:`UnsupportedModelError` naming the architecture when any of these fails.
     """
     head = output_head(model)
     device = head.weight.device
@@ -137,6 +138,9 @@ def inspect_model(model: torch.nn.Module) -> OutputHead:
         raise UnsupportedModelError(
             f"{name}: the trunk `model.{model.base_model_prefix}` does not produce the input of the output embedding"
         )
+    longer = trunk_of(model)(input_ids=torch.cat([ids, ids[:, :4]], 1), use_cache=False).last_hidden_state
+    if not torch.allclose(longer[:, :8].float(), h.float(), **tol):
+        raise UnsupportedModelError(f"{name}: later tokens change the trunk's earlier states (not causal)")
     if not torch.allclose(head.logits(h[0]), logits[0], **tol):
         raise UnsupportedModelError(
             f"{name}: its logits get a post-processing after the output embedding that hf-ches does not know "
