@@ -71,7 +71,8 @@ SHARED_FIELDS: dict[str, tuple[Any, str]] = {
                          "not given."),
     "token_budget": (None, "Most rows x padded length per forward micro-batch; when not given: 16384 on a GPU, 2048 "
                            "on CPU."),
-    "batch_size": (64, "Rows per datasets.map batch while scoring."),
+    "batch_size": (256, "Rows per datasets.map batch while scoring; the rows of a batch are packed together, so "
+                        "larger batches waste less padding."),
     "token": (None, "Hub token; when not given: HF_TOKEN or the saved login."),
 }
 
@@ -215,7 +216,11 @@ def load_source(args: ScriptArguments) -> DatasetDict:
                                                              if files else "no file matches"))
         loaded = load_dataset(DATA_FILE_BUILDERS[suffix], data_files=files)
     else:
-        loaded = load_dataset(name, args.dataset_config, revision=args.dataset_revision, token=args.token)
+        # A local folder with a card's `configs` (what --output_dir writes) is cached by folder name and config
+        # alone (datasets 5.2): another folder of the same name loaded earlier would come back, and its split
+        # sizes would be what the rebuilt data is checked against. Rebuild it from its own files, unchecked.
+        fresh = dict(download_mode="force_redownload", verification_mode="no_checks") if os.path.isdir(name) else {}
+        loaded = load_dataset(name, args.dataset_config, revision=args.dataset_revision, token=args.token, **fresh)
     dataset = DatasetDict({"train": loaded}) if isinstance(loaded, Dataset) else loaded
     if not isinstance(dataset, DatasetDict):
         raise ValueError(f"--dataset_name {name!r}: expected a map-style dataset, got {type(dataset).__name__}")

@@ -172,6 +172,16 @@ def test_control_a_valid_run_does_reach_for_the_closed_endpoint(hub_env, scored_
     assert hub_env.token not in message
 
 
+def test_a_dry_run_folder_is_read_afresh_whatever_its_name(scored_dir, tmp_path):
+    """Two dry runs into folders of the same name: --dataset_name reads each one's own rows, not a cached other."""
+    for parent, fraction in (("a", "0.5"), ("b", "0.2")):
+        (tmp_path / parent).mkdir()
+        assert cli.main(["filter", "--dataset_name", scored_dir, "--keep_bottom", fraction,
+                         "--output_dir", str(tmp_path / parent / "out")]) == 0
+    assert sizes(load_source(ScriptArguments(dataset_name=str(tmp_path / "a" / "out")))) == {"train": 150, "test": 30}
+    assert sizes(load_source(ScriptArguments(dataset_name=str(tmp_path / "b" / "out")))) == {"train": 60, "test": 12}
+
+
 def test_score_then_filter_locally_with_the_cli(scored_dir, tmp_path):
     scored = datasets.load_from_disk(scored_dir)
     assert SCORE_COLUMNS <= set(scored["train"].column_names) and sizes(scored) == {"train": 300, "test": 60}
