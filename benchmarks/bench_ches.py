@@ -159,7 +159,8 @@ def naive(model, seqs, prompt_lens) -> None:
     for ids, P in zip(seqs, prompt_lens):
         out = model(input_ids=torch.tensor([ids], device=model.device), output_hidden_states=True)
         S = out.hidden_states[-1][0, P - 1 : -1].sum(0)
-        lp = torch.log_softmax(out.logits[0, P - 1 : -1].float(), -1).gather(1, torch.tensor(ids[P:], device=model.device)[:, None]).sum()
+        targets = torch.tensor(ids[P:], device=model.device)[:, None]
+        lp = torch.log_softmax(out.logits[0, P - 1 : -1].float(), -1).gather(1, targets).sum()
         S.cpu(), lp.cpu()
 
 

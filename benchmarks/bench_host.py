@@ -74,7 +74,8 @@ def main() -> None:
                                                                          for p in pairs]
     limit = sum(device.seconds(len(g) * lengths[g[0]]) for g in plan_microbatches(lengths, args.token_budget))
     print(f"pairs={args.pairs} tokens={sum(lengths)} token_budget={args.token_budget} "
-          f"device={args.tokens_per_s:.0f} tokens/s + {args.launch_ms} ms per micro-batch; emulated limit {limit:.3f} s")
+          f"device={args.tokens_per_s:.0f} tokens/s + {args.launch_ms} ms per micro-batch; "
+          f"emulated limit {limit:.3f} s")
     print(f"{'map batch':>9} {'map s':>7} {'device busy s':>13} {'host-only s':>11} {'limit / map':>11}")
     for batch_size in args.batch_sizes:
         best = None
