@@ -35,7 +35,7 @@ from datasets import Dataset, disable_progress_bars
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from hf_ches import CHESScorer
-from hf_ches.transform import CPU_TOKEN_BUDGET, GPU_TOKEN_BUDGET
+from hf_ches.transform import default_token_budget
 from hf_ches.batching import completion_positions, pad_right, plan_microbatches
 from hf_ches.pairs import PendingPairs, read_rows, tokenize_pairs
 from hf_ches.testing import build_tokenizer, synthetic_text
@@ -177,7 +177,7 @@ def main() -> None:
     args = parser.parse_args()
     disable_progress_bars()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    args.token_budget = args.token_budget or (CPU_TOKEN_BUDGET if device.type == "cpu" else GPU_TOKEN_BUDGET)
+    args.token_budget = args.token_budget or default_token_budget(device)
     torch.manual_seed(0)
     config = SHAPES[args.shape]()
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype)).to(device).eval()

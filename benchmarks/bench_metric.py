@@ -24,15 +24,9 @@ import evaluate
 import numpy as np
 
 from hf_ches import ranking
-from hf_ches.metric import RankingAccuracy
+from hf_ches.metric import COMPUTE, RankingAccuracy
 
 TARGET_SECONDS = 2.0
-PURE = {
-    "default": ranking.ranking_accuracy,
-    "length_normalized": ranking.ranking_accuracy,
-    "idealized": ranking.idealized_ranking_accuracy,
-    "listwise": ranking.listwise_ranking_accuracy,
-}
 
 
 def make_inputs(num_pairs: int, seed: int = 0) -> dict[str, dict[str, list]]:
@@ -94,7 +88,7 @@ def main() -> None:
           f"best of {args.repeats}; target < {TARGET_SECONDS:g} s")
     for config_name, inputs in all_inputs.items():
         runs = {
-            "hf_ches.ranking": lambda: PURE[config_name](**inputs, options=ranking.RankingOptions(**options)),
+            "hf_ches.ranking": lambda: COMPUTE[config_name](**inputs, options=ranking.RankingOptions(**options)),
             "evaluate compute": lambda: compute(config_name, inputs, options),
         }
         if args.stock:

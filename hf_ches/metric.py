@@ -137,7 +137,7 @@ _FEATURES = {
     "listwise": {"logps": datasets.Sequence(_FLOAT), "scores": datasets.Sequence(_FLOAT)},
 }
 _COLUMN = getattr(datasets.arrow_dataset, "Column", ())  # what `ds[name]` returns in datasets >= 4
-_COMPUTE = {
+COMPUTE = {  # the pure function of hf_ches.ranking behind each config
     "default": ranking.ranking_accuracy,
     "length_normalized": ranking.ranking_accuracy,
     "idealized": ranking.idealized_ranking_accuracy,
@@ -197,7 +197,7 @@ class RankingAccuracy(evaluate.Metric):
 
     def _compute(self, **inputs_and_options) -> dict:
         inputs = {name: _from_arrow(inputs_and_options.pop(name)) for name in self._feature_names()}
-        return _COMPUTE[self.config_name](**inputs, options=ranking.RankingOptions(**inputs_and_options))
+        return COMPUTE[self.config_name](**inputs, options=ranking.RankingOptions(**inputs_and_options))
 
 
 def _from_arrow(column: pa.ChunkedArray | list) -> np.ndarray | list:

@@ -71,6 +71,7 @@ SHARED_FIELDS: dict[str, tuple[Any, str]] = {
                          "not given."),
     "token_budget": (None, "Most rows x padded length per forward micro-batch; when not given: 16384 on a GPU, 2048 "
                            "on CPU."),
+    "dataset_num_proc": (None, "Processes for scoring (datasets' num_proc; each loads the scoring model(s))."),
     "batch_size": (256, "Rows per datasets.map batch while scoring; the rows of a batch are packed together, so "
                         "larger batches waste less padding."),
     "token": (None, "Hub token; when not given: HF_TOKEN or the saved login."),
@@ -102,8 +103,7 @@ class ScriptArguments:
     dataset_config: str | None = shared_field("dataset_config")
     dataset_revision: str | None = shared_field("dataset_revision")
     dataset_splits: list[str] | None = field(default=None, metadata={"help": "Splits to process; all when not given."})
-    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for scoring (datasets' num_proc; "
-                                                                         "each loads the model)."})
+    dataset_num_proc: int | None = shared_field("dataset_num_proc")
     model_name_or_path: str | None = field(default=None, metadata={
         "help": "Model to score with: Hub id, local folder, .gguf file or 'smollm2'. Omit if the data is scored."})
     model_revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of a Hub model."})

@@ -34,9 +34,6 @@ SCORES = ("ches", "ln_ches", "logps", "edit_distance", "last_hidden_ip", "entk_w
 DEFAULT_SCORES = ("ches", "ln_ches", "logps")
 # The columns a score adds (before ``column_prefix``) when they are not just the score's own name.
 SCORE_COLUMNS = {"logps": ("chosen_logps", "rejected_logps"), "entk_w": ("entk_w", "ln_entk_w")}
-# Tokens per micro-batch when not set. A CPU is fastest with micro-batches whose activations stay in its caches
-# (SmolLM2-135M on 2 cores: 2048 tokens is 1.6x faster than 16384, in float32 and bfloat16); a GPU needs big ones.
-GPU_TOKEN_BUDGET, CPU_TOKEN_BUDGET = 16384, 2048
 
 # The pid that imported this module. A forked ``num_proc`` worker inherits it and so knows it is a fork: there
 # torch's CPU thread pool (GNU OpenMP) is not fork-safe and the first parallel matmul can hang forever.
@@ -64,6 +61,15 @@ class ScorerConfig:
     on_invalid: OnInvalid = "raise"
     column_prefix: str = ""  # e.g. "ref_" to write ref_chosen_logps / ref_rejected_logps
     head_chunk: int = 1024  # completion positions per output-embedding chunk
+
+
+def default_token_budget(device: torch.device) -> int:
+    """Tokens per micro-batch when ``token_budget`` is not set: 2048 on a CPU, 16384 elsewhere.
+
+    A CPU is fastest with micro-batches whose activations stay in its caches (SmolLM2-135M on 2 cores: 2048 tokens
+    is 1.6x faster than 16384, in float32 and bfloat16); a GPU needs big ones to be busy.
+    """
+    return 2048 if device.type == "cpu" else 16384
 
 
 def _dtype_name(dtype: Any) -> str | None:
@@ -281,14 +287,13 @@ class CHESScorer:
             return pair.prompt_ids + (pair.chosen_ids if j < k else pair.rejected_ids)
 
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        budget = cfg.token_budget or (CPU_TOKEN_BUDGET if head.weight.device.type == "cpu" else GPU_TOKEN_BUDGET)
         enc = encode(
             model, _Lazy(2 * k, sequence), _Lazy(2 * k, lambda j: len(pairs[j % k].prompt_ids)),
-            order=self._packing_order(pairs, head), token_budget=budget,
+            order=self._packing_order(pairs, head),
+            token_budget=cfg.token_budget or default_token_budget(head.weight.device),
             want_logps="logps" in names, want_last="last_hidden_ip" in names, want_states="entk_w" in names,
             pad_id=pad_id, head=head, head_chunk=cfg.head_chunk,
-        )
-        pairs = list(pairs)
+        )  # every pair is tokenized from here on
         s_c, s_r, n_c, n_r = enc.sums[:k], enc.sums[k:], enc.num_tokens[:k], enc.num_tokens[k:]
 
         @functools.cache

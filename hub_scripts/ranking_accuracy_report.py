@@ -91,8 +91,7 @@ class ScriptArguments:
     max_length: int | None = shared_field("max_length")
     token_budget: int | None = shared_field("token_budget")
     batch_size: int = shared_field("batch_size")
-    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for scoring (datasets' num_proc; "
-                                                                         "each loads the models)."})
+    dataset_num_proc: int | None = shared_field("dataset_num_proc")
     output_dir: str | None = field(default=None, metadata={
         "help": "Write report.json and the per-example scores (<split>.parquet) here."})
     push_to_hub: bool = field(default=False, metadata={"help": "Push the per-example scores and the report to "
