@@ -25,25 +25,32 @@ def plan_microbatches(lengths: Sequence[int], token_budget: int) -> list[list[in
     return list(pack(sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)), lengths.__getitem__, token_budget))
 
 
-def pack(order: Iterable[int], length: Callable[[int], int], token_budget: int) -> Iterator[list[int]]:
+def pack(
+    order: Iterable[int], length: Callable[[int], int], token_budget: int, first_budget: int | None = None
+) -> Iterator[list[int]]:
     """Cut ``order`` into consecutive groups with ``len(group) * longest_in_group <= token_budget``.
 
     Lazy: a group is yielded as soon as the next sequence does not fit, so ``length`` may wait for sequences that
     are still being tokenized (see :class:`hf_ches.pairs.PendingPairs`). In an order of decreasing length this is
     :func:`plan_microbatches`; in an order that only roughly decreases it wastes a little more padding.
+    ``first_budget`` (default ``token_budget``) bounds the first group alone: a small first group needs few
+    sequences, so the model can start while the others are still being tokenized.
 
     >>> list(pack([2, 0, 3, 1], [5, 2, 9, 3].__getitem__, token_budget=10))
     [[2], [0, 3], [1]]
+    >>> list(pack([3, 1, 0, 2], [2, 2, 2, 2].__getitem__, token_budget=8, first_budget=2))
+    [[3], [1, 0, 2]]
     """
     if token_budget < 1:
         raise ValueError(f"token_budget must be >= 1, got {token_budget}")
+    budget = token_budget if first_budget is None else first_budget
     group: list[int] = []
     longest = 0
     for i in order:
         n = length(i)
-        if group and (len(group) + 1) * max(longest, n) > token_budget:
+        if group and (len(group) + 1) * max(longest, n) > budget:
             yield group
-            group, longest = [], 0
+            group, longest, budget = [], 0, token_budget
         group.append(i)
         longest = max(longest, n)
     if group:

@@ -176,6 +176,7 @@ def encode(
     *,
     order: Iterable[int] | None = None,
     token_budget: int = 16384,
+    first_budget: int | None = None,
     want_logps: bool = False,
     want_last: bool = False,
     want_states: bool = False,
@@ -193,6 +194,8 @@ def encode(
             ``sequences`` and ``prompt_lens`` are read in this order, so they may be lazy (e.g. backed by
             :class:`hf_ches.pairs.PendingPairs`) when ``order`` comes from a guess at the lengths.
         token_budget: most ``rows × padded length`` tokens per micro-batch.
+        first_budget: most tokens in the first micro-batch (default ``token_budget``): with a lazy ``order``, a small
+            first micro-batch starts the model after a few sequences are ready.
         want_logps: also compute the summed completion-token log-probs (applies the output embedding).
         want_last: also return the state predicting the last completion token (a baseline of the paper).
         want_states: also return every completion-predicting state and its logits' log-sum-exp, per sequence
@@ -212,7 +215,7 @@ def encode(
     states: list = [None] * n
     lse: list = [None] * n
     scorable = (i for i in order if 0 < prompt_lens[i] < len(sequences[i]))
-    for group in pack(scorable, lambda i: len(sequences[i]), token_budget):
+    for group in pack(scorable, lambda i: len(sequences[i]), token_budget, first_budget):
         batch = [sequences[i] for i in group]
         lengths = np.array([len(s) for s in batch])
         prompts = np.array([prompt_lens[i] for i in group])

@@ -287,10 +287,12 @@ class CHESScorer:
             return pair.prompt_ids + (pair.chosen_ids if j < k else pair.rejected_ids)
 
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        budget = cfg.token_budget or default_token_budget(head.weight.device)
+        order = self._packing_order(pairs, head)
         enc = encode(
             model, _Lazy(2 * k, sequence), _Lazy(2 * k, lambda j: len(pairs[j % k].prompt_ids)),
-            order=self._packing_order(pairs, head),
-            token_budget=cfg.token_budget or default_token_budget(head.weight.device),
+            # a lazy order: a small first micro-batch starts the model as soon as the first rows are tokenized
+            order=order, token_budget=budget, first_budget=None if order is None else max(1, budget // 4),
             want_logps="logps" in names, want_last="last_hidden_ip" in names, want_states="entk_w" in names,
             pad_id=pad_id, head=head, head_chunk=cfg.head_chunk,
         )  # every pair is tokenized from here on
