@@ -27,6 +27,7 @@ import math
 import random
 import threading
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import psutil
@@ -35,9 +36,9 @@ from datasets import Dataset, disable_progress_bars
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from hf_ches import CHESScorer
-from hf_ches.transform import default_token_budget
+from hf_ches.transform import default_token_budget, tokenizer_threads
 from hf_ches.batching import completion_positions, pad_right, plan_microbatches
-from hf_ches.pairs import PendingPairs, read_rows, tokenize_pairs
+from hf_ches.pairs import PendingPairs, TokenizedPair, read_rows, tokenize_pairs
 from hf_ches.testing import build_tokenizer, synthetic_text
 
 SHAPES = {
@@ -67,6 +68,12 @@ def realistic_pairs(n: int, seed: int = 0) -> dict[str, list]:
         rows["chosen"].append(" " + synthetic_text(rng, words(250)))
         rows["rejected"].append(" " + synthetic_text(rng, words(250)))
     return rows
+
+
+def sequences(pairs: Sequence[TokenizedPair]) -> tuple[list[list[int]], list[int]]:
+    """Every pair's chosen sequence, then every rejected one (prompt + completion ids), and their prompt lengths."""
+    seqs = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]
+    return seqs, [len(p.prompt_ids) for p in pairs] * 2
 
 
 class PeakMemory:
@@ -149,8 +156,8 @@ def tokenize(rows: dict[str, list], tokenizer, batch_size: int) -> None:
     n = len(rows["chosen"])
     for start in range(0, n, batch_size):
         batch = {k: v[start : start + batch_size] for k, v in rows.items()}
-        threads = max(1, min(torch.get_num_threads(), len(batch["chosen"]) // 16))
-        list(PendingPairs(read_rows(batch, range(len(batch["chosen"]))), tokenizer, threads=threads))
+        n_rows = len(batch["chosen"])
+        list(PendingPairs(read_rows(batch, range(n_rows)), tokenizer, threads=tokenizer_threads(n_rows)))
 
 
 @torch.inference_mode()
@@ -185,8 +192,7 @@ def main() -> None:
     rows = realistic_pairs(args.pairs)
     ds = Dataset.from_dict(rows)
     pairs = tokenize_pairs(read_rows(rows, range(args.pairs)), tokenizer)
-    seqs = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]
-    plens = [len(p.prompt_ids) for p in pairs] * 2
+    seqs, plens = sequences(pairs)
     tokens = sum(len(s) for s in seqs)
     n_naive = min(args.naive_pairs, args.pairs)
     naive_seqs = seqs[:n_naive] + seqs[args.pairs : args.pairs + n_naive]

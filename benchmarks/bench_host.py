@@ -29,10 +29,10 @@ import torch
 from datasets import Dataset, disable_progress_bars
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from benchmarks.bench_ches import realistic_pairs
+from benchmarks.bench_ches import realistic_pairs, sequences
 import hf_ches.transform
 from hf_ches.batching import plan_microbatches
-from hf_ches.pairs import PendingPairs, read_rows
+from hf_ches.pairs import read_rows, tokenize_pairs
 from hf_ches.testing import AcceleratorOrderScorer, build_tokenizer
 
 
@@ -111,9 +111,7 @@ def main() -> None:
 
     rows = realistic_pairs(args.pairs)
     ds = Dataset.from_dict(rows)
-    pairs = list(PendingPairs(read_rows(rows, range(args.pairs)), tokenizer))
-    lengths = [len(p.prompt_ids) + len(p.chosen_ids) for p in pairs] + [len(p.prompt_ids) + len(p.rejected_ids)
-                                                                         for p in pairs]
+    lengths = [len(s) for s in sequences(tokenize_pairs(read_rows(rows, range(args.pairs)), tokenizer))[0]]
     limit = sum(device.seconds(len(g) * lengths[g[0]]) for g in plan_microbatches(lengths, args.token_budget))
     print(f"pairs={args.pairs} tokens={sum(lengths)} token_budget={args.token_budget} "
           f"device={args.tokens_per_s:.0f} tokens/s + {args.launch_ms} ms per micro-batch; "

@@ -196,8 +196,8 @@ def synthetic_pairs(
 
 class AcceleratorOrderScorer(CHESScorer):
     """A :class:`CHESScorer` that packs as on an accelerator wherever it runs: the model starts on a small first
-    micro-batch of the longest sequences by characters while the rest are being tokenized. CPU tests and ``benchmarks/bench_host.py`` use it to
-    exercise the accelerator's scheduling without one."""
+    micro-batch of the longest sequences by characters while the rest are being tokenized. CPU tests and
+    ``benchmarks/bench_host.py`` use it to exercise the accelerator's scheduling without one."""
 
     def _packing_order(self, pairs: PendingPairs, head) -> list[int]:
         return pairs.sequence_order()

@@ -72,6 +72,12 @@ def default_token_budget(device: torch.device) -> int:
     return 2048 if device.type == "cpu" else 16384
 
 
+def tokenizer_threads(rows: int) -> int:
+    """Threads that tokenize a map batch of ``rows`` rows: torch's thread count, which says how many cores this
+    process may use (1 in a forked CPU worker), and at most one per 16 rows."""
+    return max(1, min(torch.get_num_threads(), rows // 16))
+
+
 def _dtype_name(dtype: Any) -> str | None:
     return None if dtype is None else str(dtype).removeprefix("torch.")
 
@@ -248,10 +254,8 @@ class CHESScorer:
         cfg = self.config
         try:
             rows = read_rows(batch, indices if indices is not None else range(len(batch.get("chosen", []))))
-            # torch's thread count says how many cores this process may use (1 in a forked CPU worker)
-            threads = max(1, min(torch.get_num_threads(), len(rows) // 16))
-            return self._score(PendingPairs(rows, tokenizer, cfg.max_length, cfg.on_invalid, threads), model,
-                               tokenizer, head)
+            pending = PendingPairs(rows, tokenizer, cfg.max_length, cfg.on_invalid, tokenizer_threads(len(rows)))
+            return self._score(pending, model, tokenizer, head)
         except PairError as err:
             if indices is None:
                 raise PairError(err.row, err.column, str(err).split(": ", 1)[1] + " [row = position in this map "
@@ -287,12 +291,12 @@ class CHESScorer:
             return pair.prompt_ids + (pair.chosen_ids if j < k else pair.rejected_ids)
 
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        budget = cfg.token_budget or default_token_budget(head.weight.device)
+        token_budget = cfg.token_budget or default_token_budget(head.weight.device)
         order = self._packing_order(pairs, head)
         enc = encode(
             model, _Lazy(2 * k, sequence), _Lazy(2 * k, lambda j: len(pairs[j % k].prompt_ids)),
             # a lazy order: a small first micro-batch starts the model as soon as the first rows are tokenized
-            order=order, token_budget=budget, first_budget=None if order is None else max(1, budget // 4),
+            order=order, token_budget=token_budget, first_budget=None if order is None else max(1, token_budget // 4),
             want_logps="logps" in names, want_last="last_hidden_ip" in names, want_states="entk_w" in names,
             pad_id=pad_id, head=head, head_chunk=cfg.head_chunk,
         )  # every pair is tokenized from here on
