@@ -172,7 +172,7 @@ def test_an_error_reaches_whoever_asks_for_its_row(tiny_model):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     raw = synthetic_pairs(10)
     raw["prompt"][7], raw["chosen"][7] = "the answ", "er is good"  # BPE merges across the prompt/completion boundary
-    pairs = PendingPairs(read_rows(raw, range(10)), tokenizer, threads=2, slice_rows=1)
+    pairs = PendingPairs(read_rows(raw, range(10)), tokenizer, threads=2, slice_rows=1, boundary="strict")
     assert pairs[3].index == 3  # other slices are unaffected
     with pytest.raises(PairError, match="row 7, column 'prompt'"):
         pairs[7]
@@ -183,7 +183,7 @@ def test_accelerator_order_gives_every_column_of_the_cpu_order(tiny_model):
     rows = synthetic_pairs(12, prompt_words=(3, 5))
     rows["prompt"][1] = " ".join(["the answer"] * 40)  # no completion token left under max_length: NaN, flagged
     rows["prompt"][4], rows["chosen"][4] = "the answ", "er is good"  # not a token prefix: scored, flagged
-    options = dict(scores=SCORES, max_length=60, on_invalid="flag", token_budget=200)
+    options = dict(scores=SCORES, max_length=60, on_invalid="flag", boundary="strict", token_budget=200)
     cpu = CHESScorer(tiny_model, **options).map(Dataset.from_dict(rows), batch_size=5)
     accelerator = AcceleratorOrderScorer(tiny_model, **options).map(Dataset.from_dict(rows), batch_size=5)
     assert cpu.column_names == accelerator.column_names
@@ -193,3 +193,4 @@ def test_accelerator_order_gives_every_column_of_the_cpu_order(tiny_model):
         else:
             assert accelerator[name] == cpu[name], name
     assert np.isnan(cpu["ches"][1]) and cpu["ches_flag"][4] and not np.isnan(cpu["ches"][4])
+    assert cpu["prompt_tokens_shifted"][4] > 0
