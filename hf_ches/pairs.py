@@ -41,6 +41,7 @@ from typing import Any, Literal
 
 OnInvalid = Literal["raise", "flag"]
 Boundary = Literal["trl", "strict"]
+SHIFT_COLUMN = "prompt_tokens_shifted"  # the scorer's column of TokenizedPair.prompt_shift
 
 
 class PairError(ValueError):

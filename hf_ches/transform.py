@@ -29,7 +29,7 @@ import torch
 
 from hf_ches import scores as S
 from hf_ches.forward import encode, inspect_model
-from hf_ches.pairs import Boundary, OnInvalid, PairError, PendingPairs, read_rows, tokenize_pairs
+from hf_ches.pairs import SHIFT_COLUMN, Boundary, OnInvalid, PairError, PendingPairs, read_rows, tokenize_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,6 @@ SCORES = ("ches", "ln_ches", "logps", "edit_distance", "last_hidden_ip", "entk_w
 DEFAULT_SCORES = ("ches", "ln_ches", "logps")
 # The columns a score adds (before ``column_prefix``) when they are not just the score's own name.
 SCORE_COLUMNS = {"logps": ("chosen_logps", "rejected_logps"), "entk_w": ("entk_w", "ln_entk_w")}
-SHIFT_COLUMN = "prompt_tokens_shifted"  # prompt tokens that TRL's boundary rule moved into the completions
 
 # The pid that imported this module. A forked ``num_proc`` worker inherits it and so knows it is a fork: there
 # torch's CPU thread pool (GNU OpenMP) is not fork-safe and the first parallel matmul can hang forever.
