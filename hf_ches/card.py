@@ -54,7 +54,8 @@ _SIZE_CATEGORIES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K
 class RunInfo:
     """Where the pairs and their scores came from and how they were selected (the card's provenance block).
 
-    Model fields are None when the scores came with the input. ``command`` is the command line that reproduces
+    Model fields are None when the scores came with the input and it holds no record of them (`scoring_record`).
+    ``command`` is the command line that reproduces
     the dataset (it never holds a token).
     """
 
@@ -118,16 +119,29 @@ def size_category(num_rows: int) -> str:
     return next((name for limit, name in _SIZE_CATEGORIES if num_rows < limit), "n>1B")
 
 
-def run_record(info: RunInfo, selections: dict[str, Selection]) -> dict[str, Any]:
-    """The run's parameters and results as plain JSON-able data: ``RUN_JSON_PATH`` and the card's ``hf_ches`` block."""
-    rule = info.rule
+SCORING_FIELDS = ("model", "model_revision", "model_commit", "model_fingerprint", "tokenizer", "chat_template_sha256",
+                  "dtype", "max_length")  # the `RunInfo` fields of the model that made the scores
+
+
+def scoring_record(info: RunInfo) -> dict[str, Any]:
+    """Where the pairs and their scores came from, as plain JSON-able data. `hf-ches score` writes it (with the
+    command) to ``RUN_JSON_PATH`` beside the scored splits, and `run_record` starts with it; the ``scoring`` block
+    holds the `RunInfo` fields of the same names, so a later run on those scores keeps their provenance.
+
+    >>> scoring_record(RunInfo(source_dataset="org/prefs", model="m"))["scoring"]["model"]
+    'm'
+    """
     return {
         "hf_ches_version": info.hf_ches_version,
         "source": {"dataset": info.source_dataset, "config": info.source_config, "revision": info.source_revision},
-        "scoring": {"model": info.model, "model_revision": info.model_revision, "model_commit": info.model_commit,
-                    "model_fingerprint": info.model_fingerprint, "tokenizer": info.tokenizer,
-                    "chat_template_sha256": info.chat_template_sha256, "dtype": info.dtype,
-                    "max_length": info.max_length},
+        "scoring": {name: getattr(info, name) for name in SCORING_FIELDS},
+    }
+
+
+def run_record(info: RunInfo, selections: dict[str, Selection]) -> dict[str, Any]:
+    """The run's parameters and results as plain JSON-able data: ``RUN_JSON_PATH`` and the card's ``hf_ches`` block."""
+    rule = info.rule
+    return scoring_record(info) | {
         "selection": {"score_column": rule.score_column, "rule": rule.kind, "value": rule.value,
                       "group_by": rule.group_by, "description": rule.describe(),
                       "nan_scores": f"removed with {REASON_COLUMN}=nan_score"},

@@ -178,11 +178,37 @@ def test_a_dry_run_folder_is_read_afresh_whatever_its_name(scored_dir, tmp_path)
         (tmp_path / parent).mkdir()
         assert cli.main(["filter", "--dataset_name", scored_dir, "--keep_bottom", fraction,
                          "--output_dir", str(tmp_path / parent / "out")]) == 0
-    assert sizes(load_source(ScriptArguments(dataset_name=str(tmp_path / "a" / "out")))) == {"train": 150, "test": 30}
-    assert sizes(load_source(ScriptArguments(dataset_name=str(tmp_path / "b" / "out")))) == {"train": 60, "test": 12}
+    for parent, kept in (("a", {"train": 150, "test": 30}), ("b", {"train": 60, "test": 12})):
+        folder = str(tmp_path / parent / "out")
+        assert sizes(load_source(ScriptArguments(dataset_name=folder, dataset_config="default"))) == kept
+        assert sizes(load_source(ScriptArguments(dataset_name=folder, dataset_config="scored"))) == {"train": 300,
+                                                                                                  "test": 60}
+    # an hf-ches output holds the kept pairs (default) and every pair (scored): the config must be named
+    with pytest.raises(ValueError, match=r"is an hf-ches output: pass --dataset_config scored \(every pair, to "
+                                         r"select again\) or default \(the kept pairs\)$"):
+        load_source(ScriptArguments(dataset_name=str(tmp_path / "a" / "out")))
 
 
-def test_score_then_filter_locally_with_the_cli(scored_dir, tmp_path):
+def test_two_folders_of_the_same_name_with_different_columns_load_their_own_rows(tmp_path):
+    """Issue 15: after y1/same (standard) was loaded, y2/same (conversational) failed with "Couldn't cast
+    list<struct<role,content>> to string": datasets caches a folder with configs by its name alone."""
+    standard = synthetic_pairs(6, seed=1)
+    conversational = {key: [[{"role": "user" if key == "prompt" else "assistant", "content": text}] for text in texts]
+                      for key, texts in synthetic_pairs(4, seed=2).items()}
+    for parent, rows in (("y1", standard), ("y2", conversational)):
+        folder = tmp_path / parent / "same"
+        (folder / "data").mkdir(parents=True)
+        datasets.Dataset.from_dict(rows).to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
+        (folder / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+                                          "    path: data/train-*\n---\n")
+    for parent, rows in (("y1", standard), ("y2", conversational), ("y1", standard)):
+        loaded = load_source(ScriptArguments(dataset_name=str(tmp_path / parent / "same")))
+        assert loaded["train"].to_dict() == rows
+    with pytest.raises(ValueError, match=r"no config 'scored'; pass --dataset_config with one of \['default'\]$"):
+        load_source(ScriptArguments(dataset_name=str(tmp_path / "y1" / "same"), dataset_config="scored"))
+
+
+def test_score_then_filter_locally_with_the_cli(scored_dir, tiny_model, tmp_path):
     scored = datasets.load_from_disk(scored_dir)
     assert SCORE_COLUMNS <= set(scored["train"].column_names) and sizes(scored) == {"train": 300, "test": 60}
     out = tmp_path / "filtered"
@@ -191,7 +217,9 @@ def test_score_then_filter_locally_with_the_cli(scored_dir, tmp_path):
     assert sizes(datasets.load_dataset(str(out), "removed")) == {"train": 150, "test": 30}
     run = json.loads((out / RUN_JSON_PATH).read_text())
     assert run["command"] == f"hf-ches filter --dataset_name {scored_dir} --keep_bottom 0.5 --output_dir {out}"
-    assert run["scoring"]["model"] is None  # the scores came with the input
+    # issue 15: the scores' provenance comes from the scored folder (it used to be `scoring.model: None`)
+    assert run["scoring"] == json.loads(Path(scored_dir, RUN_JSON_PATH).read_text())["scoring"]
+    assert run["scoring"]["model"] == tiny_model and run["scoring"]["dtype"] == "float32"
     # the filtered folder is itself a valid --dataset_name: re-select from its `scored` config
     again = tmp_path / "again"
     assert cli.main(["filter", "--dataset_name", str(out), "--dataset_config", "scored", "--threshold", "0",
