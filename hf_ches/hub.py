@@ -144,6 +144,28 @@ def build_publication(repo_id: str, info: RunInfo, selections: dict[str, Selecti
     )
 
 
+@contextmanager
+def quiet_writes() -> Iterator[None]:
+    """While shards are written or pushed, only hf-ches' own progress bar shows: datasets' per-file bars ("Creating
+    parquet from Arrow format", "Uploading the dataset shards"), huggingface_hub's per-file upload bars and
+    datasets' warning "Setting num_proc from 1 back to 1", given for every one-shard split, are off. Everything is
+    restored afterwards, so a caller's own settings stand."""
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from huggingface_hub.utils import disable_progress_bars as hub_bars_off
+
+    datasets_logger = logging.getLogger("datasets")
+    level, bars_were_on = datasets_logger.level, not are_progress_bars_disabled()
+    datasets_logger.setLevel(logging.ERROR)
+    disable_progress_bars()
+    try:
+        with hub_bars_off():
+            yield
+    finally:
+        datasets_logger.setLevel(level)
+        if bars_were_on:
+            enable_progress_bars()
+
+
 # ---- dry run ------------------------------------------------------------------------------------------------------
 def write_shards(configs: dict[str, dict[str, Dataset]], shards: dict[str, dict[str, int]], folder: Path) -> None:
     """Write each config split as parquet shards at the paths ``push_to_hub`` uses."""
@@ -185,7 +207,8 @@ def write_local(publication: Publication, folder: str | Path) -> list[str]:
     """
     folder = Path(folder)
     _prepare_folder(folder)
-    write_shards(publication.configs, publication.num_shards, folder)
+    with quiet_writes():
+        write_shards(publication.configs, publication.num_shards, folder)
     for path, content in {README: card_bytes(publication.card()), **publication.files}.items():
         (folder / path).parent.mkdir(parents=True, exist_ok=True)
         (folder / path).write_bytes(content)
@@ -325,7 +348,7 @@ def publish(publication: Publication, options: PublishOptions) -> PublishResult:
     revision, pr_url = options.revision or "main", None
     pr_pending = options.create_pr  # until a commit opens the PR (a push that changes nothing opens none)
     for config, splits in tqdm(publication.configs.items(), desc="Publishing configs", unit="config"):
-        with step(f"pushing the {config!r} config to {repo_id}@{revision}"):
+        with step(f"pushing the {config!r} config to {repo_id}@{revision}"), quiet_writes():
             info = DatasetDict(splits).push_to_hub(
                 repo_id, config_name=config, token=token, revision=revision, create_pr=pr_pending,
                 num_shards=publication.num_shards[config], commit_message=f"{options.commit_message} ({config} config)")

@@ -417,13 +417,45 @@ def build_parser(prog: str | None = None):
     return HfArgumentParser(ScriptArguments, prog=prog, description=DESCRIPTION)
 
 
+LIBRARIES = ("datasets", "transformers", "huggingface_hub", "evaluate")
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is when a record comes (pytest's capsys swaps it)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def command_logging() -> None:
+    """What a command prints besides its progress bars and report: hf-ches' own messages, once each, as ``LEVEL
+    name: message`` on stderr, and from the libraries (`LIBRARIES`) only errors. datasets' logger has a handler of
+    its own and also passes its records on to the root's, so a root handler printed each warning twice; hf-ches
+    adds none there."""
+    package = logging.getLogger("hf_ches")
+    if not any(isinstance(handler, _Stderr) for handler in package.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        package.addHandler(handler)
+    package.setLevel(logging.INFO)
+    package.propagate = False
+    for name in LIBRARIES:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None, stage: Stage = "publish", prog: str | None = None) -> RunResult:
     """Parse ``argv`` (default ``sys.argv[1:]``) and `run`; bad input and failed pushes exit with a one-line error."""
     parser = build_parser(prog)
     (args,) = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("hf_ches").setLevel(logging.INFO)
+    command_logging()
     try:
         return run(args, stage)
     except (ValueError, PublishError) as error:

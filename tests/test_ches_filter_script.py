@@ -274,3 +274,81 @@ def test_rule_and_command_from_arguments():
         selection_rule(ScriptArguments(dataset_name="x", preset="sorry-bench", remove_top=0.2))
     args = ScriptArguments(dataset_name="my data/x.jsonl", remove_top=0.2, private=True, token="hf_secret")
     assert command_line(args) == "hf-ches publish --dataset_name 'my data/x.jsonl' --remove_top 0.2 --private"
+
+
+def cli_error(capsys, *argv: str) -> str:
+    """The one line that `hf-ches ARGV` exits with (status 1), checking that nothing else was printed."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(list(argv))
+    assert exit_.value.code == 1
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("INFO hf_ches")]
+    assert len(err) == 1, err  # one line: no traceback, no library chatter
+    return err[0]
+
+
+def test_hub_target_is_checked_before_the_model_is_loaded(hub_env, source_dir, scored_dir, tiny_model, monkeypatch,
+                                                          capsys):
+    """Issue 15: a repo in someone else's namespace was scored first and only then refused with 403; a bare repo id
+    replaced an earlier publication of another source without a word."""
+    import hf_ches.pipeline
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the Hub checks")
+
+    monkeypatch.setattr(hf_ches.pipeline, "score_splits", never)
+    score = ["--dataset_name", source_dir, "--model_name_or_path", tiny_model]
+    assert cli_error(capsys, "publish", *score, "--push_to_hub", "--repo_id", "other-user/prefs-ches") == (
+        "hf-ches publish: error: --repo_id other-user/prefs-ches: the token of 'hf-ches-user' can write only to "
+        "['hf-ches-user']; use a repo there (e.g. hf-ches-user/prefs-ches) or a token of 'other-user'")
+
+    bare = hub_env.repo_id("bare").split("/")[1]  # a name no other test uses
+    assert cli.main(["publish", "--dataset_name", scored_dir, "--push_to_hub", "--repo_id", bare]) == 0
+    assert f"Publishing to {hub_env.user}/{bare}" in capsys.readouterr().err
+    assert HfApi().dataset_info(f"{hub_env.user}/{bare}").id == f"{hub_env.user}/{bare}"
+    other = str(Path(scored_dir).parent / "other")  # another source dataset, into the same repo
+    datasets.load_from_disk(scored_dir).save_to_disk(other)
+    assert cli_error(capsys, "publish", "--dataset_name", other, "--push_to_hub", "--repo_id", bare) == (
+        f"hf-ches publish: error: --repo_id {hub_env.user}/{bare} already holds a publication of {scored_dir!r} "
+        f"(ches/run.json), not of {other!r}; pass --overwrite to replace it, or choose another --repo_id")
+    assert cli.main(["publish", "--dataset_name", scored_dir, "--push_to_hub", "--repo_id", bare]) == 0  # same source
+    assert cli.main(["publish", "--dataset_name", other, "--push_to_hub", "--repo_id", bare, "--overwrite"]) == 0
+    record = json.load(open(hf_hub_download(f"{hub_env.user}/{bare}", RUN_JSON_PATH, repo_type="dataset")))
+    assert record["source"]["dataset"] == other
+
+
+def test_missing_model_is_a_one_line_error(hub_env, source_dir, tmp_path, capsys):
+    """Issue 15: a missing model path gave an 83-line traceback ending in "Repo id must be in the form ..."."""
+    out = str(tmp_path / "out")
+    assert cli_error(capsys, "score", "--dataset_name", source_dir, "--model_name_or_path", "./models/no_such_model",
+                     "--output_dir", out) == (
+        "hf-ches score: error: model './models/no_such_model': no such file or folder; pass an existing model "
+        "folder, a .gguf file, a Hub id (namespace/name) or 'smollm2'")
+    assert cli_error(capsys, "score", "--dataset_name", source_dir, "--model_name_or_path", "nobody/no-such-model",
+                     "--output_dir", out) == (
+        f"hf-ches score: error: model 'nobody/no-such-model': no such local folder, and no such model on the Hub at "
+        f"{hub_env.endpoint} (or it is private: pass a token that can read it)")
+
+
+def test_model_commit_of_a_hub_model_is_recorded(hub_env, source_dir, tiny_model, tmp_path):
+    """Issue 15: the card's model_commit was always null (transformers 5 has no `config._commit_hash`)."""
+    api = HfApi()
+    repo_id = hub_env.repo_id("tiny-model")
+    api.create_repo(repo_id)
+    sha = api.upload_folder(folder_path=tiny_model, repo_id=repo_id).oid
+    out = tmp_path / "filtered"
+    assert cli.main(["filter", "--dataset_name", source_dir, "--model_name_or_path", repo_id,
+                     "--output_dir", str(out)]) == 0
+    scoring = json.loads((out / RUN_JSON_PATH).read_text())["scoring"]
+    assert scoring["model"] == repo_id and scoring["model_commit"] == sha
+    assert f"commit `{sha}`" in (out / "README.md").read_text()
+
+
+def test_score_refuses_a_non_empty_unrelated_output_dir(source_dir, tiny_model, tmp_path, capsys):
+    """Issue 15: `score` wrote into a non-empty, unrelated --output_dir (publish refused it)."""
+    (tmp_path / "mine.txt").write_text("keep me")
+    assert cli_error(capsys, "score", "--dataset_name", source_dir, "--model_name_or_path", tiny_model,
+                     "--output_dir", str(tmp_path)) == (
+        f"hf-ches score: error: output_dir {str(tmp_path)!r} is not empty and holds no earlier hf-ches output "
+        f"({RUN_JSON_PATH}); choose a new or empty folder")
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
