@@ -70,7 +70,8 @@ class RunInfo:
     model_fingerprint: str | None = None
     tokenizer: str | None = None
     chat_template_sha256: str | None = None
-    dtype: str | None = None
+    dtype: str | None = None  # as loaded, e.g. "float32"
+    device: str | None = None  # as loaded, e.g. "cpu" or "cuda:0"
     max_length: int | None = None
     rule: SelectionRule = field(default_factory=SelectionRule)
     command: str | None = None
@@ -120,7 +121,7 @@ def size_category(num_rows: int) -> str:
 
 
 SCORING_FIELDS = ("model", "model_revision", "model_commit", "model_fingerprint", "tokenizer", "chat_template_sha256",
-                  "dtype", "max_length")  # the `RunInfo` fields of the model that made the scores
+                  "dtype", "device", "max_length")  # the `RunInfo` fields of the model that made the scores
 
 
 def scoring_record(info: RunInfo) -> dict[str, Any]:

@@ -178,14 +178,15 @@ def write_shards(configs: dict[str, dict[str, Dataset]], shards: dict[str, dict[
                 ds.shard(num_shards=n, index=i, contiguous=True).to_parquet(str(path))
 
 
-def check_output_dir(folder: str | Path) -> None:
-    """Raise unless ``folder`` is missing, empty, or an earlier hf-ches output (which `write_local` replaces)."""
+def check_output_dir(folder: str | Path, marker: str = RUN_JSON_PATH) -> None:
+    """Raise unless ``folder`` is missing, empty, or an earlier hf-ches output (which holds ``marker``, and which
+    the new output replaces)."""
     folder = Path(folder)
     if folder.is_file():
         raise ValueError(f"output_dir {str(folder)!r} is a file; expected a folder")
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / RUN_JSON_PATH).is_file():
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / marker).is_file():
         raise ValueError(f"output_dir {str(folder)!r} is not empty and holds no earlier hf-ches output "
-                         f"({RUN_JSON_PATH}); choose a new or empty folder")
+                         f"({marker}); choose a new or empty folder")
 
 
 def _prepare_folder(folder: Path) -> None:

@@ -251,6 +251,16 @@ def model_commit(name_or_path: str, revision: str | None = None) -> str | None:
     return match.group(1) if match else None
 
 
+def loaded_as(model: torch.nn.Module) -> dict[str, str]:
+    """The dtype and device a model was loaded with, as provenance records them (resolved, never None).
+
+    >>> loaded_as(torch.nn.Linear(2, 2))
+    {'dtype': 'float32', 'device': 'cpu'}
+    """
+    parameter = next(model.parameters())
+    return {"dtype": str(parameter.dtype).removeprefix("torch."), "device": str(parameter.device)}
+
+
 def resolve_model_path(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
     """The ``(pretrained_model_name_or_path, gguf_file)`` pair to hand to ``from_pretrained``.
 

@@ -52,7 +52,7 @@ from hf_ches.hub import (
     write_local,
     write_scored,
 )
-from hf_ches.models import check_model, model_commit
+from hf_ches.models import check_model, loaded_as, model_commit
 
 logger = logging.getLogger(__name__)
 
@@ -321,7 +321,7 @@ def score_splits(args: ScriptArguments, dataset: DatasetDict) -> tuple[DatasetDi
         "model_fingerprint": scorer.identity,
         "tokenizer": tokenizer.name_or_path or args.model_name_or_path,
         "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if template else None,
-        "dtype": str(model.dtype).removeprefix("torch."), "max_length": args.max_length,
+        **loaded_as(model), "max_length": args.max_length,
     }
 
 

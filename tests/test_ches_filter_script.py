@@ -21,7 +21,7 @@ from huggingface_hub import DatasetCard, HfApi, hf_hub_download
 from hf_ches import cli
 from hf_ches.card import PLOT_PATH, RUN_JSON_PATH
 from hf_ches.pipeline import ScriptArguments, command_line, load_source, selection_rule
-from hf_ches.testing import synthetic_pairs
+from hf_ches.testing import error_line, synthetic_pairs
 
 SCRIPT = Path(__file__).resolve().parents[1] / "hub_scripts" / "ches_filter.py"
 SCORE_COLUMNS = {"ches", "ln_ches", "chosen_logps", "rejected_logps", "chosen_num_tokens", "rejected_num_tokens"}
@@ -282,9 +282,7 @@ def cli_error(capsys, *argv: str) -> str:
     with pytest.raises(SystemExit) as exit_:
         cli.main(list(argv))
     assert exit_.value.code == 1
-    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("INFO hf_ches")]
-    assert len(err) == 1, err  # one line: no traceback, no library chatter
-    return err[0]
+    return error_line(capsys.readouterr().err)
 
 
 def test_hub_target_is_checked_before_the_model_is_loaded(hub_env, source_dir, scored_dir, tiny_model, monkeypatch,
