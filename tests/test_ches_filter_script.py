@@ -350,3 +350,29 @@ def test_score_refuses_a_non_empty_unrelated_output_dir(source_dir, tiny_model, 
         f"hf-ches score: error: output_dir {str(tmp_path)!r} is not empty and holds no earlier hf-ches output "
         f"({RUN_JSON_PATH}); choose a new or empty folder")
     assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+def test_publish_prints_its_own_lines_once_and_no_library_chatter(hub_env, scored_dir, capfd):
+    """Issue 15 / 11: every library warning printed twice, "Setting num_proc from 1 back to 1" once per split and
+    config, and a nested upload bar per parquet file."""
+    import logging
+
+    # capfd: library handlers bound the stream at import, so only the file descriptor sees all they print
+
+    capfd.readouterr()
+    repo_id = hub_env.repo_id("quiet")
+    assert cli.main(["publish", "--dataset_name", scored_dir, "--push_to_hub", "--repo_id", repo_id]) == 0
+    err = capfd.readouterr().err
+    for chatter in ("Setting num_proc", "Uploading the dataset shards", "Creating parquet", "WARNING datasets"):
+        assert chatter not in err
+    own = [line for line in err.splitlines() if line.startswith("INFO hf_ches")]
+    assert own[0] == f"INFO hf_ches.pipeline: Publishing to {repo_id}" and len(own) == len(set(own))
+    # a warning is printed once, by hf-ches' handler, even when the root logger has one too
+    logging.getLogger().addHandler(root := logging.StreamHandler())
+    try:
+        logging.getLogger("hf_ches.pipeline").warning("just once")
+        logging.getLogger("datasets.arrow_dataset").warning("library chatter")
+    finally:
+        logging.getLogger().removeHandler(root)
+    err = capfd.readouterr().err
+    assert err.count("just once") == 1 and "library chatter" not in err
