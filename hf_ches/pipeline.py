@@ -446,15 +446,14 @@ class _Stderr(logging.StreamHandler):
 def command_logging() -> None:
     """What a command prints besides its progress bars and report: hf-ches' own messages, once each, as ``LEVEL
     name: message`` on stderr, and from the libraries (`LIBRARIES`) only errors. datasets' logger has a handler of
-    its own and also passes its records on to the root's, so a root handler printed each warning twice; hf-ches
-    adds none there."""
+    its own and also passes its records on to the root's, so a root handler (``logging.basicConfig``) printed each
+    of its warnings twice; hf-ches adds none there, and its records still reach the root for whoever listens."""
     package = logging.getLogger("hf_ches")
     if not any(isinstance(handler, _Stderr) for handler in package.handlers):
         handler = _Stderr()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         package.addHandler(handler)
     package.setLevel(logging.INFO)
-    package.propagate = False
     for name in LIBRARIES:
         logging.getLogger(name).setLevel(logging.ERROR)
 
