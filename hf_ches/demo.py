@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import shutil
 import time
 from contextlib import contextmanager
@@ -76,10 +75,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from hf_ches.hub_server import LocalHub, clients_pointed_at
     from hf_ches.metric import RankingAccuracy
-    from hf_ches.pipeline import ScriptArguments, run
+    from hf_ches.pipeline import ScriptArguments, command_logging, run
     from hf_ches.transform import CHESScorer
 
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    command_logging()
     out = Path(args.output_dir).resolve()
     if out.exists():
         shutil.rmtree(out)

@@ -281,7 +281,8 @@ class CHESScorer:
         model, tokenizer, head = self.load(rank)
         cfg = self.config
         try:
-            rows = read_rows(batch, indices if indices is not None else range(len(batch.get("chosen", []))))
+            rows = read_rows(batch, indices if indices is not None else range(len(batch.get("chosen", []))),
+                             cfg.on_invalid)
             pending = PendingPairs(rows, tokenizer, cfg.max_length, cfg.on_invalid, tokenizer_threads(len(rows)),
                                    boundary=cfg.boundary)
             return self._score(pending, model, tokenizer, head)

@@ -124,8 +124,26 @@ def test_unknown_config_and_option_raise(tmp_path):
     configs = r"\['default', 'length_normalized', 'idealized', 'listwise'\]"
     with pytest.raises(ValueError, match=rf"config_name: expected one of {configs}, found 'pairwise'"):
         RankingAccuracy(config_name="pairwise", cache_dir=str(tmp_path))
-    with pytest.raises(TypeError, match="betas"):
+    with pytest.raises(ValueError, match=r"^betas: not an input of the 'default' config \(did you mean 'beta'\?\)"):
         RankingAccuracy(cache_dir=str(tmp_path)).compute(chosen_logps=[-1.0], rejected_logps=[-2.0], betas=[1.0])
+
+
+def test_misspelt_or_missing_input_is_a_one_line_error(tmp_path):
+    # Issue 15: `chosen_logp` got evaluate's "cache file doesn't exist ... call add"; the length_normalized config
+    # without token counts got "TypeError: object of type 'NoneType' has no len()".
+    metric = RankingAccuracy(cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"^chosen_logp: not an input of the 'default' config \(did you mean "
+                                         r"'chosen_logps'\?\); its inputs are \['chosen_logps', 'rejected_logps'\]$"):
+        metric.compute(chosen_logp=[-1.0], rejected_logps=[-2.0])
+    with pytest.raises(ValueError, match=r"^chosen_logp: not an input"):
+        metric.add_batch(chosen_logp=[-1.0], rejected_logps=[-2.0])
+    normalized = RankingAccuracy(config_name="length_normalized", cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"^the 'length_normalized' config needs chosen_num_tokens, "
+                                         r"rejected_num_tokens too; pass them to compute\(\) or add_batch\(\)$"):
+        normalized.compute(chosen_logps=[-1.0], rejected_logps=[-2.0])
+    # Inputs given through add_batch first: compute() without inputs is right, and still works.
+    metric.add_batch(chosen_logps=[-1.0, -3.0], rejected_logps=[-2.0, -2.0])
+    assert metric.compute()["ranking_accuracy"] == 0.5
 
 
 def test_docstring_examples_run():
