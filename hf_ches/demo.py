@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="model to score with (default: the real SmolLM2-135M-Instruct from PyPI)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                         help="model dtype (sums are float32 either way); default: bfloat16 where the CPU has native "
-                             "bfloat16 matrix units (1.6x faster there), else float32")
+                             "bfloat16 matrix units (faster there), else float32")
     parser.add_argument("--output_dir", default="hf-ches-demo", help="where the hub data, card and plot go")
     parser.add_argument("--remove_top", type=float, default=0.1, help="fraction of pairs removed per format")
     return parser.parse_args(argv)

@@ -7,8 +7,8 @@ re-exports it, which makes `evaluate.load("metrics/ranking_accuracy")` (or any p
 lives in `hf_ches.ranking`; `_compute` is one call into it.
 
 `add_batch` (which `compute(**inputs)` calls) hands whole columns to pyarrow. evaluate's own `add_batch` encodes
-every value in Python (`Features.encode_batch`), about 1 s per million values and input; pyarrow converts the same
-lists or arrays in C, with the same result.
+every value in Python (`Features.encode_batch`); pyarrow converts the same lists or arrays in C, with the same
+result (`docs/speed.md` §5; timings in `benchmarks/README.md`).
 """
 
 import dataclasses
@@ -159,8 +159,8 @@ class RankingAccuracy(evaluate.Metric):
             inputs_description=_KWARGS_DESCRIPTION,
             features=datasets.Features(_FEATURES[self.config_name]),
             # Arrow columns, which `_from_arrow` turns into float64/int64 arrays: datasets' numpy formatter would
-            # cast float64 to float32 (merging near-ties of log-prob sums), and Python lists cost ~0.1 s per million
-            # values. evaluate allows a format only when every feature is a Value, so "listwise" gets lists.
+            # cast float64 to float32 (merging near-ties of log-prob sums), and Python lists are slow to build.
+            # evaluate allows a format only when every feature is a Value, so "listwise" gets lists.
             format=None if self.config_name == "listwise" else "arrow",
             reference_urls=["https://arxiv.org/abs/2405.19534"],
             codebase_urls=["https://github.com/angie-chen55/pref-learning-ranking-acc"],
@@ -180,7 +180,7 @@ class RankingAccuracy(evaluate.Metric):
         unknown or missing inputs, columns of different lengths) goes through evaluate's own `add_batch`, so its
         coercions and error messages are unchanged. The rows go to the same writer, so the cache files and
         evaluate's distributed mode work as before. A dataset column (`ds["chosen_logps"]`, a lazy `Column` in
-        datasets >= 4) is read in one slice rather than row by row (~17 s per million rows).
+        datasets >= 4) is read in one slice rather than row by row.
         """
         check_inputs(self.config_name, inputs, options=False)
         inputs = {name: values[:] if isinstance(values, _COLUMN) else values for name, values in inputs.items()}

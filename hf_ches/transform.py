@@ -70,8 +70,8 @@ class ScorerConfig:
 def default_token_budget(device: torch.device) -> int:
     """Tokens per micro-batch when ``token_budget`` is not set: 2048 on a CPU, 16384 elsewhere.
 
-    A CPU is fastest with micro-batches whose activations stay in its caches (SmolLM2-135M on 2 cores: 2048 tokens
-    is 1.6x faster than 16384, in float32 and bfloat16); a GPU needs big ones to be busy.
+    A CPU is fastest with micro-batches whose activations stay in its caches; a GPU needs big ones to be busy
+    (``docs/speed.md`` §2.1).
     """
     return 2048 if device.type == "cpu" else 16384
 
