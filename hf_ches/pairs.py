@@ -276,7 +276,7 @@ def tokenize_pairs(
     flagged = {row.index: TokenizedPair(row.index, [], [], [], problem=row.problem) for row in rows if row.problem}
     if flagged:  # rows that could not be read are flagged as they are; the others are tokenized together
         readable = [row for row in rows if not row.problem]
-        clean = iter(tokenize_pairs(readable, tokenizer, max_length, on_invalid) if readable else [])
+        clean = iter(tokenize_pairs(readable, tokenizer, max_length, on_invalid, boundary) if readable else [])
         return [flagged[row.index] if row.problem else next(clean) for row in rows]
     prompts, chosen, rejected, templated = _texts(rows, tokenizer)
     encode = dict(add_special_tokens=False) if templated else {}

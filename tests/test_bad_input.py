@@ -83,6 +83,9 @@ def test_prompt_not_a_token_prefix_is_scored_as_trl_or_refused_when_strict(tiny_
     assert flagged["ches_flag"][4].startswith("the tokenized prompt is not a prefix")
     assert all(flag == "" for i, flag in enumerate(flagged["ches_flag"]) if i != 4)
     assert flagged["ches"] == scored["ches"]  # flagged, and scored the same way
+    rows["rejected"][1] = None  # an unreadable cell in the same batch: both rows flagged, each for its own reason
+    flagged = score(tiny_model, rows, boundary="strict", on_invalid="flag")
+    assert "found None" in flagged["ches_flag"][1] and "not a prefix" in flagged["ches_flag"][4]
 
 
 def test_unscorable_row_is_flagged_with_nan_not_dropped(tiny_model):
