@@ -254,11 +254,13 @@ def test_the_private_evaluate_calls_of_add_batch(tmp_path):
     metric.selected_feature_format = metric._infer_feature_from_batch(columns)
     metric._init_writer()
     metric.writer.write_batch(columns)
-    assert metric.compute(n_resamples=50) == ranking.ranking_accuracy(**inputs, options=ranking.RankingOptions(n_resamples=50))
+    options = ranking.RankingOptions(n_resamples=50)
+    assert metric.compute(n_resamples=50) == ranking.ranking_accuracy(**inputs, options=options)
 
 
 def test_evaluate_is_pinned_alike_for_the_package_and_the_metric():
-    """The range in pyproject.toml (as installed) and in the metric's requirements.txt, holding the installed version."""
+    """One range in pyproject.toml (as installed) and in the metric's requirements.txt; it holds the installed
+    version."""
     package = [Requirement(line) for line in importlib.metadata.requires("hf-ches")]
     metric = [Requirement(line) for line in (METRIC_DIR / "requirements.txt").read_text().split()]
     pins = {str(req.specifier) for req in package + metric if req.name == "evaluate"}

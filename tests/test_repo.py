@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Names of documents that live outside the repository (internal specs). A citation of one of them, or of a folder
 # above the checkout, is a reference no reader of the repository can follow. `docs/hub-protocol.md` is ours.
-OUTSIDE = re.compile(r"\.\./shared|shared/spec|\b(?:papers|performance|style|ecosystem)\.md|(?<!docs/)\bhub-protocol\.md")
+OUTSIDE = re.compile(
+    r"\.\./shared|shared/spec|\b(?:papers|performance|style|ecosystem)\.md|(?<!docs/)\bhub-protocol\.md")
 # `docs/scores.md §4.1`, ``docs/scores.md`` §5.1, `docs/scores.md` §4.1–4.6 (a range: both ends are checked)
 CITATION = re.compile(r"docs/([\w-]+\.md)`{0,2}(?:\s*§\s*(\d+(?:\.\d+)*)(?:\s*[–-]\s*(\d+(?:\.\d+)*))?)?")
 HEADING = re.compile(r"^#+ (\d+(?:\.\d+)*)\.? ", re.MULTILINE)

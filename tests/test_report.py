@@ -61,7 +61,7 @@ def float64_truth(model_path: str, rows: dict[str, list]) -> dict[str, np.ndarra
 
 
 def by_hand(policy: dict[str, np.ndarray], ref: dict[str, np.ndarray], alpha: np.ndarray) -> dict:
-    """Every accuracy of the paper from its definitions, in numpy (docs/scores.md §4.1–4.6); flags are [n] or [B, n]."""
+    """Every accuracy of the paper from its definitions, in numpy (docs/scores.md §4.1–4.6); flags: [n] or [B, n]."""
     c, r, ref_c, ref_r = policy["chosen_logps"], policy["rejected_logps"], ref["chosen_logps"], ref["rejected_logps"]
     tie = alpha == 0.5  # the raters split evenly: correct when the two log-probs are within 0.01 (Def. C.1)
     sign = np.where(alpha > 0.5, 1.0, -1.0)  # +1 where the raters prefer chosen
