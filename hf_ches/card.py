@@ -30,7 +30,7 @@ from huggingface_hub import DatasetCard, DatasetCardData
 
 from hf_ches import __version__
 from hf_ches.filtering import HIGH_SCORE, REASON_COLUMN, Selection, SelectionRule
-from hf_ches.pairs import SHIFT_COLUMN
+from hf_ches.pairs import SHIFT_COLUMN, extract_prompt
 
 CONFIGS = ("default", "removed", "scored")
 PLOT_PATH = "ches/score_histogram.png"
@@ -206,18 +206,26 @@ def histogram_bytes(selections: dict[str, Selection], rule: SelectionRule) -> by
     return buffer.getvalue()
 
 
-def _cell(value: Any, limit: int = 160) -> str:
-    """One text or conversation as a short, table-safe markdown cell.
+def _cell(value: Any, limit: int = 160, end: bool = False) -> str:
+    """One text or conversation as a short, table-safe markdown cell; a long one keeps its start (its ``end``).
 
     >>> _cell([{"role": "user", "content": "Hi | there"}, {"role": "assistant", "content": "<b>x</b>"}])
     'user: Hi \\\\| there / assistant: &lt;b&gt;x&lt;/b&gt;'
+    >>> _cell("Human: hi Assistant: hello Human: and then?", limit=20, end=True)
+    '…lo Human: and then?'
     """
     if isinstance(value, list):
         value = " / ".join(f"{m.get('role', '?')}: {m.get('content', '')}" for m in value if isinstance(m, dict))
     text = re.sub(r"\s+", " ", str(value)).strip()
     if len(text) > limit:
-        text = text[: limit - 1] + "…"
+        text = "…" + text[-(limit - 1):].lstrip() if end else text[: limit - 1] + "…"
     return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _split_prompt(row: dict[str, Any]) -> dict[str, Any]:
+    """Prompt, chosen and rejected of a row as scored: an implicit prompt (no ``prompt`` column, as in HH-RLHF) is
+    extracted, so the table shows where the answers differ, not their shared dialogue twice."""
+    return row if "prompt" in row else extract_prompt(row)
 
 
 def _top_removed(selections: dict[str, Selection], column: str, k: int) -> list[tuple[float, str, dict]]:
@@ -308,8 +316,9 @@ def _body(repo_id: str, info: RunInfo, selections: dict[str, Selection], layout:
     lines += ["## Highest-scoring removed pairs", ""]
     if top:
         lines += [f"| {rule.score_column} | split | index | prompt | chosen | rejected |", "|---|---|---|---|---|---|"]
-        lines += [f"| {score:.4g} | {split} | {row['original_index']} | {_cell(row.get('prompt', ''))} | "
-                  f"{_cell(row['chosen'])} | {_cell(row['rejected'])} |" for score, split, row in top]
+        lines += [f"| {score:.4g} | {split} | {row['original_index']} | {_cell(pair['prompt'], end=True)} | "
+                  f"{_cell(pair['chosen'])} | {_cell(pair['rejected'])} |"
+                  for score, split, row in top for pair in [_split_prompt(row)]]
     else:
         lines.append("No pair was removed for its score.")
     scoring = record["scoring"]

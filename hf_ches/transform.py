@@ -271,9 +271,10 @@ class CHESScorer:
         logger.warning(
             "%d of %d rows: the tokenized prompt is not a prefix of the tokenized prompt+completion, so the last "
             "prompt tokens move into the completion, as TRL's DPOTrainer trains these rows (column %r counts them; "
-            "boundary='strict' refuses such rows). Row %d: the scored chosen completion starts %r",
-            rows.size, len(shifted), self.config.column_prefix + SHIFT_COLUMN, i,
-            tokenizer.decode(pair.chosen_ids[: pair.prompt_shift + 4]),
+            "boundary='strict' refuses such rows). Row %d: %d prompt token(s) moved; the scored prompt ends %r and "
+            "the scored chosen completion starts %r",
+            rows.size, len(shifted), self.config.column_prefix + SHIFT_COLUMN, i, pair.prompt_shift,
+            tokenizer.decode(pair.prompt_ids[-4:]), tokenizer.decode(pair.chosen_ids[: pair.prompt_shift + 4]),
         )
 
     def __call__(self, batch: dict[str, list], *map_args: Any) -> dict[str, np.ndarray]:
