@@ -30,6 +30,7 @@ from huggingface_hub import DatasetCard, DatasetCardData
 
 from hf_ches import __version__
 from hf_ches.filtering import HIGH_SCORE, REASON_COLUMN, Selection, SelectionRule
+from hf_ches.pairs import SHIFT_COLUMN
 
 CONFIGS = ("default", "removed", "scored")
 PLOT_PATH = "ches/score_histogram.png"
@@ -71,6 +72,7 @@ class RunInfo:
     chat_template_sha256: str | None = None
     dtype: str | None = None
     max_length: int | None = None
+    boundary: str | None = None  # "trl" or "strict" (hf_ches.pairs.tokenize_pairs)
     rule: SelectionRule = field(default_factory=SelectionRule)
     command: str | None = None
     hf_ches_version: str = __version__
@@ -118,6 +120,14 @@ def size_category(num_rows: int) -> str:
     return next((name for limit, name in _SIZE_CATEGORIES if num_rows < limit), "n>1B")
 
 
+def num_shifted(selection: Selection) -> int | None:
+    """Rows of a split whose last prompt tokens moved into the completions (TRL's boundary rule; see
+    :func:`hf_ches.pairs.tokenize_pairs`), or None when the data has no ``prompt_tokens_shifted`` column."""
+    if SHIFT_COLUMN not in selection.scored.column_names:
+        return None
+    return int(np.count_nonzero(np.asarray(selection.scored[SHIFT_COLUMN])))
+
+
 def run_record(info: RunInfo, selections: dict[str, Selection]) -> dict[str, Any]:
     """The run's parameters and results as plain JSON-able data: ``RUN_JSON_PATH`` and the card's ``hf_ches`` block."""
     rule = info.rule
@@ -127,13 +137,14 @@ def run_record(info: RunInfo, selections: dict[str, Selection]) -> dict[str, Any
         "scoring": {"model": info.model, "model_revision": info.model_revision, "model_commit": info.model_commit,
                     "model_fingerprint": info.model_fingerprint, "tokenizer": info.tokenizer,
                     "chat_template_sha256": info.chat_template_sha256, "dtype": info.dtype,
-                    "max_length": info.max_length},
+                    "max_length": info.max_length, "boundary": info.boundary},
         "selection": {"score_column": rule.score_column, "rule": rule.kind, "value": rule.value,
                       "group_by": rule.group_by, "description": rule.describe(),
                       "nan_scores": f"removed with {REASON_COLUMN}=nan_score"},
         "splits": {split: {"num_rows": s.report.num_rows, "num_kept": s.report.num_kept,
                            "num_removed": s.report.num_removed, "num_unscorable": s.report.num_unscorable,
-                           "cutoff": s.report.cutoff, "score_summary": s.report.summary}
+                           "num_prompt_shifted": num_shifted(s), "cutoff": s.report.cutoff,
+                           "score_summary": s.report.summary}
                    for split, s in selections.items()},
         "command": info.command,
     }
@@ -298,6 +309,7 @@ def _body(repo_id: str, info: RunInfo, selections: dict[str, Selection], layout:
         f"- model: {model}" + (f"; weights fingerprint `{info.model_fingerprint}`" if info.model_fingerprint else ""),
         f"- tokenizer: `{scoring['tokenizer']}`; chat template sha256: `{scoring['chat_template_sha256']}`",
         f"- dtype: `{scoring['dtype']}`; max_length: `{scoring['max_length']}`",
+        *_shift_lines(record),
         f"- hf-ches {info.hf_ches_version}; all parameters and statistics: [`{RUN_JSON_PATH}`]({RUN_JSON_PATH}) "
         "(also the `hf_ches` block of this card's YAML)",
         "",
@@ -315,6 +327,17 @@ def _body(repo_id: str, info: RunInfo, selections: dict[str, Selection], layout:
         "",
     ]
     return "\n".join(lines)
+
+
+def _shift_lines(record: dict[str, Any]) -> list[str]:
+    """The provenance line on rows scored with TRL's boundary rule (none when the data was not scored here)."""
+    counts = {split: r["num_prompt_shifted"] for split, r in record["splits"].items()}
+    if None in counts.values():
+        return []
+    per_split = ", ".join(f"{split} {n} of {record['splits'][split]['num_rows']}" for split, n in counts.items())
+    return [f"- rows whose tokenized prompt is not a token prefix of prompt + completion: {per_split}; they are scored "
+            f"as TRL's `DPOTrainer` trains them, with the last prompt tokens moved into the completions (column "
+            f"`{SHIFT_COLUMN}`" + (f"; boundary rule `{rule}`)" if (rule := record["scoring"]["boundary"]) else ")")]
 
 
 def render_card(repo_id: str, info: RunInfo, selections: dict[str, Selection], dataset_info: list | dict | None = None,

@@ -9,9 +9,16 @@ CHES and the DPO log-probabilities describe the tokens DPO trains on, so this mo
   ``prompt_ids = tok(prompt)`` and ``chosen_ids = tok(prompt + chosen)[len(prompt_ids):]``;
 * conversational rows use the chat template: the prompt with ``add_generation_prompt=True``, prompt + completion as
   the full conversation (per-row ``tools`` and ``chat_template_kwargs`` columns are honoured, as TRL does);
-* the completion starts where the prompt ids and the prompt+completion ids diverge (TRL's
-  ``common_prefix_length``); when that is before the end of the prompt ids the row is not a clean split, which is an
-  error here by default (``on_invalid="flag"`` scores it the way TRL trains on it and flags it);
+* the completion starts where the prompt ids and both prompt+completion ids diverge (TRL 1.16's
+  ``prompt_len = min(common_prefix_length(prompt_ids, prompt_chosen_ids), common_prefix_length(prompt_ids,
+  prompt_rejected_ids))``). When that is before the end of the prompt ids (a prompt that ends inside a word, as in
+  HH-RLHF, or a chat template that renders the prompt alone differently), the last ``prompt_shift`` prompt tokens
+  move into the completion: TRL trains on exactly these tokens, so by default (``boundary="trl"``) the row is
+  scored that way and only counted; ``boundary="strict"`` makes such rows an error (or a flag, with
+  ``on_invalid="flag"``);
+* a ``prompt`` column whose format differs from ``chosen``/``rejected`` (a string prompt beside message lists
+  that repeat the user turn, as in ``HuggingFaceH4/ultrafeedback_binarized``) is ignored and the prompt is
+  extracted from the completions, as TRL's ``maybe_extract_prompt`` does;
 * ``max_length`` truncates prompt + completion keeping the start (TRL's ``keep_start``).
 
 Every problem names the row index and the column.
@@ -29,11 +36,12 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 OnInvalid = Literal["raise", "flag"]
-FORMAT_COLUMNS = ("prompt", "chosen", "rejected")
+Boundary = Literal["trl", "strict"]
+SHIFT_COLUMN = "prompt_tokens_shifted"  # the scorer's column of TokenizedPair.prompt_shift
 
 
 class PairError(ValueError):
@@ -65,8 +73,9 @@ class Row:
 class TokenizedPair:
     """Token ids of one pair, split where the completion starts.
 
-    ``problem`` says why the row is flagged (``None`` when clean); ``scorable`` is False when no score can be
-    computed at all (a completion with no tokens).
+    ``prompt_shift`` counts the tokens of the tokenized prompt that moved into the completions (TRL's boundary
+    rule, module docstring; 0 for a clean split). ``problem`` says why the row is flagged (``None`` when clean);
+    ``scorable`` is False when no score can be computed at all (a completion with no tokens).
     """
 
     index: int
@@ -75,6 +84,7 @@ class TokenizedPair:
     rejected_ids: list[int]
     truncated: bool = False
     problem: str | None = None
+    prompt_shift: int = 0
 
     @property
     def scorable(self) -> bool:
@@ -96,7 +106,9 @@ def _value_format(value: Any, row: int, column: str) -> str:
     if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
         for m in value:
             if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise PairError(row, column, f"each message needs string 'role' and 'content', found {m!r}")
+                hint = (" (ShareGPT's from/value messages: convert them first with "
+                        "`dataset.map(trl.data_utils.maybe_convert_to_chatml)`)" if "from" in m else "")
+                raise PairError(row, column, f"each message needs string 'role' and 'content', found {m!r}{hint}")
         return "conversational"
     raise PairError(row, column, f"expected a string or a non-empty list of messages, found {_describe(value)}")
 
@@ -123,10 +135,16 @@ def extract_prompt(example: dict[str, Any]) -> dict[str, Any]:
 def read_rows(batch: dict[str, list], indices: Sequence[int]) -> list[Row]:
     """Check a batch of preference rows (a ``Dataset.map`` batch) and return one :class:`Row` per input row.
 
-    All rows must share one format; conversational completions must hold an assistant turn.
+    ``chosen`` and ``rejected`` of all rows must share one format; conversational completions must hold an
+    assistant turn. The prompt is the ``prompt`` column when it has the completions' format, else it is extracted
+    from the completions (TRL's ``maybe_extract_prompt``): a string prompt beside message lists that repeat the
+    user turn is ignored.
 
     >>> read_rows({"chosen": ["Q: hi A: yes"], "rejected": ["Q: hi A: no"]}, [7])[0].prompt
     'Q: hi A:'
+    >>> user, yes, no = ({"role": r, "content": c} for r, c in [("user", "hi"), ("assistant", "y"), ("assistant", "n")])
+    >>> read_rows({"prompt": ["hi"], "chosen": [[user, yes]], "rejected": [[user, no]]}, [7])[0].prompt
+    [{'role': 'user', 'content': 'hi'}]
     >>> read_rows({"prompt": ["hi"], "chosen": [None], "rejected": ["no"]}, [7])
     Traceback (most recent call last):
     ...
@@ -139,22 +157,29 @@ def read_rows(batch: dict[str, list], indices: Sequence[int]) -> list[Row]:
     n = len(batch["chosen"])
     if n == 0:
         raise PairError(first, "chosen", "no rows to score (empty dataset or batch)")
-    explicit = "prompt" in batch
     rows, batch_format, format_origin = [], None, None
     for i in range(n):
         idx = int(indices[i])
-        for column in FORMAT_COLUMNS if explicit else FORMAT_COLUMNS[1:]:
+        for column in ("chosen", "rejected"):
             fmt = _value_format(batch[column][i], idx, column)
             if batch_format is None:
                 batch_format, format_origin = fmt, (idx, column)
             elif fmt != batch_format:
                 raise PairError(
                     idx, column, f"{fmt} value, but row {format_origin[0]} column {format_origin[1]!r} is "
-                    f"{batch_format}: all rows and columns must share one format (strings or message lists)"
+                    f"{batch_format}: chosen and rejected of every row must share one format (strings or message "
+                    "lists)"
                 )
-        cells = {c: batch[c][i] for c in FORMAT_COLUMNS if c in batch}
-        if not explicit:
+        cells = {"chosen": batch["chosen"][i], "rejected": batch["rejected"][i]}
+        if "prompt" in batch and _value_format(batch["prompt"][i], idx, "prompt") == batch_format:
+            cells["prompt"] = batch["prompt"][i]
+        else:
             cells = extract_prompt(cells)
+            if batch_format == "conversational" and not cells["prompt"]:
+                ignored = " (the 'prompt' column, in another format, is ignored as TRL does)" if "prompt" in batch else ""
+                raise PairError(idx, "prompt", f"no prompt: chosen and rejected share no leading message{ignored}; "
+                                "give a 'prompt' column of messages, or start chosen and rejected with the prompt's "
+                                "messages")
         if batch_format == "conversational":
             for column in ("chosen", "rejected"):
                 if not any(m["role"] == "assistant" for m in cells[column]):
@@ -208,12 +233,26 @@ def _texts(rows: list[Row], tokenizer) -> tuple[list[str], list[str], list[str],
 
 
 def tokenize_pairs(
-    rows: list[Row], tokenizer, max_length: int | None = None, on_invalid: OnInvalid = "raise"
+    rows: list[Row], tokenizer, max_length: int | None = None, on_invalid: OnInvalid = "raise",
+    boundary: Boundary = "trl",
 ) -> list[TokenizedPair]:
     """Tokenize checked rows into :class:`TokenizedPair` with TRL's split and ``keep_start`` truncation.
 
-    With ``on_invalid="raise"`` a row whose prompt ids are not a prefix of its prompt+completion ids, or that has
-    no completion token left, raises :class:`PairError`; with ``"flag"`` it is returned with ``problem`` set.
+    A row whose prompt ids are not a prefix of its prompt+completion ids is split where they diverge and counted in
+    ``prompt_shift`` (``boundary="trl"``), or is a problem (``boundary="strict"``). A problem (that, or no
+    completion token left) raises :class:`PairError` with ``on_invalid="raise"``; with ``"flag"`` the row is
+    returned with ``problem`` set.
+
+    >>> from hf_ches.testing import build_tokenizer
+    >>> tok = build_tokenizer()
+    >>> rows = read_rows({"prompt": ["the answer is go"], "chosen": ["od"], "rejected": ["ne"]}, [3])
+    >>> pair = tokenize_pairs(rows, tok)[0]
+    >>> pair.prompt_shift, tok.decode(pair.chosen_ids)
+    (2, ' good<|end|>')
+    >>> tokenize_pairs(rows, tok, boundary="strict")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    hf_ches.pairs.PairError: row 3, column 'prompt': the tokenized prompt is not a prefix ...
     """
     prompts, chosen, rejected, templated = _texts(rows, tokenizer)
     encode = dict(add_special_tokens=False) if templated else {}
@@ -224,11 +263,12 @@ def tokenize_pairs(
         prompt_ids, full_c, full_r = ids[i], ids[n + i], ids[2 * n + i]
         split = min(_common_prefix_length(prompt_ids, full_c), _common_prefix_length(prompt_ids, full_r))
         problem, column = None, "prompt"
-        if split < len(prompt_ids):
+        if split < len(prompt_ids) and boundary == "strict":
             problem = (
                 f"the tokenized prompt is not a prefix of the tokenized prompt+completion (they diverge at token "
                 f"{split} of {len(prompt_ids)}: {tokenizer.decode(prompt_ids[split:])!r}); TRL trains this row on "
-                "a shortened prompt. End the prompt on a token boundary or fix the chat template"
+                "a shortened prompt (boundary='trl' scores it so). End the prompt on a token boundary or fix the "
+                "chat template"
             )
         truncated = False
         if max_length is not None:
@@ -236,11 +276,12 @@ def tokenize_pairs(
             full_c, full_r = full_c[:max_length], full_r[:max_length]
             if split >= max_length:
                 problem = f"the prompt alone has {split} tokens >= max_length={max_length}: no completion token left"
-        pair = TokenizedPair(row.index, prompt_ids[:split], full_c[split:], full_r[split:], truncated, problem)
+        pair = TokenizedPair(row.index, prompt_ids[:split], full_c[split:], full_r[split:], truncated, problem,
+                             len(prompt_ids) - split)
         if problem is None and not pair.scorable:
             column = "chosen" if not pair.chosen_ids else "rejected" if not pair.rejected_ids else "prompt"
             problem = f"{column} has no tokens: no hidden state predicts the first completion token"
-            pair = TokenizedPair(row.index, pair.prompt_ids, pair.chosen_ids, pair.rejected_ids, truncated, problem)
+            pair = replace(pair, problem=problem)
         if problem is not None and on_invalid == "raise":
             raise PairError(row.index, column, problem + " (pass on_invalid='flag' to flag such rows and go on)")
         pairs.append(pair)
@@ -263,7 +304,7 @@ class PendingPairs(Sequence[TokenizedPair]):
     """
 
     def __init__(self, rows: list[Row], tokenizer, max_length: int | None = None, on_invalid: OnInvalid = "raise",
-                 threads: int = 1, slice_rows: int = 8):
+                 threads: int = 1, slice_rows: int = 8, boundary: Boundary = "trl"):
         self._sizes = [row.sizes() for row in rows]
         order = sorted(range(len(rows)), key=lambda i: (-max(self._sizes[i]), i))
         self._where: list = [None] * len(rows)  # row -> (future of its slice, position in the slice)
@@ -271,7 +312,7 @@ class PendingPairs(Sequence[TokenizedPair]):
         pool = ThreadPoolExecutor(max_workers=threads)
         for start in range(0, len(order), slice_rows):
             part = order[start : start + slice_rows]
-            future = pool.submit(tokenize_pairs, [rows[i] for i in part], tokenizer, max_length, on_invalid)
+            future = pool.submit(tokenize_pairs, [rows[i] for i in part], tokenizer, max_length, on_invalid, boundary)
             for k, i in enumerate(part):
                 self._where[i] = (future, k)
         pool.shutdown(wait=False)  # the threads finish the submitted slices, then exit

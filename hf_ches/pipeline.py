@@ -75,13 +75,18 @@ SHARED_FIELDS: dict[str, tuple[Any, str]] = {
     "batch_size": (256, "Rows per datasets.map batch while scoring; the rows of a batch are packed together, so "
                         "larger batches waste less padding."),
     "token": (None, "Hub token; when not given: HF_TOKEN or the saved login."),
+    "boundary": ("trl", "Rows whose tokenized prompt is not a token prefix of prompt+completion (a prompt ending "
+                        "inside a word, as in HH-RLHF): 'trl' scores them as TRL's DPOTrainer trains them (the last "
+                        "prompt tokens move into the completion, counted in prompt_tokens_shifted); 'strict' treats "
+                        "them as invalid (see --on_invalid)."),
 }
 
 
 def shared_field(name: str) -> Any:
     """The dataclass ``field`` of a shared option (its default and ``--help`` text)."""
     default, text = SHARED_FIELDS[name]
-    metadata = {"help": text} | ({"choices": ["float32", "bfloat16", "float16"]} if name == "dtype" else {})
+    choices = {"dtype": ["float32", "bfloat16", "float16"], "boundary": ["trl", "strict"]}
+    metadata = {"help": text} | ({"choices": choices[name]} if name in choices else {})
     return field(default=default, metadata=metadata)
 
 
@@ -111,9 +116,11 @@ class ScriptArguments:
     max_length: int | None = shared_field("max_length")
     token_budget: int | None = shared_field("token_budget")
     batch_size: int = shared_field("batch_size")
+    boundary: str = shared_field("boundary")
     on_invalid: str = field(default="raise", metadata={
-        "help": "Rows that cannot be tokenized cleanly: 'raise' an error, or 'flag' them (unscorable rows get NaN "
-                "scores and are then removed with removal_reason=nan_score).", "choices": ["raise", "flag"]})
+        "help": "Rows that cannot be scored (no completion token left, or with --boundary strict a prompt that is "
+                "not a token prefix): 'raise' an error, or 'flag' them (unscorable rows get NaN scores and are then "
+                "removed with removal_reason=nan_score).", "choices": ["raise", "flag"]})
     preset: str | None = field(default=None, metadata={
         "help": "Named selection rule: 'default' (remove the top 10%% by ln_ches) or 'sorry-bench' (the paper's "
                 "Sec. 6 recipe: keep the lowest 5%% by ln_ches).", "choices": sorted(PRESETS)})
@@ -257,7 +264,8 @@ def score_splits(args: ScriptArguments, dataset: DatasetDict) -> tuple[DatasetDi
     from hf_ches.transform import CHESScorer
 
     scorer = CHESScorer(args.model_name_or_path, revision=args.model_revision, dtype=args.dtype,
-                        max_length=args.max_length, token_budget=args.token_budget, on_invalid=args.on_invalid)
+                        max_length=args.max_length, token_budget=args.token_budget, on_invalid=args.on_invalid,
+                        boundary=args.boundary)
     model, tokenizer, _ = scorer.load()  # once here: provenance, and the map of the main process reuses it
     workers = args.dataset_num_proc or 1  # with several, each worker loads the model on cuda:rank % n_gpus
     scored = DatasetDict({split: scorer.map(ds, batch_size=args.batch_size, num_proc=args.dataset_num_proc,
@@ -269,7 +277,7 @@ def score_splits(args: ScriptArguments, dataset: DatasetDict) -> tuple[DatasetDi
         "model_commit": getattr(model.config, "_commit_hash", None), "model_fingerprint": scorer.identity,
         "tokenizer": tokenizer.name_or_path or args.model_name_or_path,
         "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if template else None,
-        "dtype": str(model.dtype).removeprefix("torch."), "max_length": args.max_length,
+        "dtype": str(model.dtype).removeprefix("torch."), "max_length": args.max_length, "boundary": args.boundary,
     }
 
 

@@ -119,16 +119,19 @@ def build_tiny_model(
     hidden_size: int = 64,
     num_layers: int = 2,
     seed: int = 0,
+    tokenizer=None,
 ) -> str:
-    """Save a random ``arch`` model and the local tokenizer to ``directory`` and return its path.
+    """Save a random ``arch`` model and a tokenizer to ``directory`` and return its path.
 
     ``vocab_size`` may exceed the tokenizer's vocabulary (the extra rows are never targets but still enter the
     softmax), which is how the benchmarks get a realistic output-embedding cost from a small tokenizer.
+    ``tokenizer`` defaults to the locally trained one (:func:`build_tokenizer`); a real one (e.g. SmolLM2's) gives
+    real token ids at a tiny model's cost.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
-    tokenizer = build_tokenizer()
+    tokenizer = tokenizer or build_tokenizer()
     config = tiny_config(arch, vocab_size or len(tokenizer), hidden_size, num_layers)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)

@@ -5,8 +5,8 @@
 >>> from hf_ches.testing import build_tiny_model, synthetic_pairs
 >>> scorer = CHESScorer(build_tiny_model(tempfile.mkdtemp()))
 >>> ds = Dataset.from_dict(synthetic_pairs(4)).map(scorer, batched=True)
->>> sorted(set(ds.column_names) - {"prompt", "chosen", "rejected"})
-['ches', 'chosen_logps', 'chosen_num_tokens', 'ln_ches', 'rejected_logps', 'rejected_num_tokens']
+>>> ds.column_names[3:]
+['ches', 'ln_ches', 'chosen_logps', 'rejected_logps', 'chosen_num_tokens', 'rejected_num_tokens', 'prompt_tokens_shifted']
 
 The scorer pickles to its settings and a cheap identity of the model files, never to the weights: hashing it takes
 milliseconds whatever the model size, gives the same ``datasets`` fingerprint in every Python process (so a second
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -28,7 +29,9 @@ import torch
 
 from hf_ches import scores as S
 from hf_ches.forward import encode, inspect_model
-from hf_ches.pairs import OnInvalid, PairError, PendingPairs, read_rows
+from hf_ches.pairs import SHIFT_COLUMN, Boundary, OnInvalid, PairError, PendingPairs, read_rows, tokenize_pairs
+
+logger = logging.getLogger(__name__)
 
 SCORES = ("ches", "ln_ches", "logps", "edit_distance", "last_hidden_ip", "entk_w")
 DEFAULT_SCORES = ("ches", "ln_ches", "logps")
@@ -59,6 +62,7 @@ class ScorerConfig:
     chat_template: str | None = None
     gguf_file: str | None = None
     on_invalid: OnInvalid = "raise"
+    boundary: Boundary = "trl"  # "strict": a prompt that is not a token prefix is a problem (on_invalid decides)
     column_prefix: str = ""  # e.g. "ref_" to write ref_chosen_logps / ref_rejected_logps
     head_chunk: int = 1024  # completion positions per output-embedding chunk
 
@@ -123,7 +127,9 @@ class CHESScorer:
 
     Columns added (``column_prefix`` before each): ``ches``, ``ln_ches`` (float64), ``chosen_logps``,
     ``rejected_logps`` (float64, sum over completion tokens, EOS included), ``chosen_num_tokens``,
-    ``rejected_num_tokens`` (int32), and as asked ``entk_w``, ``ln_entk_w``, ``edit_distance``,
+    ``rejected_num_tokens``, ``prompt_tokens_shifted`` (int32: prompt tokens that moved into the completions because
+    the tokenized prompt is not a prefix of prompt + completion, as TRL's DPOTrainer trains the row; 0 for a clean
+    split; ``boundary="strict"`` refuses such rows instead), and as asked ``entk_w``, ``ln_entk_w``, ``edit_distance``,
     ``last_hidden_ip`` (float64), ``truncated`` (bool, when ``max_length`` is set) and ``ches_flag`` (string, when
     ``on_invalid="flag"``: empty for clean rows, else the problem; unscorable rows get NaN scores).
     """
@@ -144,6 +150,8 @@ class CHESScorer:
             raise ValueError(f"scores must be a non-empty subset of {available}, got {options['scores']}")
         if options.get("on_invalid", "raise") not in ("raise", "flag"):
             raise ValueError(f"on_invalid must be 'raise' or 'flag', got {options['on_invalid']!r}")
+        if options.get("boundary", "trl") not in ("trl", "strict"):
+            raise ValueError(f"boundary must be 'trl' or 'strict', got {options['boundary']!r}")
         options["dtype"] = _dtype_name(options.get("dtype"))
         self._loaded: tuple | None = None
         if isinstance(model, str):
@@ -220,7 +228,7 @@ class CHESScorer:
 
         p = self.config.column_prefix
         out = {f"{p}{column}": Value("float64") for column in self.columns()}
-        out |= {f"{p}chosen_num_tokens": Value("int32"), f"{p}rejected_num_tokens": Value("int32")}
+        out |= {f"{p}{column}": Value("int32") for column in ("chosen_num_tokens", "rejected_num_tokens", SHIFT_COLUMN)}
         if self.config.max_length is not None:
             out[f"{p}truncated"] = Value("bool")
         if self.config.on_invalid == "flag":
@@ -246,7 +254,27 @@ class CHESScorer:
             kwargs.setdefault("desc", "Scoring preference pairs")
         if dataset.features is not None:
             kwargs.setdefault("features", Features({**dataset.features, **self.output_features()}))
-        return dataset.map(self, **kwargs)
+        scored = dataset.map(self, **kwargs)
+        if isinstance(scored, Dataset):
+            self._warn_shifted(dataset, scored)
+        return scored
+
+    def _warn_shifted(self, dataset, scored) -> None:
+        """One warning per map: how many rows TRL's boundary rule shifted, with one decoded example."""
+        shifted = np.asarray(scored[self.config.column_prefix + SHIFT_COLUMN])
+        rows = np.flatnonzero(shifted > 0)
+        if rows.size == 0:
+            return
+        i = int(rows[0])
+        tokenizer = self.load()[1]
+        pair = tokenize_pairs(read_rows(dataset[i : i + 1], [i]), tokenizer, self.config.max_length, "flag")[0]
+        logger.warning(
+            "%d of %d rows: the tokenized prompt is not a prefix of the tokenized prompt+completion, so the last "
+            "prompt tokens move into the completion, as TRL's DPOTrainer trains these rows (column %r counts them; "
+            "boundary='strict' refuses such rows). Row %d: the scored chosen completion starts %r",
+            rows.size, len(shifted), self.config.column_prefix + SHIFT_COLUMN, i,
+            tokenizer.decode(pair.chosen_ids[: pair.prompt_shift + 4]),
+        )
 
     def __call__(self, batch: dict[str, list], *map_args: Any) -> dict[str, np.ndarray]:
         indices, rank = _split_map_args(map_args)
@@ -254,7 +282,8 @@ class CHESScorer:
         cfg = self.config
         try:
             rows = read_rows(batch, indices if indices is not None else range(len(batch.get("chosen", []))))
-            pending = PendingPairs(rows, tokenizer, cfg.max_length, cfg.on_invalid, tokenizer_threads(len(rows)))
+            pending = PendingPairs(rows, tokenizer, cfg.max_length, cfg.on_invalid, tokenizer_threads(len(rows)),
+                                   boundary=cfg.boundary)
             return self._score(pending, model, tokenizer, head)
         except PairError as err:
             if indices is None:
@@ -270,6 +299,7 @@ class CHESScorer:
         out = {p + name: np.where(ok, np.asarray(computed[name], dtype=np.float64), np.nan) for name in self.columns()}
         out[p + "chosen_num_tokens"] = np.array([len(x.chosen_ids) for x in pairs], dtype=np.int32)
         out[p + "rejected_num_tokens"] = np.array([len(x.rejected_ids) for x in pairs], dtype=np.int32)
+        out[p + SHIFT_COLUMN] = np.array([x.prompt_shift for x in pairs], dtype=np.int32)
         if cfg.max_length is not None:
             out[p + "truncated"] = np.array([x.truncated for x in pairs], dtype=bool)
         if cfg.on_invalid == "flag":

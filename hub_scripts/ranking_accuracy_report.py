@@ -89,6 +89,7 @@ class ScriptArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the row sample and of the bootstrap intervals."})
     dtype: str | None = shared_field("dtype")
     max_length: int | None = shared_field("max_length")
+    boundary: str = shared_field("boundary")
     token_budget: int | None = shared_field("token_budget")
     batch_size: int = shared_field("batch_size")
     dataset_num_proc: int | None = shared_field("dataset_num_proc")
@@ -132,7 +133,8 @@ def main(args: ScriptArguments) -> dict:
             check_preference_column(rows, args.preference_column, split)
     dataset = DatasetDict({split: subsample(rows, args.num_samples, args.seed) for split, rows in dataset.items()})
 
-    scoring = dict(dtype=args.dtype, max_length=args.max_length, token_budget=args.token_budget)
+    scoring = dict(dtype=args.dtype, max_length=args.max_length, token_budget=args.token_budget,
+                   boundary=args.boundary)
     map_kwargs = dict(batch_size=args.batch_size, num_proc=args.dataset_num_proc,
                       with_rank=(args.dataset_num_proc or 1) > 1)
     policy = LogProbScorer(args.model_name_or_path, revision=args.model_revision, **scoring)

@@ -57,19 +57,32 @@ def test_empty_dataset(tiny_model):
 
 def test_mixed_formats(tiny_model):
     conv = synthetic_pairs(5, fmt="conversational")
+    rows = {"prompt": conv["prompt"], "chosen": conv["chosen"], "rejected": synthetic_pairs(5)["rejected"]}
+    assert_error(tiny_model, rows, 0, "rejected", "must share one format")
+
+
+def test_string_prompt_beside_messages_that_share_no_turn(tiny_model):
+    """A string prompt beside message completions is ignored (TRL's maybe_extract_prompt); without a shared leading
+    message there is no prompt at all, which TRL cannot render either."""
+    conv = synthetic_pairs(5, fmt="conversational")
     rows = {"prompt": synthetic_pairs(5)["prompt"], "chosen": conv["chosen"], "rejected": conv["rejected"]}
-    assert_error(tiny_model, rows, 0, "chosen", "must share one format")
+    assert_error(tiny_model, rows, 0, "prompt", "share no leading message (the 'prompt' column, in another format")
 
 
-def test_prompt_not_a_token_prefix_is_an_error_or_a_flag(tiny_model):
+def test_prompt_not_a_token_prefix_is_scored_as_trl_or_refused_when_strict(tiny_model):
     rows = synthetic_pairs(6)
     rows["prompt"][4], rows["chosen"][4] = "the answ", "er is good"  # BPE merges across the boundary
-    assert_error(tiny_model, rows, 4, "prompt", "not a prefix")
-    flagged = score(tiny_model, rows, on_invalid="flag")
+    scored = score(tiny_model, rows)
+    assert len(scored) == 6 and all(math.isfinite(x) for x in scored["ches"])  # scored the way TRL trains on it
+    assert [n > 0 for n in scored["prompt_tokens_shifted"]] == [i == 4 for i in range(6)]
+    with pytest.raises(PairError) as info:
+        score(tiny_model, rows, boundary="strict")
+    assert (info.value.row, info.value.column) == (4, "prompt") and "not a prefix" in str(info.value)
+    flagged = score(tiny_model, rows, boundary="strict", on_invalid="flag")
     assert len(flagged) == 6  # counts in == counts out
     assert flagged["ches_flag"][4].startswith("the tokenized prompt is not a prefix")
     assert all(flag == "" for i, flag in enumerate(flagged["ches_flag"]) if i != 4)
-    assert math.isfinite(flagged["ches"][4])  # scored the way TRL trains on it
+    assert flagged["ches"] == scored["ches"]  # flagged, and scored the same way
 
 
 def test_unscorable_row_is_flagged_with_nan_not_dropped(tiny_model):

@@ -14,23 +14,10 @@ from hf_ches import CHESScorer
 from hf_ches.transform import SCORES
 from hf_ches.pairs import PairError, PendingPairs, read_rows, tokenize_pairs
 from hf_ches.testing import AcceleratorOrderScorer, synthetic_pairs
-from tests.plugins.models import reference_pair
+from tests.plugins.models import assert_matches_reference, reference_pair, trl_prepare
 
 FORMATS = ("standard", "conversational", "implicit")
 N_ROWS = 64
-
-
-def trl_prepare(model_path: str, rows: dict) -> Dataset:
-    """TRL's DPOTrainer tokenization and precomputed reference log-probs of ``rows`` (the model is the reference)."""
-    from trl import DPOConfig, DPOTrainer
-
-    args = DPOConfig(
-        output_dir=tempfile.mkdtemp(), report_to="none", precompute_ref_log_probs=True, use_cpu=True, bf16=False,
-        per_device_train_batch_size=8, precompute_ref_batch_size=8,
-    )
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    trainer = DPOTrainer(model=model_path, args=args, train_dataset=Dataset.from_dict(rows), processing_class=tokenizer)
-    return trainer.train_dataset
 
 
 @pytest.fixture(scope="module")
@@ -41,23 +28,12 @@ def cases(tiny_models):
         model64 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
         for seed, fmt in enumerate(FORMATS):
             rows = synthetic_pairs(N_ROWS, fmt, seed=seed)
-            trl_rows = trl_prepare(path, rows)
+            trl_rows = trl_prepare(path, Dataset.from_dict(rows), precompute_ref_log_probs=True)
             refs = [
                 reference_pair(model64, r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in trl_rows
             ]
             out[arch, fmt] = (rows | {"id": list(range(N_ROWS))}, trl_rows, refs)
     return out
-
-
-def assert_matches_reference(scored: Dataset, refs: list[dict]) -> None:
-    for row in scored:
-        ref = refs[row["id"]]
-        assert row["chosen_num_tokens"] == ref["chosen_num_tokens"]
-        assert row["rejected_num_tokens"] == ref["rejected_num_tokens"]
-        for name in ("ches", "ln_ches"):
-            assert abs(row[name] - ref[name]) <= 1e-5 * ref[f"{name}_scale"], (name, row[name], ref[name])
-        for name in ("chosen_logps", "rejected_logps"):
-            assert abs(row[name] - ref[name]) <= 1e-5 * max(1.0, abs(ref[name])), (name, row[name], ref[name])
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gemma2"])
@@ -172,7 +148,7 @@ def test_an_error_reaches_whoever_asks_for_its_row(tiny_model):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     raw = synthetic_pairs(10)
     raw["prompt"][7], raw["chosen"][7] = "the answ", "er is good"  # BPE merges across the prompt/completion boundary
-    pairs = PendingPairs(read_rows(raw, range(10)), tokenizer, threads=2, slice_rows=1)
+    pairs = PendingPairs(read_rows(raw, range(10)), tokenizer, threads=2, slice_rows=1, boundary="strict")
     assert pairs[3].index == 3  # other slices are unaffected
     with pytest.raises(PairError, match="row 7, column 'prompt'"):
         pairs[7]
@@ -183,7 +159,7 @@ def test_accelerator_order_gives_every_column_of_the_cpu_order(tiny_model):
     rows = synthetic_pairs(12, prompt_words=(3, 5))
     rows["prompt"][1] = " ".join(["the answer"] * 40)  # no completion token left under max_length: NaN, flagged
     rows["prompt"][4], rows["chosen"][4] = "the answ", "er is good"  # not a token prefix: scored, flagged
-    options = dict(scores=SCORES, max_length=60, on_invalid="flag", token_budget=200)
+    options = dict(scores=SCORES, max_length=60, on_invalid="flag", boundary="strict", token_budget=200)
     cpu = CHESScorer(tiny_model, **options).map(Dataset.from_dict(rows), batch_size=5)
     accelerator = AcceleratorOrderScorer(tiny_model, **options).map(Dataset.from_dict(rows), batch_size=5)
     assert cpu.column_names == accelerator.column_names
@@ -193,3 +169,4 @@ def test_accelerator_order_gives_every_column_of_the_cpu_order(tiny_model):
         else:
             assert accelerator[name] == cpu[name], name
     assert np.isnan(cpu["ches"][1]) and cpu["ches_flag"][4] and not np.isnan(cpu["ches"][4])
+    assert cpu["prompt_tokens_shifted"][4] > 0

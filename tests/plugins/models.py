@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import pytest
 import torch
+from datasets import Dataset
+from transformers import AutoTokenizer
 
 from hf_ches.testing import build_tiny_model
 
@@ -20,6 +24,30 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_models) -> str:
     return tiny_models["llama"]
+
+
+@pytest.fixture(scope="session")
+def smollm2_tiny_model(tmp_path_factory) -> str:
+    """A tiny random Llama with the real SmolLM2-135M-Instruct tokenizer (read from the shipped GGUF file), saved
+    together: real token ids (what TRL's parity is about) at a tiny model's cost."""
+    from hf_ches.models import fetch_smollm2
+
+    gguf = fetch_smollm2()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    return build_tiny_model(tmp_path_factory.mktemp("smollm2-tiny"), arch="llama", tokenizer=tokenizer)
+
+
+def trl_prepare(model_path: str, dataset: Dataset, precompute_ref_log_probs: bool = False) -> Dataset:
+    """What TRL's DPOTrainer trains on: its ``prompt_ids``/``chosen_ids``/``rejected_ids`` of ``dataset`` and, with
+    ``precompute_ref_log_probs``, its reference log-probs (the model is the reference)."""
+    from trl import DPOConfig, DPOTrainer
+
+    args = DPOConfig(
+        output_dir=tempfile.mkdtemp(), report_to="none", precompute_ref_log_probs=precompute_ref_log_probs,
+        use_cpu=True, bf16=False, per_device_train_batch_size=8, precompute_ref_batch_size=8,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    return DPOTrainer(model=model_path, args=args, train_dataset=dataset, processing_class=tokenizer).train_dataset
 
 
 def reference_pair(model64, prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int]) -> dict:
@@ -50,3 +78,15 @@ def reference_pair(model64, prompt_ids: list[int], chosen_ids: list[int], reject
         "chosen_num_tokens": n_c,
         "rejected_num_tokens": n_r,
     }
+
+
+def assert_matches_reference(scored: Dataset, refs: list[dict]) -> None:
+    """Every scored row (found by its ``id``) equals its :func:`reference_pair` to float32 round-off."""
+    for row in scored:
+        ref = refs[row["id"]]
+        assert row["chosen_num_tokens"] == ref["chosen_num_tokens"]
+        assert row["rejected_num_tokens"] == ref["rejected_num_tokens"]
+        for name in ("ches", "ln_ches"):
+            assert abs(row[name] - ref[name]) <= 1e-5 * ref[f"{name}_scale"], (name, row[name], ref[name])
+        for name in ("chosen_logps", "rejected_logps"):
+            assert abs(row[name] - ref[name]) <= 1e-5 * max(1.0, abs(ref[name])), (name, row[name], ref[name])
