@@ -1,6 +1,6 @@
 """Paper 1's percentile-subset experiment (Razin et al. 2024, Sec. 5), rerun on HH-RLHF with SmolLM2. Not a test.
 
-1. Score a seeded pool of HH-RLHF harmless pairs (``tests/data/hh-rlhf-harmless``, the implicit-prompt format,
+1. Score a seeded pool of HH-RLHF harmless pairs (``hf_ches/data/hh-rlhf-harmless``, the implicit-prompt format,
    TRL's tokens) with SmolLM2-135M-Instruct: ``ches``, ``ln_ches`` and the log-probs.
 2. Take ``--subset_size`` pairs centered at the 0th, 50th and 100th percentile of ``ln_ches`` and of ``ches`` (the
    paper's window rule, :func:`hf_ches.displacement.quantile_slice`), plus one seeded random subset.
@@ -39,7 +39,7 @@ from hf_ches.models import load_model_and_tokenizer
 from hf_ches.pairs import read_rows, tokenize_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "tests" / "data" / "hh-rlhf-harmless" / "test-sample.jsonl"
+DATA = ROOT / "hf_ches" / "data" / "hh-rlhf-harmless" / "test-sample.jsonl"
 RESULTS = ROOT / "benchmarks" / "results"
 BETA = 0.1
 QUANTILES = {"bottom": 0.0, "middle": 0.5, "top": 1.0}
@@ -86,10 +86,10 @@ def dpo_loss(d_chosen: np.ndarray, d_rejected: np.ndarray) -> float:
 
 def table(out: dict) -> str:
     """Markdown tables of the subsets and of the filtering runs."""
-    lines = ["| subset | mean ln_ches | mean Δ log π(chosen) | mean Δ log π(rejected) | share chosen fell |",
-             "|---|---|---|---|---|"]
+    lines = ["| subset | mean ln_ches | mean ches | mean Δ log π(chosen) | mean Δ log π(rejected) | share chosen fell |",
+             "|---|---|---|---|---|---|"]
     for name, r in out["subsets"].items():
-        lines.append(f"| {name} | {r['mean_ln_ches']:.3g} | {r['mean_delta_chosen_logps']:+.2f} | "
+        lines.append(f"| {name} | {r['mean_ln_ches']:.3g} | {r['mean_ches']:.3g} | {r['mean_delta_chosen_logps']:+.2f} | "
                      f"{r['mean_delta_rejected_logps']:+.2f} | {r['share_chosen_fell']:.2f} |")
     lines += ["", "| trained on | pairs | share chosen fell (trained pairs) | share chosen fell (all sample pairs) |",
               "|---|---|---|---|"]
@@ -129,14 +129,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DATA), help="jsonl of {chosen, rejected} pairs (implicit prompt)")
     parser.add_argument("--model_name_or_path", default="smollm2")
-    parser.add_argument("--max_tokens", type=int, default=128,
+    parser.add_argument("--max_tokens", type=int, default=96,
                         help="keep pairs whose prompt + longer completion has at most this many tokens")
-    parser.add_argument("--pool_size", type=int, default=160, help="pairs scored (seeded draw of the kept pairs)")
-    parser.add_argument("--subset_size", type=int, default=8, help="pairs per percentile subset")
-    parser.add_argument("--sample_size", type=int, default=30, help="pairs of the 'whole sample' runs")
+    parser.add_argument("--pool_size", type=int, default=100, help="pairs scored (seeded draw of the kept pairs)")
+    parser.add_argument("--subset_size", type=int, default=6, help="pairs per percentile subset")
+    parser.add_argument("--sample_size", type=int, default=20, help="pairs of the 'whole sample' runs")
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--lr_grid", type=float, nargs="+", default=[1e-7, 3e-7, 1e-6])
+    parser.add_argument("--batch_size", type=int, default=3)
+    parser.add_argument("--lr_grid", type=float, nargs="+", default=[3e-7, 1e-6])
     parser.add_argument("--target_loss", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=str(RESULTS / "reproduce_displacement.json"))
@@ -178,8 +178,26 @@ def main() -> None:
                 "share_chosen_fell": float(np.mean(d_c < 0)), "dpo_loss_after": dpo_loss(d_c, d_r),
                 "delta_chosen_logps": d_c.tolist(), "delta_rejected_logps": d_r.tolist(), "seconds": round(seconds)}
 
+    sweep, results, filtering, lr = {}, {}, {}, None
+
+    def save(complete: bool) -> dict:
+        """Write what has been measured so far (``complete`` says whether every run is in)."""
+        out = {
+            "model": args.model_name_or_path, "data": args.data.removeprefix(str(ROOT) + "/"), "complete": complete,
+            "settings": vars(args) | {"beta": BETA, "optimizer": "rmsprop", "lr_scheduler": "constant",
+                                      "max_grad_norm": None, "learning_rate": lr,
+                                      "num_threads": torch.get_num_threads()},
+            "counts": {"rows": len(rows), "fit_max_tokens": len(fits), "pool": len(pool)},
+            "lr_sweep": {f"{k:.0e}": {"dpo_loss_after": v["dpo_loss_after"],
+                                      "mean_delta_chosen_logps": v["mean_delta_chosen_logps"]} for k, v in sweep.items()},
+            "subsets": {name: results[name] for name in subsets if name in results},
+            "filtering": filtering, "seconds": round(time.perf_counter() - start),
+        }
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+        return out
+
     # --- 3. learning-rate sweep on the random subset ---
-    sweep, lr = {}, None
     for candidate in sorted(args.lr_grid):
         sweep[candidate] = run_subset(subsets["random"], candidate)
         print(f"lr {candidate:.0e}: DPO loss after {sweep[candidate]['dpo_loss_after']:.3f}, mean Δ log π(chosen) "
@@ -188,14 +206,16 @@ def main() -> None:
             lr = candidate
             break
     lr = lr if lr is not None else max(args.lr_grid)
+    results["random"] = sweep[lr]
 
-    # --- 4. every subset from the same start ---
-    results = {"random": sweep[lr]}
-    for name, idx in subsets.items():
+    # --- 4. every subset from the same start (the extremes first) ---
+    for name in sorted(subsets, key=lambda n: "middle" in n):
         if name not in results:
-            results[name] = run_subset(idx, lr)
+            results[name] = run_subset(subsets[name], lr)
             print(f"{name:16s} mean Δ log π(chosen) {results[name]['mean_delta_chosen_logps']:+.2f}, "
-                  f"Δ log π(rejected) {results[name]['mean_delta_rejected_logps']:+.2f}", flush=True)
+                  f"Δ log π(rejected) {results[name]['mean_delta_rejected_logps']:+.2f} "
+                  f"({results[name]['seconds']} s)", flush=True)
+            save(complete=False)
 
     # --- 5. the whole sample, less its top 10% by ln_ches, less a random 10% ---
     sample = np.sort(rng.choice(len(pool), min(args.sample_size, len(pool)), replace=False))
@@ -203,7 +223,6 @@ def main() -> None:
     by_ln_ches = sample[np.argsort(score["ln_ches"][sample], kind="stable")]
     training_sets = {"whole sample": sample, "less top 10% ln_ches": np.sort(by_ln_ches[:-drop]),
                      "less random 10%": np.sort(rng.choice(sample, len(sample) - drop, replace=False))}
-    filtering = {}
     for name, idx in training_sets.items():
         clock = time.perf_counter()
         chosen, rejected = logps(train(base, tokenizer, pool.select(idx), lr, args), tokenizer, pool.select(sample))
@@ -213,26 +232,17 @@ def main() -> None:
                            "share_chosen_fell_all": float(np.mean(d_c < 0)),
                            "mean_delta_chosen_logps_trained": float(d_c[trained].mean()),
                            "mean_delta_rejected_logps_trained": float((rejected - before[1][sample])[trained].mean()),
-                           "row_index": pool_index[idx].tolist(), "seconds": round(seconds)}
+                           "delta_chosen_logps_all": d_c.tolist(), "row_index": pool_index[idx].tolist(),
+                           "seconds": round(seconds)}
         print(f"{name:22s} share of chosen log-probs that fell: {filtering[name]['share_chosen_fell_trained']:.2f} "
               f"of the {len(idx)} trained pairs, {filtering[name]['share_chosen_fell_all']:.2f} of all "
-              f"{len(sample)}", flush=True)
+              f"{len(sample)} ({filtering[name]['seconds']} s)", flush=True)
+        save(complete=False)
 
-    out = {
-        "model": args.model_name_or_path, "data": args.data.removeprefix(str(ROOT) + "/"),
-        "settings": vars(args) | {"beta": BETA, "optimizer": "rmsprop", "lr_scheduler": "constant",
-                                  "max_grad_norm": None, "learning_rate": lr, "num_threads": torch.get_num_threads()},
-        "counts": {"rows": len(rows), "fit_max_tokens": len(fits), "pool": len(pool)},
-        "lr_sweep": {f"{k:.0e}": {"dpo_loss_after": v["dpo_loss_after"],
-                                  "mean_delta_chosen_logps": v["mean_delta_chosen_logps"]} for k, v in sweep.items()},
-        "subsets": results, "filtering": filtering, "seconds": round(time.perf_counter() - start),
-    }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+    out = save(complete=True)
     plot(out, Path(args.output).with_suffix(".png"))
     print("\n" + table(out))
     print(f"\nWrote {args.output} and {Path(args.output).with_suffix('.png')} ({out['seconds']} s)")
-
 
 
 if __name__ == "__main__":
