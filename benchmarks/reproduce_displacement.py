@@ -72,6 +72,7 @@ def train(base, tokenizer, rows: Dataset, lr: float, args) -> torch.nn.Module:
         warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0, max_length=None, precompute_ref_log_probs=True,
         save_strategy="no", report_to="none", logging_strategy="no", disable_tqdm=True, use_cpu=True,
         seed=args.seed, dataloader_num_workers=0,
+        gradient_checkpointing=False,  # TRL's default recomputes every forward: a third more work, the same numbers
     )
     trainer = DPOTrainer(model=plain_copy(base), args=config, train_dataset=rows.select_columns(["chosen", "rejected"]),
                          processing_class=tokenizer)
