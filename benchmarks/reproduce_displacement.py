@@ -70,14 +70,15 @@ def train(base, tokenizer, rows: Dataset, lr: float, args) -> torch.nn.Module:
         output_dir=tempfile.mkdtemp(), beta=BETA, learning_rate=lr, num_train_epochs=args.epochs,
         per_device_train_batch_size=args.batch_size, optim="rmsprop", lr_scheduler_type="constant",
         warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0, max_length=None, precompute_ref_log_probs=True,
-        save_strategy="no", report_to="none", logging_strategy="no", disable_tqdm=True, use_cpu=True,
+        save_strategy="no", report_to="none", logging_strategy="no", disable_tqdm=True,
+        use_cpu=base.device.type == "cpu",
         seed=args.seed, dataloader_num_workers=0,
-        gradient_checkpointing=False,  # TRL's default recomputes every forward: a third more work, the same numbers
+        gradient_checkpointing=False,  # TRL's default recomputes every forward: a third more work, same math
     )
     trainer = DPOTrainer(model=plain_copy(base), args=config, train_dataset=rows.select_columns(["chosen", "rejected"]),
                          processing_class=tokenizer)
     trainer.train()
-    return plain_copy(trainer.model).eval()  # TRL patches the trained model's forward: score a clean copy
+    return plain_copy(trainer.model).to(base.device).eval()  # TRL patches the trained model's forward: score a copy
 
 
 def dpo_loss(d_chosen: np.ndarray, d_rejected: np.ndarray) -> float:
@@ -149,7 +150,8 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
 
     # --- 1. the pool: pairs that fit, seeded draw, scored ---
-    base, tokenizer = load_model_and_tokenizer(args.model_name_or_path)
+    base, tokenizer = load_model_and_tokenizer(args.model_name_or_path, dtype="float32",
+                                               device="cuda" if torch.cuda.is_available() else "cpu")
     rows = [json.loads(line) for line in open(args.data, encoding="utf-8")]
     batch = {"chosen": [r["chosen"] for r in rows], "rejected": [r["rejected"] for r in rows]}
     pairs = tokenize_pairs(read_rows(batch, range(len(rows))), tokenizer, on_invalid="flag")
