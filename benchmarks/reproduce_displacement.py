@@ -88,10 +88,11 @@ def dpo_loss(d_chosen: np.ndarray, d_rejected: np.ndarray) -> float:
 
 def table(out: dict) -> str:
     """Markdown tables of the subsets and of the filtering runs."""
-    lines = ["| subset | mean ln_ches | mean ches | mean Δ log π(chosen) | mean Δ log π(rejected) | share chosen fell |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| subset | mean ln_ches | mean ches | mean Δ log π(chosen) | mean Δ log π(rejected) "
+             "| share chosen fell |", "|---|---|---|---|---|---|"]
     for name, r in out["subsets"].items():
-        lines.append(f"| {name} | {r['mean_ln_ches']:.3g} | {r['mean_ches']:.3g} | {r['mean_delta_chosen_logps']:+.2f} | "
+        lines.append(f"| {name} | {r['mean_ln_ches']:.3g} | {r['mean_ches']:.3g} | "
+                     f"{r['mean_delta_chosen_logps']:+.2f} | "
                      f"{r['mean_delta_rejected_logps']:+.2f} | {r['share_chosen_fell']:.2f} |")
     lines += ["", "| trained on | pairs | share chosen fell (trained pairs) | share chosen fell (all sample pairs) |",
               "|---|---|---|---|"]
@@ -191,8 +192,8 @@ def main() -> None:
                                       "max_grad_norm": None, "learning_rate": lr,
                                       "num_threads": torch.get_num_threads()},
             "counts": {"rows": len(rows), "fit_max_tokens": len(fits), "pool": len(pool)},
-            "lr_sweep": {f"{k:.0e}": {"dpo_loss_after": v["dpo_loss_after"],
-                                      "mean_delta_chosen_logps": v["mean_delta_chosen_logps"]} for k, v in sweep.items()},
+            "lr_sweep": {f"{k:.0e}": {key: v[key] for key in ("dpo_loss_after", "mean_delta_chosen_logps")}
+                         for k, v in sweep.items()},
             "subsets": {name: results[name] for name in subsets if name in results},
             "filtering": filtering, "seconds": round(time.perf_counter() - start),
         }

@@ -120,8 +120,8 @@ def quantile_slice(order: np.ndarray, quantile: float, size: int) -> np.ndarray:
     ``quantile=0`` gives the lowest ``size`` and ``quantile=1`` the highest.
 
     >>> order = np.arange(10)
-    >>> quantile_slice(order, 0.0, 3).tolist(), quantile_slice(order, 0.5, 3).tolist(), quantile_slice(order, 1.0, 3).tolist()
-    ([0, 1, 2], [3, 4, 5], [7, 8, 9])
+    >>> [quantile_slice(order, q, 3).tolist() for q in (0.0, 0.5, 1.0)]
+    [[0, 1, 2], [3, 4, 5], [7, 8, 9]]
     """
     n = len(order)
     if not 0 <= quantile <= 1 or not 1 <= size <= n:
