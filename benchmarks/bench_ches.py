@@ -12,7 +12,7 @@ Everything is measured in one run on the same preference pairs, with the same mo
 * ``naive``     the paper's loop: one example at a time, full ``output_hidden_states`` and full logits, float32;
 * ``tokenize``  TRL tokenization of each map batch alone, on the host (the map overlaps most of it with the model).
 
-Targets (issue 2): on CPU, map ≤ 1.15 × limit time and faster than naive; on a GPU, map ≥ 0.9 × limit throughput,
+Targets: on CPU, map ≤ 1.15 × limit time and faster than naive; on a GPU, map ≥ 0.9 × limit throughput,
 CHES-only ≥ 0.9 × trunk throughput, ≥ 10× naive, peak memory far below full-vocabulary logits.
 
     python benchmarks/bench_ches.py                    # CPU: llama-shaped, hidden 256, vocab 16k, 256 pairs

@@ -9,7 +9,7 @@ sums back, waits for the queue to drain (a sleep, which releases the GIL as a CU
 accelerator path (tokenize ahead on threads, longest first). The emulated *limit* is the device time of all pairs
 packed at once with no host work at all. Not a test.
 
-Defaults: the trunk throughput of Qwen2.5-0.5B on an H200 (``performance.md``), CHES-only scores, real tokenizer,
+Defaults: the trunk throughput of Qwen2.5-0.5B on an H200 (``benchmarks/README.md``), CHES-only scores, real tokenizer,
 real ``datasets``. ``--synchronous`` makes the host wait for every micro-batch instead (what a device copy from
 pageable memory or a ``.item()`` inside the loop would do). Kernel launches are left out, and this host's 2 cores
 tokenize slower than a GPU host's.

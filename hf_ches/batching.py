@@ -1,8 +1,8 @@
 """Sequences → micro-batches: sort by length, pack under a token budget, pad on the right.
 
 Sorting by length before packing is what makes batched scoring fast: rows of similar length waste little padding,
-so a micro-batch of ``rows × longest`` tokens is mostly real tokens (``performance.md``: 2.3–5× over fixed-size
-batches in random order). Right padding keeps every real token at its own position, so with a causal model the
+so a micro-batch of ``rows × longest`` tokens is mostly real tokens, far more than fixed-size batches in random
+order (``docs/speed.md`` §2). Right padding keeps every real token at its own position, so with a causal model the
 hidden states of real tokens do not depend on the padding at all: no attention mask is needed.
 
 >>> plan_microbatches([5, 2, 9, 3], token_budget=10)

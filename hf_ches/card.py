@@ -55,7 +55,8 @@ _SIZE_CATEGORIES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K
 class RunInfo:
     """Where the pairs and their scores came from and how they were selected (the card's provenance block).
 
-    Model fields are None when the scores came with the input. ``command`` is the command line that reproduces
+    Model fields are None when the scores came with the input and it holds no record of them (`scoring_record`).
+    ``command`` is the command line that reproduces
     the dataset (it never holds a token).
     """
 
@@ -70,7 +71,8 @@ class RunInfo:
     model_fingerprint: str | None = None
     tokenizer: str | None = None
     chat_template_sha256: str | None = None
-    dtype: str | None = None
+    dtype: str | None = None  # as loaded, e.g. "float32"
+    device: str | None = None  # as loaded, e.g. "cpu" or "cuda:0"
     max_length: int | None = None
     boundary: str | None = None  # "trl" or "strict" (hf_ches.pairs.tokenize_pairs)
     rule: SelectionRule = field(default_factory=SelectionRule)
@@ -128,16 +130,30 @@ def num_shifted(selection: Selection) -> int | None:
     return int(np.count_nonzero(np.asarray(selection.scored[SHIFT_COLUMN])))
 
 
-def run_record(info: RunInfo, selections: dict[str, Selection]) -> dict[str, Any]:
-    """The run's parameters and results as plain JSON-able data: ``RUN_JSON_PATH`` and the card's ``hf_ches`` block."""
-    rule = info.rule
+# The `RunInfo` fields of the model that made the scores.
+SCORING_FIELDS = ("model", "model_revision", "model_commit", "model_fingerprint", "tokenizer", "chat_template_sha256",
+                  "dtype", "device", "max_length", "boundary")
+
+
+def scoring_record(info: RunInfo) -> dict[str, Any]:
+    """Where the pairs and their scores came from, as plain JSON-able data. `hf-ches score` writes it (with the
+    command) to ``RUN_JSON_PATH`` beside the scored splits, and `run_record` starts with it; the ``scoring`` block
+    holds the `RunInfo` fields of the same names, so a later run on those scores keeps their provenance.
+
+    >>> scoring_record(RunInfo(source_dataset="org/prefs", model="m"))["scoring"]["model"]
+    'm'
+    """
     return {
         "hf_ches_version": info.hf_ches_version,
         "source": {"dataset": info.source_dataset, "config": info.source_config, "revision": info.source_revision},
-        "scoring": {"model": info.model, "model_revision": info.model_revision, "model_commit": info.model_commit,
-                    "model_fingerprint": info.model_fingerprint, "tokenizer": info.tokenizer,
-                    "chat_template_sha256": info.chat_template_sha256, "dtype": info.dtype,
-                    "max_length": info.max_length, "boundary": info.boundary},
+        "scoring": {name: getattr(info, name) for name in SCORING_FIELDS},
+    }
+
+
+def run_record(info: RunInfo, selections: dict[str, Selection]) -> dict[str, Any]:
+    """The run's parameters and results as plain JSON-able data: ``RUN_JSON_PATH`` and the card's ``hf_ches`` block."""
+    rule = info.rule
+    return scoring_record(info) | {
         "selection": {"score_column": rule.score_column, "rule": rule.kind, "value": rule.value,
                       "group_by": rule.group_by, "description": rule.describe(),
                       "nan_scores": f"removed with {REASON_COLUMN}=nan_score"},

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import shutil
 import time
 from contextlib import contextmanager
@@ -62,7 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="model to score with (default: the real SmolLM2-135M-Instruct from PyPI)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                         help="model dtype (sums are float32 either way); default: bfloat16 where the CPU has native "
-                             "bfloat16 matrix units (1.6x faster there), else float32")
+                             "bfloat16 matrix units (faster there), else float32")
     parser.add_argument("--output_dir", default="hf-ches-demo", help="where the hub data, card and plot go")
     parser.add_argument("--remove_top", type=float, default=0.1, help="fraction of pairs removed per format")
     return parser.parse_args(argv)
@@ -76,10 +75,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from hf_ches.hub_server import LocalHub, clients_pointed_at
     from hf_ches.metric import RankingAccuracy
-    from hf_ches.pipeline import ScriptArguments, run
+    from hf_ches.pipeline import ScriptArguments, command_logging, run
     from hf_ches.transform import CHESScorer
 
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    command_logging()
     out = Path(args.output_dir).resolve()
     if out.exists():
         shutil.rmtree(out)

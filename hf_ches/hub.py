@@ -4,7 +4,10 @@ A `Publication` is built offline from the selection: the data of each config (se
 number of parquet shards of each split (so the dry run and the push name the same files), the card, the score
 histogram and the run's parameters. `publish` then:
 
-1. checks the token (``whoami``: 401 → bad token, read-only → refused) and creates the repo if needed;
+1. `check_target` (which the pipeline also calls before any work): the token (``whoami``: 401 → bad token,
+   read-only → refused), the namespace (the user's or one of their orgs; a bare repo id goes to the user's), and
+   what the repo holds (a publication of another source is refused without ``overwrite``); then it creates the repo
+   if needed;
 2. pushes each config with ``DatasetDict.push_to_hub`` (one commit each; ``push_to_hub`` deletes the config's stale
    shards and writes the config's ``configs``/``dataset_info`` into the README, keeping the rest of it);
 3. reads back the ``dataset_info`` that ``push_to_hub`` measured, renders the card with it (so pushing the card last
@@ -20,17 +23,23 @@ the files the push adds, at the same paths (the Hub's own ``.gitattributes`` asi
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, DatasetCard, HfApi, get_token
-from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from tqdm.auto import tqdm
 
 from hf_ches.card import (
@@ -44,6 +53,7 @@ from hf_ches.card import (
     histogram_bytes,
     render_card,
     run_json_bytes,
+    scoring_record,
 )
 from hf_ches.filtering import Selection
 
@@ -73,6 +83,7 @@ class PublishOptions:
     create_pr: bool = False  # open one pull request with all the commits instead of pushing to the branch
     token: str | None = field(default=None, repr=False)
     commit_message: str = DEFAULT_COMMIT_MESSAGE
+    overwrite: bool = False  # replace a publication of another source dataset (otherwise refused)
 
 
 @dataclass(frozen=True)
@@ -133,6 +144,28 @@ def build_publication(repo_id: str, info: RunInfo, selections: dict[str, Selecti
     )
 
 
+@contextmanager
+def quiet_writes() -> Iterator[None]:
+    """While shards are written or pushed, only hf-ches' own progress bar shows: datasets' per-file bars ("Creating
+    parquet from Arrow format", "Uploading the dataset shards"), huggingface_hub's per-file upload bars and
+    datasets' warning "Setting num_proc from 1 back to 1", given for every one-shard split, are off. Everything is
+    restored afterwards, so a caller's own settings stand."""
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from huggingface_hub.utils import disable_progress_bars as hub_bars_off
+
+    datasets_logger = logging.getLogger("datasets")
+    level, bars_were_on = datasets_logger.level, not are_progress_bars_disabled()
+    datasets_logger.setLevel(logging.ERROR)
+    disable_progress_bars()
+    try:
+        with hub_bars_off():
+            yield
+    finally:
+        datasets_logger.setLevel(level)
+        if bars_were_on:
+            enable_progress_bars()
+
+
 # ---- dry run ------------------------------------------------------------------------------------------------------
 def write_shards(configs: dict[str, dict[str, Dataset]], shards: dict[str, dict[str, int]], folder: Path) -> None:
     """Write each config split as parquet shards at the paths ``push_to_hub`` uses."""
@@ -145,14 +178,15 @@ def write_shards(configs: dict[str, dict[str, Dataset]], shards: dict[str, dict[
                 ds.shard(num_shards=n, index=i, contiguous=True).to_parquet(str(path))
 
 
-def check_output_dir(folder: str | Path) -> None:
-    """Raise unless ``folder`` is missing, empty, or an earlier hf-ches output (which `write_local` replaces)."""
+def check_output_dir(folder: str | Path, marker: str = RUN_JSON_PATH) -> None:
+    """Raise unless ``folder`` is missing, empty, or an earlier hf-ches output (which holds ``marker``, and which
+    the new output replaces)."""
     folder = Path(folder)
     if folder.is_file():
         raise ValueError(f"output_dir {str(folder)!r} is a file; expected a folder")
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / RUN_JSON_PATH).is_file():
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / marker).is_file():
         raise ValueError(f"output_dir {str(folder)!r} is not empty and holds no earlier hf-ches output "
-                         f"({RUN_JSON_PATH}); choose a new or empty folder")
+                         f"({marker}); choose a new or empty folder")
 
 
 def _prepare_folder(folder: Path) -> None:
@@ -174,11 +208,23 @@ def write_local(publication: Publication, folder: str | Path) -> list[str]:
     """
     folder = Path(folder)
     _prepare_folder(folder)
-    write_shards(publication.configs, publication.num_shards, folder)
+    with quiet_writes():
+        write_shards(publication.configs, publication.num_shards, folder)
     for path, content in {README: card_bytes(publication.card()), **publication.files}.items():
         (folder / path).parent.mkdir(parents=True, exist_ok=True)
         (folder / path).write_bytes(content)
     return publication.paths()
+
+
+def write_scored(dataset: DatasetDict, info: RunInfo, folder: str | Path) -> None:
+    """`hf-ches score`'s output: ``save_to_disk`` of the scored splits, and beside them ``RUN_JSON_PATH`` with
+    `scoring_record` (and the command), so that a later filter of this folder keeps the scores' provenance."""
+    folder = Path(folder)
+    _prepare_folder(folder)
+    dataset.save_to_disk(str(folder))
+    (folder / RUN_JSON_PATH).parent.mkdir(parents=True, exist_ok=True)
+    record = scoring_record(info) | {"command": info.command}
+    (folder / RUN_JSON_PATH).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
 # ---- push ---------------------------------------------------------------------------------------------------------
@@ -222,21 +268,79 @@ def _dataset_info(api: HfApi, repo_id: str, revision: str, configs: list[str]) -
     return [entry for entry in found if entry.get("config_name", "default") in configs]
 
 
-def publish(publication: Publication, options: PublishOptions) -> PublishResult:
-    """Push ``publication`` to ``options.repo_id`` (see the module docstring); re-running updates the repo."""
-    token = options.token or get_token()
+def run_source(record: dict) -> tuple[str, str | None]:
+    """The (dataset, config) a CHES publication was made from, read from its ``ches/run.json``.
+
+    >>> run_source({"source": {"dataset": "org/prefs", "config": None, "revision": "abc"}})
+    ('org/prefs', None)
+    """
+    return record["source"]["dataset"], record["source"]["config"]
+
+
+def check_target(repo_id: str, token: str | None, source: tuple[str, str | None], *, record_path: str = RUN_JSON_PATH,
+                 record_source: Callable[[dict], tuple] = run_source, overwrite: bool = False,
+                 revision: str | None = None) -> str:
+    """Before any work, check where a push will go and return the full repo id.
+
+    Who the token belongs to (``whoami``: no token, 401 and read-only tokens are refused); a bare ``repo_id`` goes
+    to that user's namespace; the namespace must be the user's or one of their orgs; and an existing repo must hold
+    nothing, or a record (``record_path``, JSON) of the same ``source`` as ``record_source`` reads it. Anything else
+    is refused, saying what the repo holds, unless ``overwrite``. Raises `PublishError`.
+    """
+    token = token or get_token()
     if not token:
         raise PublishError("no Hugging Face token: set HF_TOKEN, run `hf auth login`, or pass --token")
     api = HfApi(token=token)
-    repo_id, endpoint = options.repo_id, api.endpoint
+    with _step("checking the token", repo_id, api.endpoint, token):
+        who = api.whoami()
+    user = who.get("name")
+    if who.get("auth", {}).get("accessToken", {}).get("role") == "read":
+        raise PublishError(f"the token of {user!r} is read-only; pushing needs a write token")
+    repo_id = repo_id if "/" in repo_id else f"{user}/{repo_id}"
+    namespace, writable = repo_id.split("/")[0], [user, *(org.get("name") for org in who.get("orgs") or [])]
+    if namespace not in writable:
+        raise PublishError(f"--repo_id {repo_id}: the token of {user!r} can write only to {writable}; use a repo "
+                           f"there (e.g. {user}/{repo_id.split('/')[1]}) or a token of {namespace!r}")
+    with _step(f"reading what {repo_id} holds", repo_id, api.endpoint, token):
+        held = None if overwrite else _held_elsewhere(api, repo_id, revision, record_path, record_source, source)
+    if held:
+        raise PublishError(f"--repo_id {repo_id} already holds {held}; pass --overwrite to replace it, or choose "
+                           "another --repo_id")
+    return repo_id
+
+
+def _held_elsewhere(api: HfApi, repo_id: str, revision: str | None, record_path: str,
+                    record_source: Callable[[dict], tuple], source: tuple) -> str | None:
+    """What ``repo_id`` holds that a push of ``source`` would replace, or None (no repo, empty, or the same source).
+    A branch that does not exist yet starts from main, so main is what it holds then."""
+    try:
+        files = api.list_repo_files(repo_id, repo_type="dataset", revision=revision)
+    except RepositoryNotFoundError:
+        return None
+    except RevisionNotFoundError:
+        revision, files = None, api.list_repo_files(repo_id, repo_type="dataset")
+    if record_path not in files:
+        others = [f for f in files if f not in (".gitattributes", README)]
+        return f"{len(others)} files and no {record_path} (not this kind of publication)" if others else None
+    path = api.hf_hub_download(repo_id, record_path, repo_type="dataset", revision=revision)
+    found = tuple(record_source(json.loads(Path(path).read_text(encoding="utf-8"))))
+    if found == tuple(source):
+        return None
+    config = f" (config {found[1]!r})" if found[1] else ""
+    return f"a publication of {found[0]!r}{config} ({record_path}), not of {source[0]!r}"
+
+
+def publish(publication: Publication, options: PublishOptions) -> PublishResult:
+    """Push ``publication`` to ``options.repo_id`` (see the module docstring); re-running updates the repo."""
+    token = options.token or get_token()
+    source = (publication.info.source_dataset, publication.info.source_config)
+    repo_id = check_target(options.repo_id, token, source, overwrite=options.overwrite, revision=options.revision)
+    api = HfApi(token=token)
+    endpoint = api.endpoint
 
     def step(what: str):
         return _step(what, repo_id, endpoint, token)
 
-    with step("checking the token"):
-        who = api.whoami()
-    if who.get("auth", {}).get("accessToken", {}).get("role") == "read":
-        raise PublishError(f"the token of {who.get('name')!r} is read-only; pushing needs a write token")
     with step(f"creating the dataset repo {repo_id}"):
         repo_id = api.create_repo(repo_id, repo_type="dataset", private=options.private, exist_ok=True).repo_id
         if options.private and not api.dataset_info(repo_id).private:
@@ -245,7 +349,7 @@ def publish(publication: Publication, options: PublishOptions) -> PublishResult:
     revision, pr_url = options.revision or "main", None
     pr_pending = options.create_pr  # until a commit opens the PR (a push that changes nothing opens none)
     for config, splits in tqdm(publication.configs.items(), desc="Publishing configs", unit="config"):
-        with step(f"pushing the {config!r} config to {repo_id}@{revision}"):
+        with step(f"pushing the {config!r} config to {repo_id}@{revision}"), quiet_writes():
             info = DatasetDict(splits).push_to_hub(
                 repo_id, config_name=config, token=token, revision=revision, create_pr=pr_pending,
                 num_shards=publication.num_shards[config], commit_message=f"{options.commit_message} ({config} config)")

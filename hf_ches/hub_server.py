@@ -1,7 +1,7 @@
 """A loopback Hugging Face Hub: enough of the Hub's HTTP protocol for huggingface_hub and datasets to push and load.
 
 Why: tests and the offline demo publish datasets for real (``create_repo``, ``push_to_hub``, ``upload_file``,
-``load_dataset``) with no internet, and no installable Hub server exists (see ``shared/spec/hub-protocol.md``).
+``load_dataset``) with no internet, and no installable Hub server exists (``docs/hub-protocol.md`` §1).
 This one is stdlib only and binds 127.0.0.1 only.
 
 Storage under ``--data-dir``: ``blobs/<sha256>`` holds file contents, content-addressed and shared by all repos;
@@ -324,7 +324,7 @@ class HubHandler(BaseHTTPRequestHandler):
     """Routes each request through ``ROUTES`` to a ``route_<name>`` method; errors are ``HubError``s."""
 
     protocol_version = "HTTP/1.1"  # keep-alive: every answer has a Content-Length and request bodies are drained
-    disable_nagle_algorithm = True  # keep-alive answers otherwise wait ~40 ms on delayed ACKs (Nagle)
+    disable_nagle_algorithm = True  # keep-alive answers otherwise wait for delayed ACKs (Nagle)
     server: HubServer
     account: Account | None  # who sent the request being handled; None for anonymous
     timeout = 300

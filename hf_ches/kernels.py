@@ -1,7 +1,8 @@
 """Gradient-kernel pair scores: the empirical NTK of ``ln π(y|x)`` over a chosen parameter subset, per pair.
 
 For any DPO-type loss ``ℓ(u)`` of the pair margin ``u`` (DPO: ``ℓ(u) = −log σ(β u)``), gradient flow on the pair
-moves the chosen completion's log-likelihood by (Malladi et al. 2023; Razin et al. 2024, App. E; ``papers.md`` §3.2)
+moves the chosen completion's log-likelihood by (Malladi et al. 2023; Razin et al. 2024, App. E;
+``docs/scores.md`` §3.1)
 
     d/dt ln π(y+|x) = −ℓ′(u) · [K(y+,y+) − K(y+,y−)],    K(a,b) = <∇θ ln π(a|x), ∇θ ln π(b|x)>,
 

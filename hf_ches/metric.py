@@ -7,9 +7,12 @@ re-exports it, which makes `evaluate.load("metrics/ranking_accuracy")` (or any p
 lives in `hf_ches.ranking`; `_compute` is one call into it.
 
 `add_batch` (which `compute(**inputs)` calls) hands whole columns to pyarrow. evaluate's own `add_batch` encodes
-every value in Python (`Features.encode_batch`), about 1 s per million values and input; pyarrow converts the same
-lists or arrays in C, with the same result.
+every value in Python (`Features.encode_batch`); pyarrow converts the same lists or arrays in C, with the same
+result (`docs/speed.md` §5; timings in `benchmarks/README.md`).
 """
+
+import dataclasses
+import difflib
 
 import datasets
 import evaluate
@@ -156,12 +159,17 @@ class RankingAccuracy(evaluate.Metric):
             inputs_description=_KWARGS_DESCRIPTION,
             features=datasets.Features(_FEATURES[self.config_name]),
             # Arrow columns, which `_from_arrow` turns into float64/int64 arrays: datasets' numpy formatter would
-            # cast float64 to float32 (merging near-ties of log-prob sums), and Python lists cost ~0.1 s per million
-            # values. evaluate allows a format only when every feature is a Value, so "listwise" gets lists.
+            # cast float64 to float32 (merging near-ties of log-prob sums), and Python lists are slow to build.
+            # evaluate allows a format only when every feature is a Value, so "listwise" gets lists.
             format=None if self.config_name == "listwise" else "arrow",
             reference_urls=["https://arxiv.org/abs/2405.19534"],
             codebase_urls=["https://github.com/angie-chen55/pref-learning-ranking-acc"],
         )
+
+    def compute(self, **kwargs):
+        """`evaluate.Metric.compute`, after `check_inputs`: a misspelt or missing input is a one-line error."""
+        check_inputs(self.config_name, kwargs, batches_added=self.writer is not None)
+        return super().compute(**kwargs)
 
     def add_batch(self, **inputs) -> None:
         """Add a batch of inputs, as `evaluate.Metric.add_batch` does; `compute(**inputs)` calls it too.
@@ -172,8 +180,9 @@ class RankingAccuracy(evaluate.Metric):
         unknown or missing inputs, columns of different lengths) goes through evaluate's own `add_batch`, so its
         coercions and error messages are unchanged. The rows go to the same writer, so the cache files and
         evaluate's distributed mode work as before. A dataset column (`ds["chosen_logps"]`, a lazy `Column` in
-        datasets >= 4) is read in one slice rather than row by row (~17 s per million rows).
+        datasets >= 4) is read in one slice rather than row by row.
         """
+        check_inputs(self.config_name, inputs, options=False)
         inputs = {name: values[:] if isinstance(values, _COLUMN) else values for name, values in inputs.items()}
         columns = self._arrow_columns(inputs)
         if columns is None:
@@ -198,6 +207,35 @@ class RankingAccuracy(evaluate.Metric):
     def _compute(self, **inputs_and_options) -> dict:
         inputs = {name: _from_arrow(inputs_and_options.pop(name)) for name in self._feature_names()}
         return COMPUTE[self.config_name](**inputs, options=ranking.RankingOptions(**inputs_and_options))
+
+
+def check_inputs(config_name: str, names: dict | list, batches_added: bool = False, options: bool = True) -> None:
+    """Raise a one-line ValueError for a keyword that is neither an input of ``config_name`` nor (with ``options``)
+    a `RankingOptions` field, or for an input of the config that is missing. Without this, evaluate reports a
+    misspelt input as a missing cache file, and a missing one as a TypeError deep in the computation.
+    ``batches_added``: inputs came through ``add_batch`` already, so ``compute`` may pass none.
+
+    >>> check_inputs("default", ["chosen_logp", "rejected_logps"])
+    Traceback (most recent call last):
+    ...
+    ValueError: chosen_logp: not an input of the 'default' config (did you mean 'chosen_logps'?); its inputs are ['chosen_logps', 'rejected_logps']
+    >>> check_inputs("length_normalized", ["chosen_logps", "rejected_logps"])
+    Traceback (most recent call last):
+    ...
+    ValueError: the 'length_normalized' config needs chosen_num_tokens, rejected_num_tokens too; pass them to compute() or add_batch()
+    """
+    inputs = list(_FEATURES[config_name])
+    known = inputs + ([f.name for f in dataclasses.fields(ranking.RankingOptions)] if options else [])
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{name}: not an input of the {config_name!r} config{hint}; its inputs are {inputs}")
+    given = [name for name in names if not isinstance(names, dict) or names[name] is not None]
+    missing = [name for name in inputs if name not in given]
+    if missing and not (batches_added and len(missing) == len(inputs)):
+        raise ValueError(f"the {config_name!r} config needs {', '.join(missing)} too; pass them to compute() or "
+                         "add_batch()")
 
 
 def _from_arrow(column: pa.ChunkedArray | list) -> np.ndarray | list:

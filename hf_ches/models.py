@@ -183,6 +183,84 @@ def _check_gguf_header(path: Path) -> None:
                               "(an HTML error page, a Git LFS pointer or a partial download?)")
 
 
+def looks_like_path(name_or_path: str) -> bool:
+    """True when ``name_or_path`` can only be a local path: it is absolute, starts with ``.`` or ``~``, or has more
+    than one ``/`` (a Hub id is ``name`` or ``namespace/name``).
+
+    >>> looks_like_path("./models/no_such_model"), looks_like_path("Qwen/Qwen2.5-0.5B"), looks_like_path("a/b/c")
+    (True, False, True)
+    """
+    return name_or_path.startswith((".", "~", "/")) or name_or_path.count("/") > 1 or "\\" in name_or_path
+
+
+def check_model_path(name_or_path: str) -> None:
+    """Raise a one-line ValueError when ``name_or_path`` can only be a local path and nothing is there, instead of
+    transformers' traceback that ends in "Repo id must be in the form ..." and never says the path is missing.
+
+    >>> check_model_path("./models/no_such_model")
+    Traceback (most recent call last):
+    ...
+    ValueError: model './models/no_such_model': no such file or folder; pass an existing model folder, a .gguf file, a Hub id (namespace/name) or 'smollm2'
+    """
+    if name_or_path != DEFAULT_MODEL and looks_like_path(name_or_path) and not os.path.exists(
+            os.path.expanduser(name_or_path)):
+        raise ValueError(f"model {name_or_path!r}: no such file or folder; pass an existing model folder, a .gguf "
+                         f"file, a Hub id (namespace/name) or {DEFAULT_MODEL!r}")
+
+
+def check_model(name_or_path: str, revision: str | None = None, token: str | None = None) -> None:
+    """Before any work: the model exists, as a local path (`check_model_path`) or, for a Hub id with no local folder
+    of that name, on the Hub at that revision. Raises a one-line ValueError saying what is missing and what to do.
+    A Hub that cannot be reached is left to the load (which may find the model in the local cache)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+
+    check_model_path(name_or_path)
+    if name_or_path == DEFAULT_MODEL or os.path.exists(name_or_path) or hub_constants.HF_HUB_OFFLINE:
+        return
+    api = HfApi(token=token)
+    try:
+        api.model_info(name_or_path, revision=revision)
+    except HFValidationError:
+        raise ValueError(f"model {name_or_path!r}: not a local file or folder, nor a Hub id (namespace/name)") from None
+    except RevisionNotFoundError:
+        raise ValueError(f"model {name_or_path!r}: the Hub at {api.endpoint} has no revision {revision!r}; pass an "
+                         "existing branch, tag or commit") from None
+    except RepositoryNotFoundError:
+        raise ValueError(f"model {name_or_path!r}: no such local folder, and no such model on the Hub at "
+                         f"{api.endpoint} (or it is private: pass a token that can read it)") from None
+    except Exception as error:  # network trouble: the load itself may still work from the cache
+        logger.debug("Could not check %s on the Hub: %s", name_or_path, error)
+
+
+def model_commit(name_or_path: str, revision: str | None = None) -> str | None:
+    """The commit the model's files come from: the ``snapshots/<sha>`` folder of the Hub cache they were loaded
+    from (a Hub id is looked up in the cache, without network), or None for other local files.
+    (transformers 5 no longer sets ``config._commit_hash``.)
+
+    >>> model_commit("/cache/models--org--m/snapshots/" + "a" * 40), model_commit("/tmp/my-model")
+    ('aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa', None)
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    path = name_or_path
+    if not looks_like_path(name_or_path) and not os.path.exists(name_or_path) and name_or_path != DEFAULT_MODEL:
+        found = try_to_load_from_cache(name_or_path, "config.json", revision=revision)
+        path = found if isinstance(found, str) else ""
+    match = re.search(r"snapshots[/\\]([0-9a-f]{40})(?:[/\\]|$)", str(path))
+    return match.group(1) if match else None
+
+
+def loaded_as(model: torch.nn.Module) -> dict[str, str]:
+    """The dtype and device a model was loaded with, as provenance records them (resolved, never None).
+
+    >>> loaded_as(torch.nn.Linear(2, 2))
+    {'dtype': 'float32', 'device': 'cpu'}
+    """
+    parameter = next(model.parameters())
+    return {"dtype": str(parameter.dtype).removeprefix("torch."), "device": str(parameter.device)}
+
+
 def resolve_model_path(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
     """The ``(pretrained_model_name_or_path, gguf_file)`` pair to hand to ``from_pretrained``.
 
@@ -192,6 +270,7 @@ def resolve_model_path(name_or_path: str, gguf_file: str | None = None) -> tuple
     >>> resolve_model_path("gpt2")
     ('gpt2', None)
     """
+    check_model_path(name_or_path)
     if name_or_path == DEFAULT_MODEL:
         _require_gguf_support()  # before a 93 MB download that could not be used
         file = fetch_smollm2()

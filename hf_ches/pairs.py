@@ -61,10 +61,13 @@ class Row:
     chosen: Any
     rejected: Any
     template_kwargs: dict = field(default_factory=dict)
+    problem: str | None = None  # a cell that cannot be read, with on_invalid="flag": the row is flagged, not scored
 
     def sizes(self) -> tuple[int, int]:
         """Characters of prompt + chosen and of prompt + rejected: a guess at the sequences' lengths before
         tokenization (token counts follow character counts closely), to order the work longest first."""
+        if self.problem is not None:
+            return 0, 0
         prompt = _characters(self.prompt)
         return prompt + _characters(self.chosen), prompt + _characters(self.rejected)
 
@@ -132,13 +135,19 @@ def extract_prompt(example: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": chosen[:idx], "chosen": chosen[idx:], "rejected": rejected[idx:]}
 
 
-def read_rows(batch: dict[str, list], indices: Sequence[int]) -> list[Row]:
+def read_rows(batch: dict[str, list], indices: Sequence[int], on_invalid: OnInvalid = "raise") -> list[Row]:
     """Check a batch of preference rows (a ``Dataset.map`` batch) and return one :class:`Row` per input row.
 
     ``chosen`` and ``rejected`` of all rows must share one format; conversational completions must hold an
     assistant turn. The prompt is the ``prompt`` column when it has the completions' format, else it is extracted
     from the completions (TRL's ``maybe_extract_prompt``): a string prompt beside message lists that repeat the
-    user turn is ignored.
+    user turn is ignored. A cell that is not a string or a list of messages (a CSV's missing value is None) raises
+    a :class:`PairError` that names every such row of the batch, or with ``on_invalid="flag"`` gives a flagged
+    row (``problem`` set).
+
+    >>> [row.problem for row in read_rows({"prompt": ["a", "b"], "chosen": [None, "x"], "rejected": ["y", "z"]},
+    ...                                   [3, 4], on_invalid="flag")]
+    ["column 'chosen': expected a string or a non-empty list of messages, found None", None]
 
     >>> read_rows({"chosen": ["Q: hi A: yes"], "rejected": ["Q: hi A: no"]}, [7])[0].prompt
     'Q: hi A:'
@@ -157,11 +166,17 @@ def read_rows(batch: dict[str, list], indices: Sequence[int]) -> list[Row]:
     n = len(batch["chosen"])
     if n == 0:
         raise PairError(first, "chosen", "no rows to score (empty dataset or batch)")
-    rows, batch_format, format_origin = [], None, None
+    rows, batch_format, format_origin, bad = [], None, None, []
     for i in range(n):
         idx = int(indices[i])
-        for column in ("chosen", "rejected"):
-            fmt = _value_format(batch[column][i], idx, column)
+        try:
+            formats = [(column, _value_format(batch[column][i], idx, column)) for column in ("chosen", "rejected")]
+            prompt_format = _value_format(batch["prompt"][i], idx, "prompt") if "prompt" in batch else None
+        except PairError as err:
+            bad.append(err)
+            rows.append(Row(idx, None, None, None, problem=str(err).split(", ", 1)[1]))
+            continue
+        for column, fmt in formats:
             if batch_format is None:
                 batch_format, format_origin = fmt, (idx, column)
             elif fmt != batch_format:
@@ -171,7 +186,7 @@ def read_rows(batch: dict[str, list], indices: Sequence[int]) -> list[Row]:
                     "lists)"
                 )
         cells = {"chosen": batch["chosen"][i], "rejected": batch["rejected"][i]}
-        if "prompt" in batch and _value_format(batch["prompt"][i], idx, "prompt") == batch_format:
+        if prompt_format == batch_format:
             cells["prompt"] = batch["prompt"][i]
         else:
             cells = extract_prompt(cells)
@@ -185,6 +200,10 @@ def read_rows(batch: dict[str, list], indices: Sequence[int]) -> list[Row]:
                 if not any(m["role"] == "assistant" for m in cells[column]):
                     raise PairError(idx, column, "conversational completion without an assistant turn")
         rows.append(Row(idx, cells["prompt"], cells["chosen"], cells["rejected"], _template_kwargs(batch, i)))
+    if bad and on_invalid == "raise":
+        others = (f"; rows {[err.row for err in bad[1:]]} cannot be read either (pass on_invalid='flag' to flag "
+                  "such rows and go on)") if len(bad) > 1 else ""
+        raise PairError(bad[0].row, bad[0].column, str(bad[0]).split(": ", 1)[1] + others)
     return rows
 
 
@@ -254,6 +273,11 @@ def tokenize_pairs(
     ...
     hf_ches.pairs.PairError: row 3, column 'prompt': the tokenized prompt is not a prefix ...
     """
+    flagged = {row.index: TokenizedPair(row.index, [], [], [], problem=row.problem) for row in rows if row.problem}
+    if flagged:  # rows that could not be read are flagged as they are; the others are tokenized together
+        readable = [row for row in rows if not row.problem]
+        clean = iter(tokenize_pairs(readable, tokenizer, max_length, on_invalid, boundary) if readable else [])
+        return [flagged[row.index] if row.problem else next(clean) for row in rows]
     prompts, chosen, rejected, templated = _texts(rows, tokenizer)
     encode = dict(add_special_tokens=False) if templated else {}
     ids = tokenizer(prompts + chosen + rejected, **encode)["input_ids"]

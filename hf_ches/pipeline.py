@@ -10,13 +10,16 @@ into it. Stages:
 * ``publish``: the same, then push to ``--repo_id`` with ``--push_to_hub`` (or write ``--output_dir``).
 
 Everything that can be checked without the network (the rule, the repo id, the token's presence, the folders, the
-splits and columns once the data is loaded) is checked before the model is loaded or anything is pushed.
+splits and columns once the data is loaded) is checked first; then, still before the model is loaded, the Hub:
+who the token belongs to, whether it can write the target's namespace, what the target repo holds
+(`hf_ches.hub.check_target`), and whether the model exists (`hf_ches.models.check_model`).
 """
 
 from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import logging
 import os
 import shlex
@@ -26,8 +29,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from huggingface_hub import DatasetCard
 
-from hf_ches.card import RunInfo
+from hf_ches.card import RUN_JSON_PATH, SCORING_FIELDS, RunInfo
 from hf_ches.filtering import (
     DEFAULT_REMOVE_TOP,
     DEFAULT_SCORE_COLUMN,
@@ -43,9 +47,12 @@ from hf_ches.hub import (
     PublishResult,
     build_publication,
     check_output_dir,
+    check_target,
     publish,
     write_local,
+    write_scored,
 )
+from hf_ches.models import check_model, loaded_as, model_commit
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +148,9 @@ class ScriptArguments:
                                                            "refused)."})
     revision: str | None = field(default=None, metadata={"help": "Branch to push to; main when not given."})
     create_pr: bool = field(default=False, metadata={"help": "Open a pull request instead of pushing to the branch."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Replace what --repo_id holds when it is not an earlier publication of this source dataset "
+                "(otherwise refused before any work)."})
     commit_message: str | None = field(default=None, metadata={"help": "Commit message of the push."})
     token: str | None = shared_field("token")
     output_dir: str | None = field(default=None, metadata={
@@ -207,27 +217,68 @@ def _is_hub_id(name: str) -> bool:
     return not os.path.exists(name) and not glob.has_magic(name) and Path(name).suffix not in DATA_FILE_BUILDERS
 
 
+def folder_data_files(folder: str, config: str | None) -> dict[str, list[str]] | None:
+    """The data files per split of ``config`` (default: the card's default config) of a local dataset folder, as
+    its card's YAML ``configs`` declare them; None when it declares none.
+
+    Loading such a folder by its path would be cached by the folder's name and the config alone (datasets 5.2): an
+    earlier folder of the same name would come back, or fail to cast. Its files, given as ``data_files``, are
+    cached by what they are. An hf-ches output holds the kept pairs in ``default`` and every pair in ``scored``, so
+    there the config must be named.
+    """
+    readme = Path(folder, "README.md")
+    configs = (DatasetCard.load(readme).data.to_dict().get("configs") or []) if readme.is_file() else []
+    if not configs:
+        return None
+    names = [c["config_name"] for c in configs]
+    if config is None and Path(folder, RUN_JSON_PATH).is_file():
+        raise ValueError(f"--dataset_name {folder!r} is an hf-ches output: pass --dataset_config scored (every pair, "
+                         "to select again) or default (the kept pairs)")
+    default = [c["config_name"] for c in configs if c.get("default") or c["config_name"] == "default"]
+    wanted = config or (default[0] if default else None)
+    if wanted not in names:
+        raise ValueError(f"--dataset_name {folder!r}: " + (f"no config {config!r}" if config else "no default config")
+                         + f"; pass --dataset_config with one of {names}")
+    (entry,) = [c for c in configs if c["config_name"] == wanted]
+    declared = entry.get("data_files") or []
+    if not (isinstance(declared, list) and declared and isinstance(declared[0], dict)):
+        declared = [{"split": "train", "path": declared}]  # the short forms: one pattern or a list of them
+    files = {}
+    for item in declared:
+        patterns = [item["path"]] if isinstance(item["path"], str) else item["path"]
+        files[item["split"]] = sorted(f for p in patterns for f in glob.glob(os.path.join(folder, p)))
+    return files
+
+
+def data_builder(name: str, files: dict[str, list[str]]) -> str:
+    """The `datasets` builder of data files, from their suffix (one kind per dataset).
+
+    >>> data_builder("x", {"train": ["x/data/train-00000-of-00001.parquet"]})
+    'parquet'
+    """
+    suffixes = sorted({Path(f).suffix for split_files in files.values() for f in split_files})
+    if len(suffixes) != 1 or suffixes[0] not in DATA_FILE_BUILDERS:
+        raise ValueError(f"--dataset_name {name!r}: unknown data file type {', '.join(map(repr, suffixes)) or 'none'}; "
+                         f"expected files of one type in {sorted(DATA_FILE_BUILDERS)}")
+    return DATA_FILE_BUILDERS[suffixes[0]]
+
+
 def load_source(args: ScriptArguments) -> DatasetDict:
     """The requested splits of ``--dataset_name`` (Hub id, ``save_to_disk`` folder, dataset folder or data files)."""
     name = args.dataset_name
     if os.path.isdir(name) and (Path(name, "dataset_dict.json").is_file() or Path(name, "state.json").is_file()):
         loaded: Any = load_from_disk(name)
     elif os.path.isfile(name) or glob.has_magic(name) or Path(name).suffix in DATA_FILE_BUILDERS:
-        suffix, files = Path(name).suffix, sorted(glob.glob(name))
-        if suffix not in DATA_FILE_BUILDERS:
-            raise ValueError(f"--dataset_name {name!r}: unknown data file type {suffix!r}; expected one of "
-                             f"{sorted(DATA_FILE_BUILDERS)}")
+        files = sorted(glob.glob(name))
         empty = [f for f in files if os.path.getsize(f) == 0]
         if not files or empty:
             raise ValueError(f"--dataset_name {name!r}: " + (f"split 'train' has no rows (empty file(s) {empty})"
                                                              if files else "no file matches"))
-        loaded = load_dataset(DATA_FILE_BUILDERS[suffix], data_files=files)
+        loaded = load_dataset(data_builder(name, {"train": files}), data_files=files)
+    elif os.path.isdir(name) and (files := folder_data_files(name, args.dataset_config)) is not None:
+        loaded = load_dataset(data_builder(name, files), data_files=files)
     else:
-        # A local folder with a card's `configs` (what --output_dir writes) is cached by folder name and config
-        # alone (datasets 5.2): another folder of the same name loaded earlier would come back, and its split
-        # sizes would be what the rebuilt data is checked against. Rebuild it from its own files, unchecked.
-        fresh = dict(download_mode="force_redownload", verification_mode="no_checks") if os.path.isdir(name) else {}
-        loaded = load_dataset(name, args.dataset_config, revision=args.dataset_revision, token=args.token, **fresh)
+        loaded = load_dataset(name, args.dataset_config, revision=args.dataset_revision, token=args.token)
     dataset = DatasetDict({"train": loaded}) if isinstance(loaded, Dataset) else loaded
     if not isinstance(dataset, DatasetDict):
         raise ValueError(f"--dataset_name {name!r}: expected a map-style dataset, got {type(dataset).__name__}")
@@ -274,10 +325,11 @@ def score_splits(args: ScriptArguments, dataset: DatasetDict) -> tuple[DatasetDi
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
     return scored, {
         "model": args.model_name_or_path, "model_revision": args.model_revision,
-        "model_commit": getattr(model.config, "_commit_hash", None), "model_fingerprint": scorer.identity,
+        "model_commit": model_commit(args.model_name_or_path, args.model_revision),
+        "model_fingerprint": scorer.identity,
         "tokenizer": tokenizer.name_or_path or args.model_name_or_path,
         "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if template else None,
-        "dtype": str(model.dtype).removeprefix("torch."), "max_length": args.max_length, "boundary": args.boundary,
+        **loaded_as(model), "max_length": args.max_length, "boundary": args.boundary,
     }
 
 
@@ -300,19 +352,52 @@ def command_line(args: ScriptArguments, stage: Stage = "publish") -> str:
     return " ".join(parts)
 
 
+def check_target_repo(args: ScriptArguments) -> ScriptArguments:
+    """Before any work: ``--repo_id`` as `hf_ches.hub.check_target` resolves it (a bare name goes to the token's
+    user; a namespace the token cannot write, or a repo holding a publication of another source, is refused)."""
+    repo_id = check_target(args.repo_id, args.token, (args.dataset_name, args.dataset_config),
+                           overwrite=args.overwrite, revision=args.revision)
+    logger.info("Publishing to %s", repo_id)
+    return replace(args, repo_id=repo_id)
+
+
+def inherited_scoring(args: ScriptArguments) -> dict[str, Any]:
+    """The model fields of `RunInfo` recorded with already-scored data (``RUN_JSON_PATH`` of an hf-ches output
+    folder or Hub repo), so that filtering again keeps where the scores came from; empty when there is none."""
+    name = args.dataset_name
+    try:
+        if _is_hub_id(name):
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(name, RUN_JSON_PATH, repo_type="dataset", revision=args.dataset_revision,
+                                   token=args.token)
+        else:
+            path = Path(name, RUN_JSON_PATH)
+        scoring = json.loads(Path(path).read_text(encoding="utf-8"))["scoring"]
+    except Exception:  # no record (most data): the provenance says the scores came with the input
+        return {}
+    return {key: scoring.get(key) for key in SCORING_FIELDS}
+
+
 def run(args: ScriptArguments, stage: Stage = "publish") -> RunResult:
     """Load → (score) → select → write locally or push, as ``stage`` and ``args`` say (module docstring)."""
     rule = check_arguments(args, stage)
-    if args.output_dir and stage != "score":
+    if args.output_dir:
         check_output_dir(args.output_dir)  # before the slow steps
     dataset = load_source(args)
     for split, ds in dataset.items():
         check_selectable(ds, rule, split, require_score=args.model_name_or_path is None)
-    model_fields: dict[str, Any] = {}
+    if args.push_to_hub:  # the Hub checks, after the local ones and before the model is loaded
+        args = check_target_repo(args)
+    if args.model_name_or_path:
+        check_model(args.model_name_or_path, args.model_revision, args.token)
+    model_fields = inherited_scoring(args)
     if args.model_name_or_path:
         dataset, model_fields = score_splits(args, dataset)
+    source = dict(source_dataset=args.dataset_name, source_config=args.dataset_config,
+                  command=command_line(args, stage), **source_metadata(args, dataset), **model_fields)
     if stage == "score":
-        dataset.save_to_disk(args.output_dir)  # `--dataset_name <output_dir>` reads it back
+        write_scored(dataset, RunInfo(**source), args.output_dir)
         logger.info("Saved the scored splits %s to %s", list(dataset), args.output_dir)
         return RunResult(scored=dataset, selections={}, files=[args.output_dir])
     selections = select_splits(dataset, rule)
@@ -320,15 +405,14 @@ def run(args: ScriptArguments, stage: Stage = "publish") -> RunResult:
         r = sel.report
         logger.info("%s: kept %d of %d pairs, removed %d (%d unscorable); rule: %s", split, r.num_kept, r.num_rows,
                     r.num_removed, r.num_unscorable, rule.describe())
-    info = RunInfo(source_dataset=args.dataset_name, source_config=args.dataset_config,
-                   rule=rule, command=command_line(args, stage), **source_metadata(args, dataset), **model_fields)
+    info = RunInfo(rule=rule, **source)
     publication = build_publication(args.repo_id or args.output_dir, info, selections, examples=args.card_examples)
     if not args.push_to_hub:
         files = write_local(publication, args.output_dir)
         logger.info("Dry run: wrote %d files to %s", len(files), args.output_dir)
         return RunResult(scored=dataset, selections=selections, files=files)
     options = PublishOptions(repo_id=args.repo_id, private=args.private, revision=args.revision,
-                             create_pr=args.create_pr, token=args.token,
+                             create_pr=args.create_pr, token=args.token, overwrite=args.overwrite,
                              **({"commit_message": args.commit_message} if args.commit_message else {}))
     pushed = publish(publication, options)
     return RunResult(scored=dataset, selections=selections, files=pushed.files, pushed=pushed)
@@ -341,13 +425,44 @@ def build_parser(prog: str | None = None):
     return HfArgumentParser(ScriptArguments, prog=prog, description=DESCRIPTION)
 
 
+LIBRARIES = ("datasets", "transformers", "huggingface_hub", "evaluate")
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is when a record comes (pytest's capsys swaps it)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def command_logging() -> None:
+    """What a command prints besides its progress bars and report: hf-ches' own messages, once each, as ``LEVEL
+    name: message`` on stderr, and from the libraries (`LIBRARIES`) only errors. datasets' logger has a handler of
+    its own and also passes its records on to the root's, so a root handler (``logging.basicConfig``) printed each
+    of its warnings twice; hf-ches adds none there, and its records still reach the root for whoever listens."""
+    package = logging.getLogger("hf_ches")
+    if not any(isinstance(handler, _Stderr) for handler in package.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        package.addHandler(handler)
+    package.setLevel(logging.INFO)
+    for name in LIBRARIES:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None, stage: Stage = "publish", prog: str | None = None) -> RunResult:
     """Parse ``argv`` (default ``sys.argv[1:]``) and `run`; bad input and failed pushes exit with a one-line error."""
     parser = build_parser(prog)
     (args,) = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("hf_ches").setLevel(logging.INFO)
+    command_logging()
     try:
         return run(args, stage)
     except (ValueError, PublishError) as error:

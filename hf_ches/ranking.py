@@ -27,7 +27,7 @@ from itertools import chain
 import numpy as np
 
 DEFAULT_BETAS = (0.01, 0.1, 1.0, 5.0, 10.0)  # β grid of the paper (Table 1)
-ALPHA_EPSILON = 0.001  # α of 0 or 1 becomes ε or 1 - ε, as in the paper's code (papers.md §2.2)
+ALPHA_EPSILON = 0.001  # α of 0 or 1 becomes ε or 1 - ε, as in the paper's code (docs/scores.md §4.4)
 HUMAN_TIE_EPSILON = 0.01  # ε of Def. C.1 for pairs the raters split evenly on (α = 0.5)
 
 
@@ -225,7 +225,7 @@ def rank_descending(values: np.ndarray) -> np.ndarray:
     """Rank each row from best (1) to worst; equal values share the best rank of their group ("1 1 3").
 
     This equals `n + 1 - scipy.stats.rankdata(row, method="max")`, the convention of the paper's code for model
-    and human rankings alike (papers.md §2.4): rank = 1 + the number of strictly larger values in the row.
+    and human rankings alike (docs/scores.md §4.7): rank = 1 + the number of strictly larger values in the row.
 
     >>> rank_descending(np.array([[3.0, 1.0, 2.0], [5.0, 5.0, 1.0]]))
     array([[1, 3, 2],

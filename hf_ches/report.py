@@ -189,10 +189,23 @@ def compute_results(
 
 
 def model_info(scorer: Any) -> dict:
-    """What identifies a `LogProbScorer`'s model in the report: its name, revision, dtype and weights fingerprint."""
+    """What identifies a `LogProbScorer`'s model in the report: its name, revision and commit, the dtype and device
+    it was loaded with (resolved), and its weights fingerprint."""
+    from hf_ches.models import loaded_as, model_commit
+
     config = scorer.config
-    return {"name_or_path": config.model, "revision": config.revision, "dtype": config.dtype,
+    return {"name_or_path": config.model, "revision": config.revision,
+            "commit": model_commit(config.model, config.revision), **loaded_as(scorer.load()[0]),
             "fingerprint": scorer.identity}
+
+
+def report_source(report: dict) -> tuple[str, str | None]:
+    """The (dataset, config) a report was made on: what `hf_ches.hub.check_target` compares before a push.
+
+    >>> report_source({"dataset": {"name": "org/prefs", "config": None, "splits": ["test"]}})
+    ('org/prefs', None)
+    """
+    return report["dataset"]["name"], report["dataset"]["config"]
 
 
 def run_name(model_name_or_path: str) -> str:
@@ -300,11 +313,14 @@ def write_local(report: dict, per_example: DatasetDict, output_dir: str | Path) 
 
     ``load_dataset(output_dir)`` reads the splits back. Returns the paths written.
     """
+    from hf_ches.hub import quiet_writes
+
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / REPORT_FILE).write_text(report_json(report), encoding="utf-8")
-    for split, rows in per_example.items():
-        rows.to_parquet(str(folder / f"{split}.parquet"))
+    with quiet_writes():
+        for split, rows in per_example.items():
+            rows.to_parquet(str(folder / f"{split}.parquet"))
     return [str(folder / REPORT_FILE), *(str(folder / f"{split}.parquet") for split in per_example)]
 
 
@@ -325,11 +341,14 @@ def push_report(
     """
     from huggingface_hub import HfApi
 
+    from hf_ches.hub import quiet_writes
+
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True).repo_id
     model = report["policy"]["name_or_path"]
-    per_example.push_to_hub(repo_id, config_name=config_name, token=token,
-                            commit_message=f"Add per-example ranking-accuracy scores of {model}")
+    with quiet_writes():
+        per_example.push_to_hub(repo_id, config_name=config_name, token=token,
+                                commit_message=f"Add per-example ranking-accuracy scores of {model}")
     commit = api.upload_file(path_or_fileobj=report_json(report).encode("utf-8"),
                              path_in_repo=f"{config_name}/{REPORT_FILE}", repo_id=repo_id, repo_type="dataset",
                              commit_message=f"Add the ranking-accuracy report of {model}")

@@ -11,7 +11,7 @@ probability of the chosen completion (likelihood displacement). The paper's two 
 indicative of displacement, are here for comparison: the normalized token edit distance of the completions and the
 inner product of their last hidden states.
 
-CHES is the output-embedding block of the empirical NTK with every token weight set to 1 (``papers.md`` §3.2).
+CHES is the output-embedding block of the empirical NTK with every token weight set to 1 (``docs/scores.md`` §3.2).
 The exact block keeps the weights. With ``g_k = (e_{y_k} − softmax(z_k)) ⊙ post′`` the gradient of
 ``ln π(y_k | x, y_<k)`` w.r.t. the output embedding's output ``W h_k + b`` (before soft-capping and scaling),
 ``∇_W ln π(y|x) = Σ_k g_k h_kᵀ`` and, with ``K_W(a,b) = <∇_W ln π(a|x), ∇_W ln π(b|x)>_F = Σ_{k,k'} <g_k, g'_k'>

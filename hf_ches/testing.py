@@ -14,6 +14,7 @@ exactly as a user's model would be.
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -204,3 +205,16 @@ class AcceleratorOrderScorer(CHESScorer):
 
     def _packing_order(self, pairs: PendingPairs, head) -> list[int]:
         return pairs.sequence_order()
+
+
+def error_line(stderr: str) -> str:
+    """The one error line a command printed on ``stderr``; raises AssertionError when it printed anything else
+    than that, progress bars and hf-ches' own messages (a traceback, library chatter).
+
+    >>> error_line("Scoring train: 100%|##| 4/4 [00:01<00:00, 3.1 examples/s]\\nINFO hf_ches.pipeline: Publishing\\nx: error: y")
+    'x: error: y'
+    """
+    lines = [line for line in stderr.replace("\r", "\n").splitlines()
+             if line.strip() and not re.match(r"(INFO|WARNING) hf_ches", line) and not re.search(r"\[\d\d:\d\d", line)]
+    assert len(lines) == 1, lines
+    return lines[0]

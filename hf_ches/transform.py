@@ -70,8 +70,8 @@ class ScorerConfig:
 def default_token_budget(device: torch.device) -> int:
     """Tokens per micro-batch when ``token_budget`` is not set: 2048 on a CPU, 16384 elsewhere.
 
-    A CPU is fastest with micro-batches whose activations stay in its caches (SmolLM2-135M on 2 cores: 2048 tokens
-    is 1.6x faster than 16384, in float32 and bfloat16); a GPU needs big ones to be busy.
+    A CPU is fastest with micro-batches whose activations stay in its caches; a GPU needs big ones to be busy
+    (``docs/speed.md`` §2.1).
     """
     return 2048 if device.type == "cpu" else 16384
 
@@ -281,7 +281,8 @@ class CHESScorer:
         model, tokenizer, head = self.load(rank)
         cfg = self.config
         try:
-            rows = read_rows(batch, indices if indices is not None else range(len(batch.get("chosen", []))))
+            rows = read_rows(batch, indices if indices is not None else range(len(batch.get("chosen", []))),
+                             cfg.on_invalid)
             pending = PendingPairs(rows, tokenizer, cfg.max_length, cfg.on_invalid, tokenizer_threads(len(rows)),
                                    boundary=cfg.boundary)
             return self._score(pending, model, tokenizer, head)

@@ -28,21 +28,26 @@ scores as config `--config_name` of the dataset repo `--repo_id` and the report 
 """
 
 import logging
+import tempfile
 from dataclasses import dataclass, field
 
 from datasets import Dataset, DatasetDict, concatenate_datasets
 from transformers import HfArgumentParser
 
 from hf_ches import LogProbScorer
-from hf_ches.pipeline import load_source, shared_field
+from hf_ches.hub import PublishError, check_output_dir, check_target
+from hf_ches.models import check_model
+from hf_ches.pipeline import command_logging, load_source, shared_field
 from hf_ches.ranking import DEFAULT_BETAS, RankingOptions
 from hf_ches.report import (
+    REPORT_FILE,
     build_report,
     check_preference_column,
     compute_results,
     model_info,
     push_report,
     render_table,
+    report_source,
     run_name,
     subsample,
     write_local,
@@ -102,6 +107,9 @@ class ScriptArguments:
     config_name: str | None = field(default=None, metadata={
         "help": "Config of this run in --repo_id; default: the policy's name (org__name, or the folder name)."})
     private: bool = field(default=False, metadata={"help": "Create --repo_id as a private repo."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Replace --config_name in --repo_id when it holds a report on another dataset (otherwise refused "
+                "before any work)."})
     token: str | None = shared_field("token")
 
 
@@ -124,14 +132,59 @@ def check_arguments(args: ScriptArguments) -> None:
             raise ValueError(f"--{name}: expected an integer >= 1, found {value}")
 
 
+def check_hub(args: ScriptArguments, config_name: str) -> str | None:
+    """The checks that need the Hub, before any scoring: the models exist, and with ``--push_to_hub`` the token can
+    write ``--repo_id`` (a bare name goes to the token's user) and its ``config_name`` holds no report on another
+    dataset. Returns the full repo id."""
+    for name, revision in ((args.model_name_or_path, args.model_revision),
+                           (args.ref_model_name_or_path, args.ref_model_revision)):
+        if name:
+            check_model(name, revision, args.token)
+    if not args.push_to_hub:
+        return None
+    repo_id = check_target(args.repo_id, args.token, (args.dataset_name, args.dataset_config),
+                           record_path=f"{config_name}/{REPORT_FILE}", record_source=report_source,
+                           overwrite=args.overwrite)
+    logger.info("Pushing to %s, config %r", repo_id, config_name)
+    return repo_id
+
+
+def sample(dataset: DatasetDict, num_samples: int | None, seed: int) -> DatasetDict:
+    """`subsample` of every split, with a warning for a split that has fewer rows than asked for."""
+    for split, rows in dataset.items():
+        if num_samples is not None and num_samples > len(rows):
+            logger.warning("split %r has %d rows, fewer than --num_samples %d: using all of them", split, len(rows),
+                           num_samples)
+    return DatasetDict({split: subsample(rows, num_samples, seed) for split, rows in dataset.items()})
+
+
+def push(args: ScriptArguments, report: dict, per_example: DatasetDict, repo_id: str, config_name: str) -> None:
+    """`push_report`; when it fails, the report and the per-pair scores stay on disk (``--output_dir``, or a new
+    temporary folder) and the error says where."""
+    try:
+        url = push_report(report, per_example, repo_id, config_name=config_name, token=args.token,
+                          private=args.private)
+    except Exception as error:
+        folder = args.output_dir or tempfile.mkdtemp(prefix="ranking-report-")
+        if not args.output_dir:
+            write_local(report, per_example, folder)
+        raise PublishError(f"pushing to {repo_id} failed ({str(error).splitlines()[0]}); the report and the per-pair "
+                           f"scores are kept in {folder}") from None
+    logger.info("Pushed config %r and %s/report.json to %s (%s)", config_name, config_name, repo_id, url)
+
+
 def main(args: ScriptArguments) -> dict:
     check_arguments(args)
+    if args.output_dir:
+        check_output_dir(args.output_dir, marker=REPORT_FILE)
     options = RankingOptions(beta=args.beta, seed=args.seed)  # also checks β
     dataset = load_source(args)
     if args.preference_column:
         for split, rows in dataset.items():
             check_preference_column(rows, args.preference_column, split)
-    dataset = DatasetDict({split: subsample(rows, args.num_samples, args.seed) for split, rows in dataset.items()})
+    config_name = args.config_name or run_name(args.model_name_or_path)
+    repo_id = check_hub(args, config_name)
+    dataset = sample(dataset, args.num_samples, args.seed)
 
     scoring = dict(dtype=args.dtype, max_length=args.max_length, token_budget=args.token_budget,
                    boundary=args.boundary)
@@ -154,7 +207,8 @@ def main(args: ScriptArguments) -> dict:
         results,
         dataset={"name": args.dataset_name, "config": args.dataset_config, "revision": args.dataset_revision,
                  "splits": list(dataset), "preference_column": args.preference_column,
-                 "num_samples": args.num_samples, "sample_seed": args.seed},
+                 "num_samples": {split: len(rows) for split, rows in dataset.items()},
+                 "num_samples_requested": args.num_samples, "sample_seed": args.seed},
         policy=model_info(policy),
         reference=model_info(reference) if reference else None,
         scoring={"max_length": args.max_length, "token_budget": args.token_budget},
@@ -165,20 +219,16 @@ def main(args: ScriptArguments) -> dict:
     if args.output_dir:
         files = write_local(report, DatasetDict(per_example), args.output_dir)
         logger.info("Wrote %s", ", ".join(files))
-    if args.push_to_hub:
-        config_name = args.config_name or run_name(args.model_name_or_path)
-        url = push_report(report, DatasetDict(per_example), args.repo_id, config_name=config_name, token=args.token,
-                          private=args.private)
-        logger.info("Pushed config %r and %s/report.json to %s (%s)", config_name, config_name, args.repo_id, url)
+    if repo_id:
+        push(args, report, DatasetDict(per_example), repo_id, config_name)
     return report
 
 
 if __name__ == "__main__":
     parser = HfArgumentParser(ScriptArguments)
     (script_args,) = parser.parse_args_into_dataclasses()
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
-    logger.setLevel(logging.INFO)
+    command_logging()
     try:
         main(script_args)
-    except ValueError as error:
+    except (ValueError, PublishError) as error:
         parser.exit(1, f"{parser.prog}: error: {error}\n")

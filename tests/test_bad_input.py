@@ -83,6 +83,9 @@ def test_prompt_not_a_token_prefix_is_scored_as_trl_or_refused_when_strict(tiny_
     assert flagged["ches_flag"][4].startswith("the tokenized prompt is not a prefix")
     assert all(flag == "" for i, flag in enumerate(flagged["ches_flag"]) if i != 4)
     assert flagged["ches"] == scored["ches"]  # flagged, and scored the same way
+    rows["rejected"][1] = None  # an unreadable cell in the same batch: both rows flagged, each for its own reason
+    flagged = score(tiny_model, rows, boundary="strict", on_invalid="flag")
+    assert "found None" in flagged["ches_flag"][1] and "not a prefix" in flagged["ches_flag"][4]
 
 
 def test_unscorable_row_is_flagged_with_nan_not_dropped(tiny_model):
@@ -100,3 +103,36 @@ def test_bare_map_without_indices_names_batch_position(tiny_model):
     rows["chosen"][5] = None
     with pytest.raises(PairError, match=r"row 1, column 'chosen'.*position in this map batch"):
         Dataset.from_dict(rows).map(CHESScorer(tiny_model), batched=True, batch_size=4)
+
+
+def test_csv_rows_with_missing_values_are_all_named_or_all_flagged(tiny_model, tmp_path, capsys):
+    """Issue 15: `--on_invalid flag` still raised on a CSV row with a missing value, and only the first bad row was
+    named."""
+    from hf_ches import cli
+    from hf_ches.testing import error_line
+
+    rows = synthetic_pairs(6, seed=2)
+    rows["chosen"][1] = rows["rejected"][4] = None
+    csv = tmp_path / "pairs.csv"
+    Dataset.from_dict(rows).to_csv(str(csv), index=False)
+    args = ["score", "--dataset_name", str(csv), "--model_name_or_path", tiny_model, "--batch_size", "3"]
+    def error(*argv: str) -> str:
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            cli.main(list(argv))
+        return error_line(capsys.readouterr().err)
+
+    missing = "expected a string or a non-empty list of messages, found None"
+    assert error(*args, "--output_dir", str(tmp_path / "raise")) == (  # row 4 is in the second map batch
+        f"hf-ches score: error: row 1, column 'chosen': {missing}")
+    assert error(*args[:-2], "--batch_size", "6", "--output_dir", str(tmp_path / "raise")) == (
+        f"hf-ches score: error: row 1, column 'chosen': {missing}; rows [4] cannot be read either (pass "
+        "on_invalid='flag' to flag such rows and go on)")
+    assert cli.main([*args, "--on_invalid", "flag", "--output_dir", str(tmp_path / "flag")]) == 0
+    from datasets import load_from_disk
+
+    scored = load_from_disk(str(tmp_path / "flag"))["train"]
+    flags = scored["ches_flag"][:]
+    assert [i for i, flag in enumerate(flags) if flag] == [1, 4]
+    assert flags[1] == "column 'chosen': expected a string or a non-empty list of messages, found None"
+    assert [i for i, value in enumerate(scored["ln_ches"][:]) if math.isnan(value)] == [1, 4]

@@ -21,7 +21,7 @@ from huggingface_hub import DatasetCard, HfApi, hf_hub_download
 from hf_ches import cli
 from hf_ches.card import PLOT_PATH, RUN_JSON_PATH
 from hf_ches.pipeline import ScriptArguments, command_line, load_source, selection_rule
-from hf_ches.testing import synthetic_pairs
+from hf_ches.testing import error_line, synthetic_pairs
 
 SCRIPT = Path(__file__).resolve().parents[1] / "hub_scripts" / "ches_filter.py"
 SCORE_COLUMNS = {"ches", "ln_ches", "chosen_logps", "rejected_logps", "chosen_num_tokens", "rejected_num_tokens"}
@@ -178,11 +178,37 @@ def test_a_dry_run_folder_is_read_afresh_whatever_its_name(scored_dir, tmp_path)
         (tmp_path / parent).mkdir()
         assert cli.main(["filter", "--dataset_name", scored_dir, "--keep_bottom", fraction,
                          "--output_dir", str(tmp_path / parent / "out")]) == 0
-    assert sizes(load_source(ScriptArguments(dataset_name=str(tmp_path / "a" / "out")))) == {"train": 150, "test": 30}
-    assert sizes(load_source(ScriptArguments(dataset_name=str(tmp_path / "b" / "out")))) == {"train": 60, "test": 12}
+    for parent, kept in (("a", {"train": 150, "test": 30}), ("b", {"train": 60, "test": 12})):
+        folder = str(tmp_path / parent / "out")
+        assert sizes(load_source(ScriptArguments(dataset_name=folder, dataset_config="default"))) == kept
+        assert sizes(load_source(ScriptArguments(dataset_name=folder, dataset_config="scored"))) == {"train": 300,
+                                                                                                  "test": 60}
+    # an hf-ches output holds the kept pairs (default) and every pair (scored): the config must be named
+    with pytest.raises(ValueError, match=r"is an hf-ches output: pass --dataset_config scored \(every pair, to "
+                                         r"select again\) or default \(the kept pairs\)$"):
+        load_source(ScriptArguments(dataset_name=str(tmp_path / "a" / "out")))
 
 
-def test_score_then_filter_locally_with_the_cli(scored_dir, tmp_path):
+def test_two_folders_of_the_same_name_with_different_columns_load_their_own_rows(tmp_path):
+    """Issue 15: after y1/same (standard) was loaded, y2/same (conversational) failed with "Couldn't cast
+    list<struct<role,content>> to string": datasets caches a folder with configs by its name alone."""
+    standard = synthetic_pairs(6, seed=1)
+    conversational = {key: [[{"role": "user" if key == "prompt" else "assistant", "content": text}] for text in texts]
+                      for key, texts in synthetic_pairs(4, seed=2).items()}
+    for parent, rows in (("y1", standard), ("y2", conversational)):
+        folder = tmp_path / parent / "same"
+        (folder / "data").mkdir(parents=True)
+        datasets.Dataset.from_dict(rows).to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
+        (folder / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+                                          "    path: data/train-*\n---\n")
+    for parent, rows in (("y1", standard), ("y2", conversational), ("y1", standard)):
+        loaded = load_source(ScriptArguments(dataset_name=str(tmp_path / parent / "same")))
+        assert loaded["train"].to_dict() == rows
+    with pytest.raises(ValueError, match=r"no config 'scored'; pass --dataset_config with one of \['default'\]$"):
+        load_source(ScriptArguments(dataset_name=str(tmp_path / "y1" / "same"), dataset_config="scored"))
+
+
+def test_score_then_filter_locally_with_the_cli(scored_dir, tiny_model, tmp_path):
     scored = datasets.load_from_disk(scored_dir)
     assert SCORE_COLUMNS <= set(scored["train"].column_names) and sizes(scored) == {"train": 300, "test": 60}
     out = tmp_path / "filtered"
@@ -191,7 +217,9 @@ def test_score_then_filter_locally_with_the_cli(scored_dir, tmp_path):
     assert sizes(datasets.load_dataset(str(out), "removed")) == {"train": 150, "test": 30}
     run = json.loads((out / RUN_JSON_PATH).read_text())
     assert run["command"] == f"hf-ches filter --dataset_name {scored_dir} --keep_bottom 0.5 --output_dir {out}"
-    assert run["scoring"]["model"] is None  # the scores came with the input
+    # issue 15: the scores' provenance comes from the scored folder (it used to be `scoring.model: None`)
+    assert run["scoring"] == json.loads(Path(scored_dir, RUN_JSON_PATH).read_text())["scoring"]
+    assert run["scoring"]["model"] == tiny_model and run["scoring"]["dtype"] == "float32"
     # the filtered folder is itself a valid --dataset_name: re-select from its `scored` config
     again = tmp_path / "again"
     assert cli.main(["filter", "--dataset_name", str(out), "--dataset_config", "scored", "--threshold", "0",
@@ -246,3 +274,102 @@ def test_rule_and_command_from_arguments():
         selection_rule(ScriptArguments(dataset_name="x", preset="sorry-bench", remove_top=0.2))
     args = ScriptArguments(dataset_name="my data/x.jsonl", remove_top=0.2, private=True, token="hf_secret")
     assert command_line(args) == "hf-ches publish --dataset_name 'my data/x.jsonl' --remove_top 0.2 --private"
+
+
+def cli_error(capsys, *argv: str) -> str:
+    """The one line that `hf-ches ARGV` exits with (status 1), checking that nothing else was printed."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(list(argv))
+    assert exit_.value.code == 1
+    return error_line(capsys.readouterr().err)
+
+
+def test_hub_target_is_checked_before_the_model_is_loaded(hub_env, source_dir, scored_dir, tiny_model, monkeypatch,
+                                                          capsys):
+    """Issue 15: a repo in someone else's namespace was scored first and only then refused with 403; a bare repo id
+    replaced an earlier publication of another source without a word."""
+    import hf_ches.pipeline
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the Hub checks")
+
+    monkeypatch.setattr(hf_ches.pipeline, "score_splits", never)
+    score = ["--dataset_name", source_dir, "--model_name_or_path", tiny_model]
+    assert cli_error(capsys, "publish", *score, "--push_to_hub", "--repo_id", "other-user/prefs-ches") == (
+        "hf-ches publish: error: --repo_id other-user/prefs-ches: the token of 'hf-ches-user' can write only to "
+        "['hf-ches-user']; use a repo there (e.g. hf-ches-user/prefs-ches) or a token of 'other-user'")
+
+    bare = hub_env.repo_id("bare").split("/")[1]  # a name no other test uses
+    assert cli.main(["publish", "--dataset_name", scored_dir, "--push_to_hub", "--repo_id", bare]) == 0
+    assert f"Publishing to {hub_env.user}/{bare}" in capsys.readouterr().err
+    assert HfApi().dataset_info(f"{hub_env.user}/{bare}").id == f"{hub_env.user}/{bare}"
+    other = str(Path(scored_dir).parent / "other")  # another source dataset, into the same repo
+    datasets.load_from_disk(scored_dir).save_to_disk(other)
+    assert cli_error(capsys, "publish", "--dataset_name", other, "--push_to_hub", "--repo_id", bare) == (
+        f"hf-ches publish: error: --repo_id {hub_env.user}/{bare} already holds a publication of {scored_dir!r} "
+        f"(ches/run.json), not of {other!r}; pass --overwrite to replace it, or choose another --repo_id")
+    assert cli.main(["publish", "--dataset_name", scored_dir, "--push_to_hub", "--repo_id", bare]) == 0  # same source
+    assert cli.main(["publish", "--dataset_name", other, "--push_to_hub", "--repo_id", bare, "--overwrite"]) == 0
+    record = json.load(open(hf_hub_download(f"{hub_env.user}/{bare}", RUN_JSON_PATH, repo_type="dataset")))
+    assert record["source"]["dataset"] == other
+
+
+def test_missing_model_is_a_one_line_error(hub_env, source_dir, tmp_path, capsys):
+    """Issue 15: a missing model path gave an 83-line traceback ending in "Repo id must be in the form ..."."""
+    out = str(tmp_path / "out")
+    assert cli_error(capsys, "score", "--dataset_name", source_dir, "--model_name_or_path", "./models/no_such_model",
+                     "--output_dir", out) == (
+        "hf-ches score: error: model './models/no_such_model': no such file or folder; pass an existing model "
+        "folder, a .gguf file, a Hub id (namespace/name) or 'smollm2'")
+    assert cli_error(capsys, "score", "--dataset_name", source_dir, "--model_name_or_path", "nobody/no-such-model",
+                     "--output_dir", out) == (
+        f"hf-ches score: error: model 'nobody/no-such-model': no such local folder, and no such model on the Hub at "
+        f"{hub_env.endpoint} (or it is private: pass a token that can read it)")
+
+
+def test_model_commit_of_a_hub_model_is_recorded(hub_env, source_dir, tiny_model, tmp_path):
+    """Issue 15: the card's model_commit was always null (transformers 5 has no `config._commit_hash`)."""
+    api = HfApi()
+    repo_id = hub_env.repo_id("tiny-model")
+    api.create_repo(repo_id)
+    sha = api.upload_folder(folder_path=tiny_model, repo_id=repo_id).oid
+    out = tmp_path / "filtered"
+    assert cli.main(["filter", "--dataset_name", source_dir, "--model_name_or_path", repo_id,
+                     "--output_dir", str(out)]) == 0
+    scoring = json.loads((out / RUN_JSON_PATH).read_text())["scoring"]
+    assert scoring["model"] == repo_id and scoring["model_commit"] == sha
+    assert f"commit `{sha}`" in (out / "README.md").read_text()
+
+
+def test_score_refuses_a_non_empty_unrelated_output_dir(source_dir, tiny_model, tmp_path, capsys):
+    """Issue 15: `score` wrote into a non-empty, unrelated --output_dir (publish refused it)."""
+    (tmp_path / "mine.txt").write_text("keep me")
+    assert cli_error(capsys, "score", "--dataset_name", source_dir, "--model_name_or_path", tiny_model,
+                     "--output_dir", str(tmp_path)) == (
+        f"hf-ches score: error: output_dir {str(tmp_path)!r} is not empty and holds no earlier hf-ches output "
+        f"({RUN_JSON_PATH}); choose a new or empty folder")
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+def test_publish_prints_its_own_lines_once_and_no_library_chatter(hub_env, scored_dir, capfd):
+    """Issue 15 / 11: every library warning printed twice, "Setting num_proc from 1 back to 1" once per split and
+    config, and a nested upload bar per parquet file."""
+    import logging
+
+    # capfd: library handlers bound the stream at import, so only the file descriptor sees all they print
+
+    capfd.readouterr()
+    repo_id = hub_env.repo_id("quiet")
+    assert cli.main(["publish", "--dataset_name", scored_dir, "--push_to_hub", "--repo_id", repo_id]) == 0
+    err = capfd.readouterr().err
+    for chatter in ("Setting num_proc", "Uploading the dataset shards", "Creating parquet", "WARNING datasets"):
+        assert chatter not in err
+    own = [line for line in err.splitlines() if line.startswith("INFO hf_ches")]
+    assert own[0] == f"INFO hf_ches.pipeline: Publishing to {repo_id}" and len(own) == len(set(own))
+    # hf-ches' warnings are printed once, by its own handler (none on the root, which datasets' records reach too)
+    assert not [h for h in logging.getLogger().handlers if type(h) is logging.StreamHandler]
+    logging.getLogger("hf_ches.pipeline").warning("just once")
+    logging.getLogger("datasets.arrow_dataset").warning("library chatter")
+    err = capfd.readouterr().err
+    assert err.count("just once") == 1 and "library chatter" not in err

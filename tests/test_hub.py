@@ -178,7 +178,10 @@ def test_token_errors_are_clear_and_never_show_the_token(hub_env, monkeypatch):
         publish(pub, PublishOptions(repo_id, token="hf_reader"))
     with pytest.raises(PublishError) as error:
         publish(pub, PublishOptions(repo_id, token="hf_other"))  # another user, our namespace
-    assert "creating the dataset repo" in str(error.value) and "no write access to 'hf-ches-user' (403)" in str(error.value)
+    # refused before anything is created (issue 15: it used to be scored first, then refused with 403)
+    assert str(error.value) == (f"--repo_id {repo_id}: the token of 'other-user' can write only to ['other-user']; "
+                                f"use a repo there (e.g. other-user/{repo_id.split('/')[1]}) or a token of "
+                                "'hf-ches-user'")
     assert_no_token(error, "hf_other")
 
     monkeypatch.delenv("HF_TOKEN")

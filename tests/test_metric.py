@@ -1,8 +1,12 @@
 """hf_ches.metric and metrics/ranking_accuracy: the evaluate module, loaded for real, offline."""
 
 import doctest
+import importlib.metadata
 import multiprocessing
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -10,6 +14,8 @@ import evaluate
 import numpy as np
 import pytest
 import torch
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 
 import hf_ches.metric
 from hf_ches import ranking
@@ -124,8 +130,26 @@ def test_unknown_config_and_option_raise(tmp_path):
     configs = r"\['default', 'length_normalized', 'idealized', 'listwise'\]"
     with pytest.raises(ValueError, match=rf"config_name: expected one of {configs}, found 'pairwise'"):
         RankingAccuracy(config_name="pairwise", cache_dir=str(tmp_path))
-    with pytest.raises(TypeError, match="betas"):
+    with pytest.raises(ValueError, match=r"^betas: not an input of the 'default' config \(did you mean 'beta'\?\)"):
         RankingAccuracy(cache_dir=str(tmp_path)).compute(chosen_logps=[-1.0], rejected_logps=[-2.0], betas=[1.0])
+
+
+def test_misspelt_or_missing_input_is_a_one_line_error(tmp_path):
+    # Issue 15: `chosen_logp` got evaluate's "cache file doesn't exist ... call add"; the length_normalized config
+    # without token counts got "TypeError: object of type 'NoneType' has no len()".
+    metric = RankingAccuracy(cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"^chosen_logp: not an input of the 'default' config \(did you mean "
+                                         r"'chosen_logps'\?\); its inputs are \['chosen_logps', 'rejected_logps'\]$"):
+        metric.compute(chosen_logp=[-1.0], rejected_logps=[-2.0])
+    with pytest.raises(ValueError, match=r"^chosen_logp: not an input"):
+        metric.add_batch(chosen_logp=[-1.0], rejected_logps=[-2.0])
+    normalized = RankingAccuracy(config_name="length_normalized", cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"^the 'length_normalized' config needs chosen_num_tokens, "
+                                         r"rejected_num_tokens too; pass them to compute\(\) or add_batch\(\)$"):
+        normalized.compute(chosen_logps=[-1.0], rejected_logps=[-2.0])
+    # Inputs given through add_batch first: compute() without inputs is right, and still works.
+    metric.add_batch(chosen_logps=[-1.0, -3.0], rejected_logps=[-2.0, -2.0])
+    assert metric.compute()["ranking_accuracy"] == 0.5
 
 
 def test_docstring_examples_run():
@@ -213,3 +237,59 @@ def test_add_batch_stores_what_evaluates_own_encoding_stores(case, tmp_path):
             return type(err).__name__, str(err)
 
     assert run(RankingAccuracy.add_batch, "pyarrow") == run(evaluate.Metric.add_batch, "evaluate")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A light metric: no torch on its path, and evaluate's private API pinned and checked
+
+
+def test_the_private_evaluate_calls_of_add_batch(tmp_path):
+    """`add_batch`'s fast path uses two private methods of `evaluate.Metric` (evaluate is pinned to 0.4 for them):
+    `_infer_feature_from_batch` gives the features the batch is stored with, `_init_writer` opens the cache writer."""
+    inputs = INPUTS["length_normalized"]
+    metric = RankingAccuracy(config_name="length_normalized", cache_dir=str(tmp_path))
+    columns = metric._arrow_columns(inputs)
+    assert metric.writer is None
+    assert metric._infer_feature_from_batch(columns) == metric.features
+    metric.selected_feature_format = metric._infer_feature_from_batch(columns)
+    metric._init_writer()
+    metric.writer.write_batch(columns)
+    options = ranking.RankingOptions(n_resamples=50)
+    assert metric.compute(n_resamples=50) == ranking.ranking_accuracy(**inputs, options=options)
+
+
+def test_evaluate_is_pinned_alike_for_the_package_and_the_metric():
+    """One range in pyproject.toml (as installed) and in the metric's requirements.txt; it holds the installed
+    version."""
+    package = [Requirement(line) for line in importlib.metadata.requires("hf-ches")]
+    metric = [Requirement(line) for line in (METRIC_DIR / "requirements.txt").read_text().split()]
+    pins = {str(req.specifier) for req in package + metric if req.name == "evaluate"}
+    assert len(pins) == 1 and SpecifierSet(pins.pop()).contains(evaluate.__version__), pins
+
+
+def test_the_metric_alone_installs_and_loads_without_torch(tmp_path):
+    """In a fresh virtual environment, what the metric card tells a metric-only user to install: evaluate, and
+    hf-ches without its dependencies. `evaluate.load` of the folder then computes, with no torch installed."""
+    source = tmp_path / "hf-ches"  # the package's files only: building in the checkout would leave build/ there
+    shutil.copytree(METRIC_DIR.parents[1] / "hf_ches", source / "hf_ches", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(METRIC_DIR.parents[1] / name, source / name)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--disable-pip-version-check"]
+    evaluate_pin = (METRIC_DIR / "requirements.txt").read_text().split()[0]
+    for args in ([evaluate_pin], ["--no-deps", str(source)]):
+        done = subprocess.run(pip + args, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    code = ("import importlib.util, sys, evaluate\n"
+            "assert importlib.util.find_spec('torch') is None, 'torch is installed'\n"
+            "metric = evaluate.load(sys.argv[1])\n"
+            "print(metric.compute(chosen_logps=[-1.0, -3.0], rejected_logps=[-2.0, -2.0])['ranking_accuracy'])\n"
+            "print(type(metric).__module__, sorted({'torch', 'transformers'} & set(sys.modules)))\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HOME": str(tmp_path / "hf"),
+                                                                          "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([str(python), "-c", code, str(METRIC_DIR)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["0.5", "hf_ches.metric", "[]"]

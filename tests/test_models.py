@@ -89,7 +89,7 @@ def test_load_dtype_and_chat_template_override(tiny_model):
 
 
 def test_missing_gguf_file(tmp_path):
-    with pytest.raises(ModelFetchError, match="not found"):
+    with pytest.raises(ValueError, match=r"missing\.gguf': no such file or folder; pass an existing model folder"):
         load_model_and_tokenizer(str(tmp_path / "missing.gguf"))
 
 

@@ -24,7 +24,7 @@ from hf_ches.batching import plan_microbatches
 from hf_ches.pairs import read_rows, tokenize_pairs
 from hf_ches.ranking import DEFAULT_BETAS, RankingOptions
 from hf_ches.report import REPORT_FILE, compute_results, run_name
-from hf_ches.testing import build_tiny_model, synthetic_pairs
+from hf_ches.testing import error_line, build_tiny_model, synthetic_pairs
 from tests.plugins.models import reference_pair
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def float64_truth(model_path: str, rows: dict[str, list]) -> dict[str, np.ndarra
 
 
 def by_hand(policy: dict[str, np.ndarray], ref: dict[str, np.ndarray], alpha: np.ndarray) -> dict:
-    """Every accuracy of the paper from its definitions, in numpy (papers.md §2.1–2.3); flags are [n] or [B, n]."""
+    """Every accuracy of the paper from its definitions, in numpy (docs/scores.md §4.1–4.6); flags: [n] or [B, n]."""
     c, r, ref_c, ref_r = policy["chosen_logps"], policy["rejected_logps"], ref["chosen_logps"], ref["rejected_logps"]
     tie = alpha == 0.5  # the raters split evenly: correct when the two log-probs are within 0.01 (Def. C.1)
     sign = np.where(alpha > 0.5, 1.0, -1.0)  # +1 where the raters prefer chosen
@@ -172,7 +172,7 @@ def test_report_results_equal_accuracies_by_hand(scored_pairs):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Left padding (papers.md §2.7)
+# Left padding (docs/scores.md §5.1)
 
 
 def official_mask_positions(tokenizer, prompt_ids: list[list[int]], full_ids: list[list[int]], side: str) -> list:
@@ -257,7 +257,8 @@ def test_script_offline_then_pushes_the_same_report(hub_env, tiny_model, ref_mod
     assert local["row_index"][:] == expected_rows
     assert local["alpha"][:] == [rows["alpha"][i] for i in expected_rows]
     results = report["results"]["train"]
-    assert results["num_pairs"] == 16 and report["dataset"]["num_samples"] == 16
+    assert results["num_pairs"] == 16 and report["dataset"]["num_samples"] == {"train": 16}
+    assert report["policy"]["dtype"] == "float32" and report["policy"]["device"] == "cpu"  # resolved, never null
     assert report["policy"]["name_or_path"] == tiny_model and report["reference"]["name_or_path"] == ref_model
     assert results["policy"]["ranking_accuracy"] == np.mean(local["correct"][:])
     assert results["reference"]["ranking_accuracy"] == np.mean(local["ref_correct"][:])
@@ -295,3 +296,69 @@ def test_script_refuses_bad_arguments_before_scoring(tiny_model, tmp_path, monke
             run_script("--dataset_name", str(data), "--model_name_or_path", tiny_model, *extra, monkeypatch=monkeypatch)
         assert exit_info.value.code == 1
         assert message in capsys.readouterr().err
+
+
+def script_error(capsys, monkeypatch, *argv: str) -> str:
+    """The one line the report script exits with (status 1), checking that nothing else was printed."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(*argv, monkeypatch=monkeypatch)
+    assert exit_info.value.code == 1
+    return error_line(capsys.readouterr().err)
+
+
+@pytest.fixture
+def pairs_file(tmp_path) -> Path:
+    data = tmp_path / "pairs.jsonl"
+    rows = synthetic_pairs(6, seed=4)
+    data.write_text("".join(json.dumps(dict(zip(rows, values))) + "\n" for values in zip(*rows.values())))
+    return data
+
+
+def test_script_checks_the_hub_and_the_models_before_scoring(hub_env, pairs_file, tiny_model, tmp_path, monkeypatch,
+                                                             capsys):
+    """Issue 15: another user's namespace was scored first, then refused with a 9-frame traceback; a missing model
+    path gave an 83-line traceback; a non-empty unrelated --output_dir was written into."""
+    def never(*args, **kwargs):
+        raise AssertionError("scored before the checks")
+
+    monkeypatch.setattr(LogProbScorer, "map", never)
+    data = ["--dataset_name", str(pairs_file)]
+    assert script_error(capsys, monkeypatch, *data, "--model_name_or_path", tiny_model, "--push_to_hub",
+                        "--repo_id", "other-user/ranking-accuracy") == (
+        "ranking_accuracy_report.py: error: --repo_id other-user/ranking-accuracy: the token of 'hf-ches-user' can "
+        "write only to ['hf-ches-user']; use a repo there (e.g. hf-ches-user/ranking-accuracy) or a token of "
+        "'other-user'")
+    assert script_error(capsys, monkeypatch, *data, "--model_name_or_path", tiny_model, "--ref_model_name_or_path",
+                        "./models/no_such_model") == (
+        "ranking_accuracy_report.py: error: model './models/no_such_model': no such file or folder; pass an existing "
+        "model folder, a .gguf file, a Hub id (namespace/name) or 'smollm2'")
+    (tmp_path / "notes.txt").write_text("mine")
+    assert script_error(capsys, monkeypatch, *data, "--model_name_or_path", tiny_model, "--output_dir",
+                        str(tmp_path)) == (
+        f"ranking_accuracy_report.py: error: output_dir {str(tmp_path)!r} is not empty and holds no earlier hf-ches "
+        f"output ({REPORT_FILE}); choose a new or empty folder")
+
+
+def test_script_keeps_the_scores_when_the_push_fails(hub_env, pairs_file, tiny_model, monkeypatch, capsys):
+    """Issue 15: the per-pair scores were lost when the push failed; `num_samples` above the rows was recorded as
+    asked, without a warning; a bare --repo_id goes to the token's user."""
+    import hf_ches.report
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("500 Server Error: the Hub is down\nmore detail")
+
+    monkeypatch.setattr(hf_ches.report, "push_report", broken)
+    with pytest.raises(SystemExit):
+        run_script("--dataset_name", str(pairs_file), "--model_name_or_path", tiny_model, "--num_samples", "1000",
+                   "--push_to_hub", "--repo_id", "ranking-accuracy", monkeypatch=monkeypatch)
+    err = capsys.readouterr().err
+    assert "WARNING hf_ches.report: split 'train' has 6 rows, fewer than --num_samples 1000: using all of them" in err
+    message = error_line(err)
+    prefix = (f"ranking_accuracy_report.py: error: pushing to {hub_env.user}/ranking-accuracy failed (500 Server "
+              "Error: the Hub is down); the report and the per-pair scores are kept in ")
+    assert message.startswith(prefix)
+    kept = Path(message.removeprefix(prefix))
+    report = json.loads((kept / REPORT_FILE).read_text())
+    assert report["dataset"]["num_samples"] == {"train": 6} and report["dataset"]["num_samples_requested"] == 1000
+    assert len(datasets.load_dataset("parquet", data_files=str(kept / "train.parquet"), split="train")) == 6
