@@ -37,31 +37,16 @@ from datasets import Dataset, disable_progress_bars
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_ches import CHESScorer
+from hf_ches.displacement import spearman
 from hf_ches.forward import encode, inspect_model
-from hf_ches.kernels import GradientKernelScorer, select_parameters, sequence_logp
+from hf_ches.kernels import GradientKernelScorer, select_parameters
 from hf_ches.pairs import read_rows, tokenize_pairs
 from hf_ches.scores import output_gradient_gram
 from hf_ches.testing import build_tiny_model, synthetic_pairs, synthetic_text
+from hf_ches.validate import dpo_step
 
 BETA = 0.1
 SUBSETS = {"out": "output", "last": "last:1", "all": "all"}
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's rank correlation: Pearson's on the ranks, ties given their average rank.
-
-    >>> round(spearman(np.array([1.0, 2.0, 3.0, 4.0]), np.array([10.0, 20.0, 20.0, 40.0])), 4)
-    0.9487
-    """
-
-    def ranks(x: np.ndarray) -> np.ndarray:
-        order = np.argsort(x, kind="stable")
-        r = np.empty(len(x))
-        r[order] = np.arange(len(x))
-        _, tie, count = np.unique(x, return_inverse=True, return_counts=True)
-        return (np.bincount(tie, weights=r) / count)[tie]  # average rank within each group of equal values
-
-    return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
 
 
 def pretrain(model, tokenizer, steps: int, seed: int = 123) -> None:
@@ -85,20 +70,8 @@ def pretrain(model, tokenizer, steps: int, seed: int = 123) -> None:
 
 def dpo_change(model, params: list[torch.nn.Parameter], pair, eta: float, sign: bool) -> float:
     """``Δ ln π(y+|x)`` after one SGD or sign-GD step on the pair's DPO loss w.r.t. ``params``; weights restored."""
-    prompt = pair.prompt_ids
-    with torch.enable_grad():
-        lp_c = sequence_logp(model, prompt + pair.chosen_ids, len(prompt))
-        lp_r = sequence_logp(model, prompt + pair.rejected_ids, len(prompt))
-        loss = -torch.nn.functional.logsigmoid(BETA * ((lp_c - lp_c.detach()) - (lp_r - lp_r.detach())))
-        grads = torch.autograd.grad(loss, params)
-    saved = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, g in zip(params, grads):
-            p -= eta * (g.sign() if sign else g)
-        after = sequence_logp(model, prompt + pair.chosen_ids, len(prompt)).item()
-        for p, s in zip(params, saved):
-            p.copy_(s)
-    return after - lp_c.item()
+    step = dpo_step(model, params, pair, beta=BETA, learning_rate=eta, optimizer="sign" if sign else "sgd")
+    return step["delta_chosen_logps"]
 
 
 def token_weights(model, pairs) -> dict[str, float]:

@@ -1,8 +1,9 @@
 """The ``hf-ches`` command: ``score``, ``filter`` and ``publish`` run `hf_ches.pipeline` (the same code and options
-as ``hub_scripts/ches_filter.py``); ``demo`` runs ``hf_ches.demo`` when that module is installed.
+as ``hub_scripts/ches_filter.py``); ``demo`` runs ``hf_ches.demo`` when that module is installed; ``validate``
+runs `hf_ches.validate`.
 
 >>> main(["--help"])  # doctest: +ELLIPSIS
-usage: hf-ches {score,filter,publish,demo} [options]
+usage: hf-ches {score,filter,publish,demo,validate} [options]
 ...
 """
 
@@ -20,6 +21,7 @@ COMMANDS = {
     "publish": "score if needed, select, and --push_to_hub to --repo_id (or --output_dir for a dry run); "
                "the same as hub_scripts/ches_filter.py",
     "demo": "run the built-in demo",
+    "validate": "one DPO step per sampled pair: does each score predict the drop of log π(chosen)?",
 }
 USAGE = "usage: hf-ches {" + ",".join(COMMANDS) + "} [options]"
 
@@ -44,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         result = importlib.import_module("hf_ches.demo").main(rest)
         return result if isinstance(result, int) else 0
+    if command == "validate":
+        importlib.import_module("hf_ches.validate").main(rest)
+        return 0
     if command not in COMMANDS:
         print(f"{USAGE}\nhf-ches: error: unknown command {command!r}; expected one of {list(COMMANDS)}",
               file=sys.stderr)

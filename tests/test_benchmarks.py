@@ -32,3 +32,29 @@ def test_script_runs(script, args, expected):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert expected in done.stdout, done.stdout[-3000:]
+
+
+def test_reproduce_displacement_runs(tiny_model, tmp_path):
+    """The paper-1 rerun, end to end on a tiny model and synthetic implicit-prompt pairs (its numbers mean nothing)."""
+    import json
+
+    from hf_ches.testing import synthetic_pairs
+
+    rows = synthetic_pairs(30, seed=2)
+    with open(tmp_path / "pairs.jsonl", "w") as f:
+        for prompt, chosen, rejected in zip(rows["prompt"], rows["chosen"], rows["rejected"]):
+            f.write(json.dumps({"chosen": prompt + chosen, "rejected": prompt + rejected}) + "\n")
+    out = tmp_path / "out.json"
+    env = os.environ | {"PYTHONPATH": str(ROOT), "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+    args = ["--data", str(tmp_path / "pairs.jsonl"), "--model_name_or_path", tiny_model, "--pool_size", "20",
+            "--subset_size", "4", "--sample_size", "10", "--epochs", "1", "--batch_size", "2", "--lr_grid", "1e-3",
+            "--output", str(out)]
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "reproduce_displacement.py"), *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert set(results["subsets"]) == {"random", "ln_ches bottom", "ln_ches middle", "ln_ches top", "ches bottom",
+                                       "ches middle", "ches top"}
+    assert set(results["filtering"]) == {"whole sample", "less top 10% ln_ches", "less random 10%"}
+    assert results["filtering"]["less top 10% ln_ches"]["num_trained"] == 9
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
