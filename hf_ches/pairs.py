@@ -48,7 +48,7 @@ class PairError(ValueError):
     """A preference row that cannot be read or tokenized; the message names the row index and the column."""
 
     def __init__(self, row: int, column: str, message: str):
-        self.row, self.column = row, column
+        self.row, self.column, self.message = row, column, message  # message: what is wrong, without the place
         super().__init__(f"row {row}, column {column!r}: {message}")
 
 
@@ -174,7 +174,7 @@ def read_rows(batch: dict[str, list], indices: Sequence[int], on_invalid: OnInva
             prompt_format = _value_format(batch["prompt"][i], idx, "prompt") if "prompt" in batch else None
         except PairError as err:
             bad.append(err)
-            rows.append(Row(idx, None, None, None, problem=str(err).split(", ", 1)[1]))
+            rows.append(Row(idx, None, None, None, problem=f"column {err.column!r}: {err.message}"))
             continue
         for column, fmt in formats:
             if batch_format is None:
@@ -203,7 +203,7 @@ def read_rows(batch: dict[str, list], indices: Sequence[int], on_invalid: OnInva
     if bad and on_invalid == "raise":
         others = (f"; rows {[err.row for err in bad[1:]]} cannot be read either (pass on_invalid='flag' to flag "
                   "such rows and go on)") if len(bad) > 1 else ""
-        raise PairError(bad[0].row, bad[0].column, str(bad[0]).split(": ", 1)[1] + others)
+        raise PairError(bad[0].row, bad[0].column, bad[0].message + others)
     return rows
 
 

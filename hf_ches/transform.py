@@ -289,7 +289,7 @@ class CHESScorer:
             return self._score(pending, model, tokenizer, head)
         except PairError as err:
             if indices is None:
-                raise PairError(err.row, err.column, str(err).split(": ", 1)[1] + " [row = position in this map "
+                raise PairError(err.row, err.column, err.message + " [row = position in this map "
                                 "batch; use scorer.map(ds) or with_indices=True for dataset row indices]") from None
             raise
 
