@@ -391,9 +391,9 @@ def run(args: ScriptArguments, stage: Stage = "publish") -> RunResult:
         args = check_target_repo(args)
     if args.model_name_or_path:
         check_model(args.model_name_or_path, args.model_revision, args.token)
-    model_fields = inherited_scoring(args)
-    if args.model_name_or_path:
         dataset, model_fields = score_splits(args, dataset)
+    else:
+        model_fields = inherited_scoring(args)
     source = dict(source_dataset=args.dataset_name, source_config=args.dataset_config,
                   command=command_line(args, stage), **source_metadata(args, dataset), **model_fields)
     if stage == "score":
