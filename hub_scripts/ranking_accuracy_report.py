@@ -211,7 +211,7 @@ def main(args: ScriptArguments) -> dict:
                  "num_samples_requested": args.num_samples, "sample_seed": args.seed},
         policy=model_info(policy),
         reference=model_info(reference) if reference else None,
-        scoring={"max_length": args.max_length, "token_budget": args.token_budget},
+        scoring={"max_length": args.max_length, "token_budget": args.token_budget, "boundary": args.boundary},
         options=options,
     )
     print(render_table(report))

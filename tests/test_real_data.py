@@ -99,6 +99,8 @@ def test_ranking_accuracy_report_on_hh(hh_file, smollm2_tiny_model, tmp_path, mo
     runpy.run_path(str(script), run_name="__main__")
     pairs = load_dataset(str(tmp_path / "report"), split="train")
     assert len(pairs) == 96 and not any(x != x for x in pairs["chosen_logps"][:] + pairs["rejected_logps"][:])
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["scoring"]["boundary"] == "trl"
 
 
 def test_the_shipped_file_is_the_sample_with_its_license():
