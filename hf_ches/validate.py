@@ -43,6 +43,7 @@ from hf_ches.displacement import OPTIMIZERS, apply_step, dpo_sigmoid_loss, spear
 from hf_ches.kernels import _parse_parameters, _tracking_only, ntk_pair, select_parameters, sequence_logp
 from hf_ches.kernels import signgd_displacement as signgd_score
 from hf_ches.pairs import TokenizedPair
+from hf_ches.pipeline import load_source, shared_field
 
 # --scores: the CHESScorer scores, and the gradient kernels of the step's own parameters (free: the step computes
 # both gradients anyway). Each adds these columns; all are oriented so that high predicts displacement, except
@@ -67,8 +68,8 @@ class ValidateArguments:
     model_name_or_path: str = field(default="smollm2", metadata={
         "help": "The model to step: Hub id, local folder, .gguf file or 'smollm2'."})
     model_revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of a Hub model."})
-    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
-    dataset_revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of a Hub dataset."})
+    dataset_config: str | None = shared_field("dataset_config")
+    dataset_revision: str | None = shared_field("dataset_revision")
     dataset_split: str = field(default="train", metadata={"help": "The split to sample from."})
     num_samples: int | None = field(default=100, metadata={
         "help": "Pairs to draw (numpy default_rng(seed).choice, no replacement); all when not given."})
@@ -86,14 +87,13 @@ class ValidateArguments:
         "help": "Model dtype. A bfloat16 step of a small η rounds back to the same weights: keep float32.",
         "choices": ["float32", "float64", "bfloat16"]})
     device: str | None = field(default=None, metadata={"help": "Device; when not given: cuda if available, else cpu."})
-    max_length: int | None = field(default=None, metadata={
-        "help": "Truncate prompt+completion to this many tokens (TRL's keep_start); no truncation when not given."})
+    max_length: int | None = shared_field("max_length")
     on_invalid: str = field(default="raise", metadata={
-        "help": "Rows that cannot be tokenized cleanly: 'raise', or 'flag' (unscorable rows are skipped).",
-        "choices": ["raise", "flag"]})
+        "help": "Rows that cannot be scored (no completion token left): 'raise', or 'flag' (such rows get NaN "
+                "deltas and are left out of the correlations).", "choices": ["raise", "flag"]})
     n_resamples: int = field(default=1000, metadata={"help": "Bootstrap resamples behind each interval."})
     confidence_level: float = field(default=0.95, metadata={"help": "Coverage of the bootstrap intervals."})
-    token: str | None = field(default=None, metadata={"help": "Hub token for a private dataset or model."})
+    token: str | None = shared_field("token")
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
     def __post_init__(self) -> None:
@@ -236,7 +236,6 @@ def run(args: ValidateArguments) -> dict[str, Any]:
     from hf_ches import __version__
     from hf_ches.models import load_model_and_tokenizer, model_fingerprint
     from hf_ches.pairs import read_rows, tokenize_pairs
-    from hf_ches.pipeline import load_source
     from hf_ches.report import ROW_INDEX, subsample
     from hf_ches.transform import CHESScorer
 
