@@ -81,7 +81,7 @@ def token_weights(model, pairs) -> dict[str, float]:
     for pair in pairs:
         prompt = len(pair.prompt_ids)
         enc = encode(model, [pair.prompt_ids + pair.chosen_ids, pair.prompt_ids + pair.rejected_ids], [prompt] * 2,
-                     want_states=True, head=head)
+                     needs={"states"}, head=head)
         n = len(pair.chosen_ids)
         y = torch.tensor(pair.chosen_ids + pair.rejected_ids)
         alpha = output_gradient_gram(head, torch.cat(enc.states), y, torch.cat(enc.lse), 1 << 22, rows=n)[:, n:]

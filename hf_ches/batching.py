@@ -1,28 +1,99 @@
-"""Sequences → micro-batches: sort by length, pack under a token budget, pad on the right.
+"""Pairs → sequences → micro-batches: lay out a batch of pairs, sort by length, pack under a token budget, pad
+on the right.
 
-Sorting by length before packing is what makes batched scoring fast: rows of similar length waste little padding,
-so a micro-batch of ``rows × longest`` tokens is mostly real tokens, far more than fixed-size batches in random
-order (``docs/speed.md`` §2). Right padding keeps every real token at its own position, so with a causal model the
-hidden states of real tokens do not depend on the padding at all: no attention mask is needed.
+:class:`PairBatch` turns ``k`` pairs into ``2k`` sequences (the chosen one of pair ``j`` at ``j``, its rejected one
+at ``k + j``) and says which pairs can be scored. Sorting by length before packing is what makes batched scoring
+fast: rows of similar length waste little padding, so a micro-batch of ``rows × longest`` tokens is mostly real
+tokens, far more than fixed-size batches in random order (``docs/speed.md`` §2). Right padding keeps every real
+token at its own position, so with a causal model the hidden states of real tokens do not depend on the padding at
+all: no attention mask is needed.
 
->>> plan_microbatches([5, 2, 9, 3], token_budget=10)
+>>> lengths = [5, 2, 9, 3]
+>>> list(pack(longest_first(lengths), lengths.__getitem__, token_budget=10))
 [[2], [0, 3], [1]]
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
+from hf_ches.pairs import TokenizedPair
 
-def plan_microbatches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
-    """Group sequence indices, longest first, so that ``len(group) * longest_in_group <= token_budget``.
+T = TypeVar("T")
 
-    A sequence longer than the budget gets a micro-batch of its own (it is never truncated here).
+
+class PairBatch:
+    """``k`` pairs laid out as ``2k`` sequences: the chosen sequence of pair ``j`` at ``j``, its rejected one at
+    ``k + j``. This layout is written here only; :meth:`split` reads per-sequence results back per pair.
+
+    The pairs may still be tokenizing (:class:`hf_ches.pairs.PendingPairs`): :attr:`sequences` and
+    :attr:`prompt_lens` are lazy, so reading sequence ``j`` waits for pair ``j % k`` alone. Whether a pair can be
+    scored is :attr:`hf_ches.pairs.TokenizedPair.scorable`; :meth:`runnable` and :meth:`scorable` are its two uses.
+
+    >>> from hf_ches.pairs import TokenizedPair
+    >>> batch = PairBatch([TokenizedPair(0, [1], [2, 3], [4]), TokenizedPair(1, [1], [], [5])])
+    >>> batch.sequences[1], batch.sequences[2], batch.prompt_lens[3]
+    ([1], [1, 4], 1)
+    >>> list(batch.runnable(range(4))), batch.scorable().tolist()
+    ([0, 2], [True, False])
+    >>> batch.split(np.array([10, 11, 20, 21]))
+    (array([10, 11]), array([20, 21]))
     """
-    return list(pack(sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)), lengths.__getitem__, token_budget))
+
+    def __init__(self, pairs: Sequence[TokenizedPair]):
+        self.pairs, k = pairs, len(pairs)
+        self.sequences: Sequence[list[int]] = LazySequence(2 * k, self._sequence)
+        self.prompt_lens: Sequence[int] = LazySequence(2 * k, lambda j: len(pairs[j % k].prompt_ids))
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def _sequence(self, j: int) -> list[int]:
+        pair = self.pairs[j % len(self)]
+        return pair.prompt_ids + (pair.chosen_ids if j < len(self) else pair.rejected_ids)
+
+    def completions(self) -> tuple[list[list[int]], list[list[int]]]:
+        """The chosen and the rejected completion ids of every pair (EOS included)."""
+        return [p.chosen_ids for p in self.pairs], [p.rejected_ids for p in self.pairs]
+
+    def runnable(self, order: Iterable[int]) -> Iterator[int]:
+        """The sequences of ``order`` whose pair can be scored (lazy: waits for each pair when it comes)."""
+        return (j for j in order if self.pairs[j % len(self)].scorable)
+
+    def scorable(self) -> np.ndarray:
+        """``[k]`` bool: the pairs that get scores (the others get NaN)."""
+        return np.array([pair.scorable for pair in self.pairs], dtype=bool)
+
+    def split(self, per_sequence: T) -> tuple[T, T]:
+        """``(chosen part, rejected part)`` of anything indexed by sequence (an array, a tensor, a tuple)."""
+        return per_sequence[: len(self)], per_sequence[len(self) :]
+
+
+class LazySequence(Sequence):
+    """``[get(0), …, get(n-1)]``, each item computed on first use (it may wait for a pair still being tokenized)."""
+
+    def __init__(self, n: int, get: Callable[[int], Any]):
+        self._n, self._get = n, functools.cache(get)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: int) -> Any:
+        return self._get(i)
+
+
+def longest_first(lengths: Sequence[int]) -> list[int]:
+    """Indices of ``lengths`` from the longest to the shortest (ties by index): the packing order that wastes least.
+
+    >>> longest_first([5, 2, 9, 3])
+    [2, 0, 3, 1]
+    """
+    return sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
 
 
 def pack(
@@ -31,8 +102,8 @@ def pack(
     """Cut ``order`` into consecutive groups with ``len(group) * longest_in_group <= token_budget``.
 
     Lazy: a group is yielded as soon as the next sequence does not fit, so ``length`` may wait for sequences that
-    are still being tokenized (see :class:`hf_ches.pairs.PendingPairs`). In an order of decreasing length this is
-    :func:`plan_microbatches`; in an order that only roughly decreases it wastes a little more padding.
+    are still being tokenized (see :class:`hf_ches.pairs.PendingPairs`). In :func:`longest_first` order this wastes
+    least padding; in an order that only roughly decreases it wastes a little more.
     ``first_budget`` (default ``token_budget``) bounds the first group alone: a small first group needs few
     sequences, so the model can start while the others are still being tokenized.
 

@@ -21,20 +21,23 @@ checks on a short input that trunk + head reproduce the model's own logits and r
 >>> from transformers import AutoModelForCausalLM
 >>> from hf_ches.testing import build_tiny_model
 >>> model = AutoModelForCausalLM.from_pretrained(build_tiny_model(tempfile.mkdtemp()))
->>> out = encode(model, [[1, 5, 6, 7], [1, 5, 9]], prompt_lens=[2, 2], want_logps=True)
->>> out.sums.shape, out.num_tokens.tolist()
-(torch.Size([2, 64]), [2, 1])
+>>> out = encode(model, [[1, 5, 6, 7], [1, 5, 9]], prompt_lens=[2, 2], needs={"logps"})
+>>> out.sums.shape, out.num_tokens.tolist(), out.logps.shape
+(torch.Size([2, 64]), [2, 1], torch.Size([2]))
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Set
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from hf_ches.batching import completion_positions, pack, pad_right
+from hf_ches.batching import completion_positions, longest_first, pack, pad_right
+
+# What a caller may ask :func:`encode` for beyond the sums and token counts (the fields of :class:`Encoded`).
+NEEDS = frozenset({"logps", "last_hidden", "states"})
 
 
 class UnsupportedModelError(ValueError):
@@ -177,9 +180,7 @@ def encode(
     order: Iterable[int] | None = None,
     token_budget: int = 16384,
     first_budget: int | None = None,
-    want_logps: bool = False,
-    want_last: bool = False,
-    want_states: bool = False,
+    needs: Set[str] = frozenset(),
     pad_id: int = 0,
     head: OutputHead | None = None,
     head_chunk: int = 1024,
@@ -188,63 +189,96 @@ def encode(
 
     Args:
         model: a causal LM (``AutoModelForCausalLM``); its device and dtype are used as they are.
-        sequences: full token ids per sequence; ``prompt_lens[i]`` of them are prompt. A sequence without a prompt
-            token or a completion token has no state to sum: it gets zeros and ``num_tokens`` 0.
-        order: the order in which sequences are packed into micro-batches (default: by length, longest first).
-            ``sequences`` and ``prompt_lens`` are read in this order, so they may be lazy (e.g. backed by
-            :class:`hf_ches.pairs.PendingPairs`) when ``order`` comes from a guess at the lengths.
+        sequences: full token ids per sequence; ``prompt_lens[i]`` of them are prompt.
+        order: the sequences to run, in the order in which they are packed into micro-batches (default: all, by
+            :func:`~hf_ches.batching.longest_first`). Each needs a prompt token and a completion token
+            (:meth:`hf_ches.batching.PairBatch.runnable` keeps those); a sequence left out gets zeros and
+            ``num_tokens`` 0. ``sequences`` and ``prompt_lens`` are read in this order, so they may be lazy (e.g.
+            a :class:`~hf_ches.batching.PairBatch` still tokenizing) when ``order`` comes from a guess at the
+            lengths.
         token_budget: most ``rows × padded length`` tokens per micro-batch.
         first_budget: most tokens in the first micro-batch (default ``token_budget``): with a lazy ``order``, a small
             first micro-batch starts the model after a few sequences are ready.
-        want_logps: also compute the summed completion-token log-probs (applies the output embedding).
-        want_last: also return the state predicting the last completion token (a baseline of the paper).
-        want_states: also return every completion-predicting state and its logits' log-sum-exp, per sequence
-            (applies the output embedding; host memory: ``completion tokens × d`` floats).
+        needs: what to compute beyond the sums, any of :data:`NEEDS`: ``"logps"``, the summed completion-token
+            log-probs (applies the output embedding); ``"last_hidden"``, the state predicting the last completion
+            token (a baseline of the paper); ``"states"``, every completion-predicting state and its logits'
+            log-sum-exp, per sequence (applies the output embedding; host memory: ``completion tokens × d`` floats).
         head: the checked output head (default: :func:`output_head` of ``model``, unchecked).
         head_chunk: completion positions per output-embedding chunk (memory: ``head_chunk × V`` floats).
     """
+    if not needs <= NEEDS:
+        raise ValueError(f"needs: expected a subset of {sorted(NEEDS)}, got {sorted(needs)}")
     head = head or output_head(model)
     trunk, device = trunk_of(model), head.weight.device
-    n = len(sequences)
     if order is None:
-        order = sorted(range(n), key=lambda i: (-len(sequences[i]), i))
-    num_tokens = torch.zeros(n, dtype=torch.long)
-    sums = torch.zeros(n, head.weight.shape[1], dtype=torch.float32, device=device)
-    logps = torch.zeros(n, dtype=torch.float64, device=device) if want_logps else None
-    last = torch.zeros_like(sums) if want_last else None
-    states: list = [None] * n
-    lse: list = [None] * n
-    scorable = (i for i in order if 0 < prompt_lens[i] < len(sequences[i]))
-    for group in pack(scorable, lambda i: len(sequences[i]), token_budget, first_budget):
-        batch = [sequences[i] for i in group]
-        lengths = np.array([len(s) for s in batch])
-        prompts = np.array([prompt_lens[i] for i in group])
-        num_tokens[group] = torch.from_numpy(lengths - prompts)
-        rows, cols = completion_positions(lengths, prompts)  # [M], [M]
-        ids, rows, cols, group_d, ends = _to_device(
-            device, pad_right(batch, pad_id), rows, cols, np.array(group), lengths - 2
-        )
+        order = longest_first([len(s) for s in sequences])
+    out = _Results(len(sequences), head.weight.shape[1], device, needs)
+    for group in pack(order, lambda i: len(sequences[i]), token_budget, first_budget):
+        batch = _MicroBatch.build([sequences[i] for i in group], [prompt_lens[i] for i in group], group, pad_id,
+                                  device)
         # right padding and a causal model: real tokens never attend to padding, so no attention mask is needed
-        h = trunk(input_ids=ids, use_cache=False).last_hidden_state  # [B, T, d]
-        sel = h[rows, cols]  # [M, d]: the states at P-1 … L-2 of every row, flattened; they predict ids[rows, cols+1]
-        seq_ids = group_d[rows]  # [M]: the sequence each state belongs to
-        sums.index_add_(0, seq_ids, sel.float())
-        if want_logps or want_states:
-            token_logps, token_lse = head.token_logps(sel, ids[rows, cols + 1], head_chunk)  # [M], [M]
-            if want_logps:
-                logps.index_add_(0, seq_ids, token_logps.double())
-            if want_states:
+        h = trunk(input_ids=batch.ids, use_cache=False).last_hidden_state  # [B, T, d]
+        out.add(batch, h, head, head_chunk)
+    return out.encoded()
+
+
+@dataclass(frozen=True)
+class _MicroBatch:
+    """One padded micro-batch on the device, with where each sequence's completion-predicting states are."""
+
+    ids: torch.Tensor  # [B, T] right-padded token ids
+    rows: torch.Tensor  # [M]: row of each completion-predicting position P-1 … L-2, row by row
+    cols: torch.Tensor  # [M]: its column; the state there predicts ids[rows, cols + 1]
+    group: torch.Tensor  # [B]: the sequence index of each row
+    ends: torch.Tensor  # [B]: the column of each row's last completion-predicting state (L - 2)
+    members: list[int]  # the sequence index of each row, on the host (reading ``group`` back would wait)
+    counts: list[int]  # completion tokens per row, on the host
+
+    @classmethod
+    def build(cls, batch: list, prompts: list[int], group: list[int], pad_id: int, device) -> "_MicroBatch":
+        lengths, prompts_np = np.array([len(s) for s in batch]), np.array(prompts)
+        rows, cols = completion_positions(lengths, prompts_np)
+        ids, rows, cols, group_d, ends = _to_device(device, pad_right(batch, pad_id), rows, cols, np.array(group),
+                                                    lengths - 2)
+        return cls(ids, rows, cols, group_d, ends, group, (lengths - prompts_np).tolist())
+
+
+class _Results:
+    """The per-sequence results of :func:`encode`, filled in one micro-batch at a time."""
+
+    def __init__(self, n: int, d: int, device: torch.device, needs: Set[str]):
+        self.needs = needs
+        self.num_tokens = torch.zeros(n, dtype=torch.long)
+        self.sums = torch.zeros(n, d, dtype=torch.float32, device=device)
+        self.logps = torch.zeros(n, dtype=torch.float64, device=device) if "logps" in needs else None
+        self.last = torch.zeros_like(self.sums) if "last_hidden" in needs else None
+        self.states: list = [None] * n
+        self.lse: list = [None] * n
+
+    def add(self, batch: _MicroBatch, h: torch.Tensor, head: OutputHead, head_chunk: int) -> None:
+        """Reduce the trunk's states ``h`` ``[B, T, d]`` of ``batch`` into its sequences' results."""
+        self.num_tokens[batch.members] = torch.tensor(batch.counts)
+        sel = h[batch.rows, batch.cols]  # [M, d]: the completion-predicting states of every row, flattened
+        seq_ids = batch.group[batch.rows]  # [M]: the sequence each state belongs to
+        self.sums.index_add_(0, seq_ids, sel.float())
+        if self.needs & {"logps", "states"}:
+            token_logps, token_lse = head.token_logps(sel, batch.ids[batch.rows, batch.cols + 1], head_chunk)
+            if self.logps is not None:
+                self.logps.index_add_(0, seq_ids, token_logps.double())
+            if "states" in self.needs:
                 keep = torch.promote_types(sel.dtype, torch.float32)
-                split = (lengths - prompts).tolist()
-                for i, h_i, lse_i in zip(group, sel.split(split), token_lse.split(split)):
-                    states[i], lse[i] = h_i.to("cpu", keep), lse_i.cpu()  # [n_i, d], [n_i]
-        if want_last:
-            last[group_d] = h[torch.arange(len(group), device=device), ends].float()
-    return Encoded(
-        sums=sums.cpu(),
-        num_tokens=num_tokens,
-        logps=logps.cpu() if want_logps else None,
-        last_hidden=last.cpu() if want_last else None,
-        states=tuple(states) if want_states else None,
-        lse=tuple(lse) if want_states else None,
-    )
+                for i, h_i, lse_i in zip(batch.members, sel.split(batch.counts), token_lse.split(batch.counts)):
+                    self.states[i], self.lse[i] = h_i.to("cpu", keep), lse_i.cpu()  # [n_i, d], [n_i]
+        if self.last is not None:
+            self.last[batch.group] = h[torch.arange(len(batch.counts), device=h.device), batch.ends].float()
+
+    def encoded(self) -> Encoded:
+        states = "states" in self.needs
+        return Encoded(
+            sums=self.sums.cpu(),
+            num_tokens=self.num_tokens,
+            logps=None if self.logps is None else self.logps.cpu(),
+            last_hidden=None if self.last is None else self.last.cpu(),
+            states=tuple(self.states) if states else None,
+            lse=tuple(self.lse) if states else None,
+        )

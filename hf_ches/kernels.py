@@ -42,10 +42,10 @@ from typing import Any
 import torch
 
 from hf_ches.forward import trunk_of
+from hf_ches.loading import Loaded
 from hf_ches.pairs import PendingPairs
 from hf_ches.transform import CHESScorer, ScorerConfig
 
-KERNEL_SCORES = ("ntk", "signgd", "logps")
 KERNEL_COLUMNS = {
     "ntk": ("ntk_pp", "ntk_pm", "ntk_mm", "ntk_displacement", "ntk_cosine"),
     "signgd": ("signgd_displacement",),
@@ -64,6 +64,13 @@ class KernelScorerConfig(ScorerConfig):
     parameters: str = "output"  # see select_parameters: output, all, trainable, lora, last:K, re:<regex>
     projection_dim: int | None = None  # CountSketch size for the ntk_* columns; None: exact inner products
     seed: int = 0  # of the projection
+
+    def __post_init__(self):
+        super().__post_init__()
+        _parse_parameters(self.parameters)  # fail when the scorer is built, not in a worker
+        dim = self.projection_dim
+        if dim is not None and (not isinstance(dim, int) or dim < 1):
+            raise ValueError(f"projection_dim: expected None or an int >= 1, got {dim!r}")
 
 
 def _parse_parameters(spec: str) -> tuple[str, Any]:
@@ -242,18 +249,10 @@ class GradientKernelScorer(CHESScorer):
     """
 
     config_class = KernelScorerConfig
-    available_scores = KERNEL_SCORES
     score_columns = KERNEL_COLUMNS
 
-    def __init__(self, model: str | torch.nn.Module, tokenizer: Any = None, **options):
-        _parse_parameters(options.get("parameters", KernelScorerConfig.parameters))  # fail here, not in a worker
-        dim = options.get("projection_dim")
-        if dim is not None and (not isinstance(dim, int) or dim < 1):
-            raise ValueError(f"projection_dim: expected None or an int >= 1, got {dim!r}")
-        super().__init__(model, tokenizer, **options)
-
-    def _compute(self, pairs: PendingPairs, model: Any, tokenizer: Any, head: Any) -> dict[str, list]:
-        cfg, names = self.config, self.config.scores
+    def _compute(self, pairs: PendingPairs, loaded: Loaded) -> dict[str, list]:
+        cfg, names, model = self.config, self.config.scores, loaded.model
         named = select_parameters(model, cfg.parameters)
 
         def reduce(grads: list[torch.Tensor]) -> list[torch.Tensor]:  # what the ntk_* columns are computed from

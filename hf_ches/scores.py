@@ -1,4 +1,5 @@
-"""Pair scores from per-sequence statistics: pure math, float64, no model and no I/O.
+"""Pair scores from per-sequence statistics: pure math, float64, no model and no I/O; and :data:`SCORES`, the
+registry the scorer reads (each score's columns, what it needs from the forward pass, and its function).
 
 With ``S± = Σ_k h_k`` the sum of the hidden states that produce the logits of each token of the chosen (+) and
 rejected (−) completion, and ``n±`` their token counts (Razin et al. 2024, Definitions 2 and 3):
@@ -34,15 +35,14 @@ DPO-type loss ``ℓ`` of the pair that trains only an untied output embedding ch
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from hf_ches.forward import OutputHead
+from hf_ches.batching import PairBatch
+from hf_ches.forward import Encoded, OutputHead
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -91,7 +91,7 @@ def output_gradient_gram(
     Row ``k`` of ``G = (onehot(targets) − softmax(logits(h))) ⊙ head.slope`` ``[N, V]`` is the gradient of
     ``ln π(targets_k)`` w.r.t. the pre-processing logits ``W h_k + b``, so ``<g_k, g_k'>`` are the α that make
     :func:`alpha_ches` the exact output-embedding kernel. States ``h`` ``[N, d]`` and their logits' log-sum-exp ``lse``
-    ``[N]`` come from :func:`hf_ches.forward.encode` (``want_states=True``); the logits are recomputed for
+    ``[N]`` come from :func:`hf_ches.forward.encode` (``needs={"states"}``); the logits are recomputed for
     ``budget // N`` vocabulary entries at a time, so about ``budget`` floats are live at once, never ``[N, V]``.
 
     >>> from hf_ches.forward import OutputHead
@@ -170,3 +170,72 @@ def edit_distance(a: Sequence[int], b: Sequence[int]) -> float:
         cur = np.minimum.accumulate(cur - np.arange(len(cur))) + np.arange(len(cur))
         prev = cur
     return float(prev[-1]) / max(len(a), len(b))
+
+
+# --- the registry: what the scorer computes for each name in ``scores=`` ---
+
+
+@dataclass(frozen=True)
+class ScoreInputs:
+    """What a score is computed from: the batch of pairs, its forward pass, and the checked output head."""
+
+    batch: PairBatch
+    encoded: Encoded
+    head: OutputHead
+    head_chunk: int  # completion positions per output-embedding chunk
+
+
+@dataclass(frozen=True)
+class Score:
+    """One entry of :data:`SCORES`: the columns it adds, what it needs from :func:`hf_ches.forward.encode`
+    (beyond the sums), and the function that gives one ``[k]`` float64 array per column (any value for a pair that
+    is not scorable: the scorer writes NaN there)."""
+
+    columns: tuple[str, ...]
+    needs: frozenset[str]
+    compute: Callable[[ScoreInputs], tuple[np.ndarray, ...]]
+
+
+def _ches(x: ScoreInputs) -> tuple[np.ndarray]:
+    return (ches(*x.batch.split(x.encoded.sums)).numpy(),)
+
+
+def _ln_ches(x: ScoreInputs) -> tuple[np.ndarray]:
+    return (ln_ches(*x.batch.split(x.encoded.sums), *x.batch.split(x.encoded.num_tokens)).numpy(),)
+
+
+def _logps(x: ScoreInputs) -> tuple[np.ndarray, np.ndarray]:
+    chosen, rejected = x.batch.split(x.encoded.logps.numpy())
+    return chosen, rejected
+
+
+def _edit_distance(x: ScoreInputs) -> tuple[np.ndarray]:
+    ok = x.batch.scorable()
+    return (np.array([edit_distance(c, r) if good else np.nan for c, r, good in zip(*x.batch.completions(), ok)]),)
+
+
+def _last_hidden_ip(x: ScoreInputs) -> tuple[np.ndarray]:
+    return (last_hidden_ip(*x.batch.split(x.encoded.last_hidden)).numpy(),)
+
+
+def _entk_w(x: ScoreInputs) -> tuple[np.ndarray, np.ndarray]:
+    budget = x.head_chunk * x.head.weight.shape[0]  # floats per vocabulary chunk, as in encode
+    (h_c, h_r), (lse_c, lse_r) = x.batch.split(x.encoded.states), x.batch.split(x.encoded.lse)
+    chosen, rejected = x.batch.completions()
+    values = [
+        output_entk(x.head, h_c[j], h_r[j], torch.as_tensor(chosen[j]), torch.as_tensor(rejected[j]), lse_c[j],
+                    lse_r[j], budget) if ok else (np.nan, np.nan)
+        for j, ok in enumerate(x.batch.scorable())
+    ]
+    table = np.array(values, dtype=np.float64).reshape(len(x.batch), 2)
+    return table[:, 0], table[:, 1]
+
+
+SCORES: dict[str, Score] = {
+    "ches": Score(("ches",), frozenset(), _ches),
+    "ln_ches": Score(("ln_ches",), frozenset(), _ln_ches),
+    "logps": Score(("chosen_logps", "rejected_logps"), frozenset({"logps"}), _logps),
+    "edit_distance": Score(("edit_distance",), frozenset(), _edit_distance),
+    "last_hidden_ip": Score(("last_hidden_ip",), frozenset({"last_hidden"}), _last_hidden_ip),
+    "entk_w": Score(("entk_w", "ln_entk_w"), frozenset({"states"}), _entk_w),
+}

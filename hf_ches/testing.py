@@ -19,8 +19,6 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from hf_ches.pairs import PendingPairs
-from hf_ches.transform import CHESScorer
 
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 
@@ -196,15 +194,6 @@ def synthetic_pairs(
             "rejected": [user(p) + assistant(r) for p, r in zip(prompts, rejected)],
         }
     raise ValueError(f"unknown format {fmt!r}; expected standard, conversational or implicit")
-
-
-class AcceleratorOrderScorer(CHESScorer):
-    """A :class:`CHESScorer` that packs as on an accelerator wherever it runs: the model starts on a small first
-    micro-batch of the longest sequences by characters while the rest are being tokenized. CPU tests and
-    ``benchmarks/bench_host.py`` use it to exercise the accelerator's scheduling without one."""
-
-    def _packing_order(self, pairs: PendingPairs, head) -> list[int]:
-        return pairs.sequence_order()
 
 
 def error_line(stderr: str) -> str:

@@ -16,36 +16,22 @@ itself, on ``cuda:rank % n_gpus`` with ``with_rank=True`` (CPU when there is no 
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import logging
-import os
-from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from hf_ches import scores as S
-from hf_ches.forward import encode, inspect_model
+from hf_ches import loading
+from hf_ches.batching import PairBatch, longest_first
+from hf_ches.forward import encode
 from hf_ches.pairs import SHIFT_COLUMN, Boundary, OnInvalid, PairError, PendingPairs, read_rows, tokenize_pairs
+from hf_ches.scores import SCORES, ScoreInputs
 
 logger = logging.getLogger(__name__)
 
-SCORES = ("ches", "ln_ches", "logps", "edit_distance", "last_hidden_ip", "entk_w")
 DEFAULT_SCORES = ("ches", "ln_ches", "logps")
-# The columns a score adds (before ``column_prefix``) when they are not just the score's own name.
-SCORE_COLUMNS = {"logps": ("chosen_logps", "rejected_logps"), "entk_w": ("entk_w", "ln_entk_w")}
-
-# The pid that imported this module. A forked ``num_proc`` worker inherits it and so knows it is a fork: there
-# torch's CPU thread pool (GNU OpenMP) is not fork-safe and the first parallel matmul can hang forever.
-_IMPORT_PID = os.getpid()
-
-# Loaded models: handed to a scorer as objects (by identity) or loaded from a path (by identity and load settings).
-# Forked ``num_proc`` workers inherit this table, so the scorer itself never carries (or hashes) the weights, and
-# scorers of the same model in one process load it once.
-_IN_MEMORY: dict[str, tuple[Any, Any]] = {}
 
 
 @dataclass(frozen=True)
@@ -66,6 +52,14 @@ class ScorerConfig:
     column_prefix: str = ""  # e.g. "ref_" to write ref_chosen_logps / ref_rejected_logps
     head_chunk: int = 1024  # completion positions per output-embedding chunk
 
+    def __post_init__(self):
+        if self.on_invalid not in ("raise", "flag"):
+            raise ValueError(f"on_invalid must be 'raise' or 'flag', got {self.on_invalid!r}")
+        if self.boundary not in ("trl", "strict"):
+            raise ValueError(f"boundary must be 'trl' or 'strict', got {self.boundary!r}")
+        object.__setattr__(self, "scores", tuple(self.scores))
+        object.__setattr__(self, "dtype", None if self.dtype is None else str(self.dtype).removeprefix("torch."))
+
 
 def default_token_budget(device: torch.device) -> int:
     """Tokens per micro-batch when ``token_budget`` is not set: 2048 on a CPU, 16384 elsewhere.
@@ -82,27 +76,12 @@ def tokenizer_threads(rows: int) -> int:
     return max(1, min(torch.get_num_threads(), rows // 16))
 
 
-def _dtype_name(dtype: Any) -> str | None:
-    return None if dtype is None else str(dtype).removeprefix("torch.")
-
-
-def in_memory_identity(model: torch.nn.Module, tokenizer: Any) -> str:
-    """A cheap identity of a loaded model: its name, revision, dtype, size and a sample of every weight tensor.
-
-    Milliseconds whatever the model size (64 values per tensor are read). Weights edited in place after loading
-    are caught when the sampled values change, which full fine-tuning and merged adapters do; pass
-    ``fingerprint=`` to the scorer to name the weights yourself when in doubt.
-    """
-    digest = hashlib.sha256()
-    config = model.config
-    head = f"{config.name_or_path}|{getattr(config, '_commit_hash', None)}|{model.dtype}|{len(tokenizer)}"
-    digest.update(head.encode())
-    digest.update(str(tokenizer.chat_template).encode())
-    with torch.no_grad():
-        for name, param in model.state_dict().items():
-            sample = param.detach().reshape(-1)[:64].float().cpu().numpy()
-            digest.update(name.encode() + str(tuple(param.shape)).encode() + sample.tobytes())
-    return digest.hexdigest()
+def tokenize_ahead(device: torch.device) -> bool:
+    """Whether the model starts while the batch is still tokenizing: on an accelerator, yes (the sequences go
+    longest first by characters, and a small first micro-batch starts the model as soon as its rows are ready); on
+    a CPU, which the tokenizer and the model share, no (the batch is tokenized first and packed by exact length).
+    Both orders give the same scores; tests patch this to run the accelerator's order on a CPU."""
+    return device.type != "cpu"
 
 
 def _split_map_args(args: tuple) -> tuple[list[int] | None, int | None]:
@@ -134,39 +113,24 @@ class CHESScorer:
     ``on_invalid="flag"``: empty for clean rows, else the problem; unscorable rows get NaN scores).
     """
 
-    # what a subclass scoring something else swaps in (with its own :meth:`_compute`)
+    # what a subclass scoring something else swaps in (with its own :meth:`_compute`): name -> columns it adds
     config_class: type = ScorerConfig
-    available_scores: tuple[str, ...] = SCORES
-    score_columns: dict[str, tuple[str, ...]] = SCORE_COLUMNS
+    score_columns: dict[str, tuple[str, ...]] = {name: score.columns for name, score in SCORES.items()}
 
     def __init__(self, model: str | torch.nn.Module, tokenizer: Any = None, *, fingerprint: str | None = None, **options):
-        config_class, available = self.config_class, self.available_scores
-        unknown = set(options) - set(config_class.__dataclass_fields__) - {"model"}
+        unknown = set(options) - set(self.config_class.__dataclass_fields__) - {"model"}
         if unknown:
             raise TypeError(f"unknown {type(self).__name__} options {sorted(unknown)}")
-        options["scores"] = tuple(options.get("scores", config_class.scores))
-        bad = [s for s in options["scores"] if s not in available]
-        if bad or not options["scores"]:
-            raise ValueError(f"scores must be a non-empty subset of {available}, got {options['scores']}")
-        if options.get("on_invalid", "raise") not in ("raise", "flag"):
-            raise ValueError(f"on_invalid must be 'raise' or 'flag', got {options['on_invalid']!r}")
-        if options.get("boundary", "trl") not in ("trl", "strict"):
-            raise ValueError(f"boundary must be 'trl' or 'strict', got {options['boundary']!r}")
-        options["dtype"] = _dtype_name(options.get("dtype"))
-        self._loaded: tuple | None = None
-        if isinstance(model, str):
-            from hf_ches.models import model_fingerprint
-
-            self.config = config_class(model=model, **options)
-            self.identity = fingerprint or model_fingerprint(model, self.config.revision, self.config.gguf_file)
-        else:
+        if not isinstance(model, str):
             if tokenizer is None:
-                raise ValueError("pass the tokenizer with an in-memory model: CHESScorer(model, tokenizer)")
+                raise ValueError(f"pass the tokenizer with an in-memory model: {type(self).__name__}(model, tokenizer)")
             if options.get("chat_template"):
                 tokenizer.chat_template = options["chat_template"]
-            self.config = config_class(model="<in-memory>", **options)
-            self.identity = fingerprint or in_memory_identity(model, tokenizer)
-            _IN_MEMORY[self.identity] = (model, tokenizer)
+        self.config = self.config_class(model=model if isinstance(model, str) else loading.IN_MEMORY, **options)
+        names = self.config.scores
+        if not names or any(name not in self.score_columns for name in names):
+            raise ValueError(f"scores must be a non-empty subset of {tuple(self.score_columns)}, got {names}")
+        self.identity = loading.identify(model, tokenizer, self.config, fingerprint)
 
     # --- pickling: settings and identity only (fast, process-independent hashing; workers load the model) ---
     def __getstate__(self) -> dict:
@@ -175,52 +139,19 @@ class CHESScorer:
         return {"config": self.config, "identity": self.identity, "version": __version__}
 
     def __setstate__(self, state: dict) -> None:
-        self.config, self.identity, self._loaded = state["config"], state["identity"], None
+        self.config, self.identity = state["config"], state["identity"]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({asdict(self.config)})"
 
-    # --- model ---
-    def _device(self, rank: int | None) -> torch.device:
-        if self.config.device:
-            return torch.device(self.config.device)
-        if torch.cuda.is_available():
-            return torch.device(f"cuda:{(rank or 0) % torch.cuda.device_count()}")
-        return torch.device("cpu")
-
-    def load(self, rank: int | None = None) -> tuple[Any, Any, Any]:
-        """Load (once per process) and check the model; return ``(model, tokenizer, output_head)``."""
-        if self._loaded is None:
-            cfg = self.config
-            if os.getpid() != _IMPORT_PID and not torch.cuda.is_available():
-                torch.set_num_threads(1)  # a forked CPU worker: one thread each, and no OpenMP deadlock
-            if cfg.model == "<in-memory>":
-                if self.identity not in _IN_MEMORY:
-                    raise RuntimeError(
-                        "this CHESScorer wraps an in-memory model that is not in this process (a spawned worker?); "
-                        "build the scorer from a model id or path to use spawned workers"
-                    )
-                model, tokenizer = _IN_MEMORY[self.identity]
-                if cfg.device:
-                    model.to(cfg.device)
-            else:
-                from hf_ches.models import load_model_and_tokenizer
-
-                device = self._device(rank)
-                key = f"{self.identity}|{cfg.revision}|{cfg.dtype}|{device}|{cfg.gguf_file}|{cfg.chat_template}"
-                if key not in _IN_MEMORY:  # scorers of the same model in one process (policy/report, splits) share it
-                    _IN_MEMORY[key] = load_model_and_tokenizer(
-                        cfg.model, revision=cfg.revision, dtype=cfg.dtype, device=device,
-                        gguf_file=cfg.gguf_file, chat_template=cfg.chat_template,
-                    )
-                model, tokenizer = _IN_MEMORY[key]
-            self._loaded = (model.eval(), tokenizer, inspect_model(model))
-        return self._loaded
+    def load(self, rank: int | None = None) -> loading.Loaded:
+        """The model, tokenizer and checked output head, loaded once per process (:func:`hf_ches.loading.load`)."""
+        return loading.load(self.config, self.identity, rank)
 
     # --- the transform ---
     def columns(self) -> list[str]:
         """The float64 score columns this scorer adds, without ``column_prefix``, in the order of ``scores``."""
-        return [column for s in self.config.scores for column in self.score_columns.get(s, (s,))]
+        return [column for name in self.config.scores for column in self.score_columns[name]]
 
     def output_features(self) -> dict:
         """``datasets`` feature types of the columns this scorer adds."""
@@ -266,7 +197,7 @@ class CHESScorer:
         if rows.size == 0:
             return
         i = int(rows[0])
-        tokenizer = self.load()[1]
+        tokenizer = self.load().tokenizer
         pair = tokenize_pairs(read_rows(dataset[i : i + 1], [i]), tokenizer, self.config.max_length, "flag")[0]
         logger.warning(
             "%d of %d rows: the tokenized prompt is not a prefix of the tokenized prompt+completion, so the last "
@@ -279,28 +210,30 @@ class CHESScorer:
 
     def __call__(self, batch: dict[str, list], *map_args: Any) -> dict[str, np.ndarray]:
         indices, rank = _split_map_args(map_args)
-        model, tokenizer, head = self.load(rank)
-        cfg = self.config
+        loaded, cfg = self.load(rank), self.config
         try:
             rows = read_rows(batch, indices if indices is not None else range(len(batch.get("chosen", []))),
                              cfg.on_invalid)
-            pending = PendingPairs(rows, tokenizer, cfg.max_length, cfg.on_invalid, tokenizer_threads(len(rows)),
-                                   boundary=cfg.boundary)
-            return self._score(pending, model, tokenizer, head)
+            pairs = PendingPairs(rows, loaded.tokenizer, cfg.max_length, cfg.on_invalid,
+                                 tokenizer_threads(len(rows)), boundary=cfg.boundary)
+            return self._columns(pairs, loaded)
         except PairError as err:
             if indices is None:
                 raise PairError(err.row, err.column, err.message + " [row = position in this map "
                                 "batch; use scorer.map(ds) or with_indices=True for dataset row indices]") from None
             raise
 
-    def _score(self, pairs: PendingPairs, model: Any, tokenizer: Any, head: Any) -> dict[str, np.ndarray]:
+    def _columns(self, pairs: PendingPairs, loaded: loading.Loaded) -> dict[str, np.ndarray]:
+        """Every output column of a map batch: the scores (NaN where a pair cannot be scored), the token counts,
+        the boundary shift and, as configured, ``truncated`` and ``ches_flag``."""
         cfg, p = self.config, self.config.column_prefix
-        computed = self._compute(pairs, model, tokenizer, head)
-        pairs = list(pairs)
-        ok = np.array([pair.scorable for pair in pairs])
+        computed = self._compute(pairs, loaded)
+        batch = PairBatch(pairs)  # every pair is tokenized from here on
+        ok = batch.scorable()
         out = {p + name: np.where(ok, np.asarray(computed[name], dtype=np.float64), np.nan) for name in self.columns()}
-        out[p + "chosen_num_tokens"] = np.array([len(x.chosen_ids) for x in pairs], dtype=np.int32)
-        out[p + "rejected_num_tokens"] = np.array([len(x.rejected_ids) for x in pairs], dtype=np.int32)
+        chosen, rejected = batch.completions()
+        out[p + "chosen_num_tokens"] = np.array([len(ids) for ids in chosen], dtype=np.int32)
+        out[p + "rejected_num_tokens"] = np.array([len(ids) for ids in rejected], dtype=np.int32)
         out[p + SHIFT_COLUMN] = np.array([x.prompt_shift for x in pairs], dtype=np.int32)
         if cfg.max_length is not None:
             out[p + "truncated"] = np.array([x.truncated for x in pairs], dtype=bool)
@@ -308,68 +241,23 @@ class CHESScorer:
             out[p + "ches_flag"] = np.array([x.problem or "" for x in pairs], dtype=object)
         return out
 
-    def _packing_order(self, pairs: PendingPairs, head: Any) -> list[int] | None:
-        """On an accelerator, the sequences longest first by characters, so that the model starts on the longest
-        while the others are still being tokenized; on a CPU, which the tokenizer and the model share, ``None``:
-        :func:`encode` waits for all of them and packs by exact length."""
-        return None if head.weight.device.type == "cpu" else pairs.sequence_order()
-
-    def _compute(self, pairs: PendingPairs, model: Any, tokenizer: Any, head: Any) -> dict[str, Any]:
-        """Each of :meth:`columns`: one value per pair, in order (any value for a pair that is not ``scorable``)."""
-        cfg, names, k = self.config, self.config.scores, len(pairs)
-
-        def sequence(j: int) -> list[int]:  # the chosen sequence of pair j at j, its rejected one at k + j
-            pair = pairs[j % k]
-            return pair.prompt_ids + (pair.chosen_ids if j < k else pair.rejected_ids)
-
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    def _compute(self, pairs: PendingPairs, loaded: loading.Loaded) -> dict[str, Any]:
+        """Each of :meth:`columns`: one value per pair, in order, from one forward pass that computes what the
+        asked scores need (:data:`hf_ches.scores.SCORES`)."""
+        cfg, model, tokenizer, head = self.config, *loaded
+        batch, entries = PairBatch(pairs), [SCORES[name] for name in cfg.scores]
         token_budget = cfg.token_budget or default_token_budget(head.weight.device)
-        order = self._packing_order(pairs, head)
-        enc = encode(
-            model, _Lazy(2 * k, sequence), _Lazy(2 * k, lambda j: len(pairs[j % k].prompt_ids)),
-            # a lazy order: a small first micro-batch starts the model as soon as the first rows are tokenized
-            order=order, token_budget=token_budget, first_budget=None if order is None else max(1, token_budget // 4),
-            want_logps="logps" in names, want_last="last_hidden_ip" in names, want_states="entk_w" in names,
-            pad_id=pad_id, head=head, head_chunk=cfg.head_chunk,
-        )  # every pair is tokenized from here on
-        s_c, s_r, n_c, n_r = enc.sums[:k], enc.sums[k:], enc.num_tokens[:k], enc.num_tokens[k:]
-
-        @functools.cache
-        def entk() -> np.ndarray:  # [k, 2]: entk_w, ln_entk_w
-            budget = cfg.head_chunk * head.weight.shape[0]  # floats per vocabulary chunk, as in encode
-            ids = [torch.as_tensor(x.chosen_ids) for x in pairs] + [torch.as_tensor(x.rejected_ids) for x in pairs]
-            values = [
-                S.output_entk(head, enc.states[j], enc.states[k + j], ids[j], ids[k + j], enc.lse[j], enc.lse[k + j],
-                              budget) if pairs[j].scorable else (np.nan, np.nan)
-                for j in range(k)
-            ]
-            return np.array(values, dtype=np.float64).reshape(k, 2)
-
-        computed = {
-            "ches": lambda: S.ches(s_c, s_r),
-            "ln_ches": lambda: S.ln_ches(s_c, s_r, n_c, n_r),
-            "entk_w": lambda: entk()[:, 0],
-            "ln_entk_w": lambda: entk()[:, 1],
-            "last_hidden_ip": lambda: S.last_hidden_ip(enc.last_hidden[:k], enc.last_hidden[k:]),
-            "edit_distance": lambda: [S.edit_distance(x.chosen_ids, x.rejected_ids) if x.scorable else np.nan
-                                      for x in pairs],
-            "chosen_logps": lambda: enc.logps[:k],
-            "rejected_logps": lambda: enc.logps[k:],
-        }
-        return {name: computed[name]() for name in self.columns()}
-
-
-class _Lazy(Sequence):
-    """``[get(0), …, get(n-1)]``, each item computed on first use (it may wait for a pair still being tokenized)."""
-
-    def __init__(self, n: int, get: Callable[[int], Any]):
-        self._n, self._get = n, functools.cache(get)
-
-    def __len__(self) -> int:
-        return self._n
-
-    def __getitem__(self, i: int) -> Any:
-        return self._get(i)
+        ahead = tokenize_ahead(head.weight.device)
+        encoded = encode(
+            model, batch.sequences, batch.prompt_lens,
+            order=batch.runnable(pairs.sequence_order() if ahead else longest_first([len(s) for s in batch.sequences])),
+            token_budget=token_budget, first_budget=max(1, token_budget // 4) if ahead else None,
+            needs=frozenset().union(*(entry.needs for entry in entries)),
+            pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+            head=head, head_chunk=cfg.head_chunk,
+        )
+        inputs = ScoreInputs(batch, encoded, head, cfg.head_chunk)
+        return {column: values for entry in entries for column, values in zip(entry.columns, entry.compute(inputs))}
 
 
 class LogProbScorer(CHESScorer):

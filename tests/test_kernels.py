@@ -54,7 +54,7 @@ def test_all_ones_weights_give_ches(setups):
     model, _, _, pairs = setups["llama"]
     for pair in pairs:
         seqs = [pair.prompt_ids + pair.chosen_ids, pair.prompt_ids + pair.rejected_ids]
-        enc = encode(model, seqs, [len(pair.prompt_ids)] * 2, want_states=True)
+        enc = encode(model, seqs, [len(pair.prompt_ids)] * 2, needs={"states"})
         (h_c, h_r), (n_c, n_r) = enc.states, enc.num_tokens.tolist()
         got = alpha_ches(h_c, h_r, torch.ones(n_c, n_r), torch.ones(n_c, n_c))
         s_c, s_r = h_c.sum(0, keepdim=True), h_r.sum(0, keepdim=True)  # float64 sums of the same states
@@ -94,7 +94,7 @@ def test_output_kernel_equals_autograd(setups, arch):
     head = inspect_model(model)
     for pair in pairs:
         seqs = [pair.prompt_ids + pair.chosen_ids, pair.prompt_ids + pair.rejected_ids]
-        enc = encode(model, seqs, [len(pair.prompt_ids)] * 2, want_states=True, head=head)
+        enc = encode(model, seqs, [len(pair.prompt_ids)] * 2, needs={"states"}, head=head)
         h_c, h_r = enc.states
         n = h_c.shape[0]
         targets = torch.tensor(pair.chosen_ids + pair.rejected_ids)

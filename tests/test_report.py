@@ -20,7 +20,7 @@ from huggingface_hub import hf_hub_download
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_ches import CHESScorer, LogProbScorer
-from hf_ches.batching import plan_microbatches
+from hf_ches.batching import longest_first, pack
 from hf_ches.pairs import read_rows, tokenize_pairs
 from hf_ches.ranking import DEFAULT_BETAS, RankingOptions
 from hf_ches.report import REPORT_FILE, compute_results, run_name
@@ -201,7 +201,7 @@ def test_long_prompts_in_one_batch_score_only_the_completion(tiny_model):
     fulls = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]
     lengths = [len(ids) for ids in fulls]
     assert min(len(ids) for ids in prompts) > 200 and max(n - len(p) for n, p in zip(lengths, prompts)) <= 8
-    assert len(set(lengths)) > 1 and len(plan_microbatches(lengths, 16384)) == 1  # one padded batch
+    assert len(set(lengths)) > 1 and len(list(pack(longest_first(lengths), lengths.__getitem__, 16384))) == 1  # one padded batch
 
     scored = LogProbScorer(tiny_model, token_budget=16384).map(Dataset.from_dict(rows), batch_size=4)
     ours = np.concatenate([scored["chosen_logps"][:], scored["rejected_logps"][:]])

@@ -10,10 +10,10 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_ches import CHESScorer
-from hf_ches.transform import SCORES
+from hf_ches import CHESScorer, transform
+from hf_ches.scores import SCORES
 from hf_ches.pairs import PairError, PendingPairs, read_rows, tokenize_pairs
-from hf_ches.testing import AcceleratorOrderScorer, synthetic_pairs
+from hf_ches.testing import synthetic_pairs
 from tests.plugins.models import assert_matches_reference, reference_pair, trl_prepare
 
 FORMATS = ("standard", "conversational", "implicit")
@@ -38,16 +38,17 @@ def cases(tiny_models):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gemma2"])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_matches_float64_reference(cases, tiny_models, arch, fmt):
+def test_matches_float64_reference(cases, tiny_models, arch, fmt, monkeypatch):
     """Any batch size, token budget, row order and packing order gives the paper's per-example float64 numbers."""
     rows, _, refs = cases[arch, fmt]
     ds = Dataset.from_dict(rows)
-    runs = [(CHESScorer, 1, 1 << 20, False), (CHESScorer, 64, 16, True), (CHESScorer, 64, 1 << 20, True),
-            (CHESScorer, 7, 300, False), (AcceleratorOrderScorer, 64, 2000, True)]
-    for scorer_class, batch_size, token_budget, shuffle in runs:
-        scorer = scorer_class(tiny_models[arch], token_budget=token_budget)
+    runs = [(False, 1, 1 << 20, False), (False, 64, 16, True), (False, 64, 1 << 20, True), (False, 7, 300, False),
+            (True, 64, 2000, True)]
+    for ahead, batch_size, token_budget, shuffle in runs:
+        monkeypatch.setattr(transform, "tokenize_ahead", lambda device: ahead)  # True: the accelerator's order
         data = ds.shuffle(seed=batch_size) if shuffle else ds
-        assert_matches_reference(scorer.map(data, batch_size=batch_size), refs)
+        assert_matches_reference(CHESScorer(tiny_models[arch], token_budget=token_budget).map(data, batch_size=batch_size),
+                                 refs)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -154,14 +155,15 @@ def test_an_error_reaches_whoever_asks_for_its_row(tiny_model):
         pairs[7]
 
 
-def test_accelerator_order_gives_every_column_of_the_cpu_order(tiny_model):
+def test_accelerator_order_gives_every_column_of_the_cpu_order(tiny_model, monkeypatch):
     """Packing longest-first by characters while tokenizing (the GPU path) changes no output, flagged rows included."""
     rows = synthetic_pairs(12, prompt_words=(3, 5))
     rows["prompt"][1] = " ".join(["the answer"] * 40)  # no completion token left under max_length: NaN, flagged
     rows["prompt"][4], rows["chosen"][4] = "the answ", "er is good"  # not a token prefix: scored, flagged
-    options = dict(scores=SCORES, max_length=60, on_invalid="flag", boundary="strict", token_budget=200)
+    options = dict(scores=tuple(SCORES), max_length=60, on_invalid="flag", boundary="strict", token_budget=200)
     cpu = CHESScorer(tiny_model, **options).map(Dataset.from_dict(rows), batch_size=5)
-    accelerator = AcceleratorOrderScorer(tiny_model, **options).map(Dataset.from_dict(rows), batch_size=5)
+    monkeypatch.setattr(transform, "tokenize_ahead", lambda device: True)  # pack as on an accelerator
+    accelerator = CHESScorer(tiny_model, **options).map(Dataset.from_dict(rows), batch_size=5)
     assert cpu.column_names == accelerator.column_names
     for name in cpu.column_names:
         if isinstance(cpu[0][name], float):

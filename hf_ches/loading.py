@@ -1,0 +1,131 @@
+"""The scorer's model inside one process: identities, one load per process and settings, the device, forked workers.
+
+A scorer carries settings and an identity, never weights (:mod:`hf_ches.transform`), so each process that runs it
+gets the model from here:
+
+* an identity names the weights cheaply: :func:`hf_ches.models.model_fingerprint` for a model id or path,
+  :func:`in_memory_identity` for a model handed over as an object;
+* :func:`load` keeps one loaded model per identity and load settings in a process-wide table. In-memory models are
+  put there when the scorer is built, so forked ``num_proc`` workers inherit them; models from a path are loaded
+  on first use, on the device :func:`choose_device` picks (``cuda:rank % n_gpus`` with ``with_rank=True``);
+* a forked CPU worker runs torch on one thread: torch's CPU thread pool (GNU OpenMP) is not fork-safe, and the
+  first parallel matmul in a fork can hang forever.
+
+>>> import tempfile
+>>> from hf_ches.testing import build_tiny_model
+>>> from hf_ches.transform import ScorerConfig
+>>> path = build_tiny_model(tempfile.mkdtemp())
+>>> config = ScorerConfig(model=path)
+>>> loaded = load(config, identify(path, None, config))
+>>> loaded.model.training, type(loaded.head).__name__, load(config, identify(path, None, config)) is loaded
+(False, 'OutputHead', True)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any, NamedTuple, Protocol
+
+import torch
+
+from hf_ches.forward import OutputHead, inspect_model
+
+IN_MEMORY = "<in-memory>"  # the ``model`` setting of a scorer built from a model object
+
+# The pid that imported this module. A forked ``num_proc`` worker inherits it and so knows it is a fork.
+_IMPORT_PID = os.getpid()
+
+# Models by identity (in-memory) or by identity and load settings (from a path); forked workers inherit it.
+_MODELS: dict[str, tuple[Any, Any]] = {}
+_LOADED: dict[str, "Loaded"] = {}  # the same models, eval mode and checked output head
+
+
+class ModelSettings(Protocol):
+    """The load settings a scorer's config carries (:class:`hf_ches.transform.ScorerConfig` has them)."""
+
+    model: str
+    revision: str | None
+    dtype: str | None
+    device: str | None
+    gguf_file: str | None
+    chat_template: str | None
+
+
+class Loaded(NamedTuple):
+    """A model ready to score: in eval mode, with its tokenizer and the output head :func:`inspect_model` checked."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    head: OutputHead
+
+
+def in_memory_identity(model: torch.nn.Module, tokenizer: Any) -> str:
+    """A cheap identity of a loaded model: its name, revision, dtype, size and a sample of every weight tensor.
+
+    Milliseconds whatever the model size (64 values per tensor are read). Weights edited in place after loading
+    are caught when the sampled values change, which full fine-tuning and merged adapters do; pass
+    ``fingerprint=`` to the scorer to name the weights yourself when in doubt.
+    """
+    digest = hashlib.sha256()
+    config = model.config
+    head = f"{config.name_or_path}|{getattr(config, '_commit_hash', None)}|{model.dtype}|{len(tokenizer)}"
+    digest.update(head.encode())
+    digest.update(str(tokenizer.chat_template).encode())
+    with torch.no_grad():
+        for name, param in model.state_dict().items():
+            sample = param.detach().reshape(-1)[:64].float().cpu().numpy()
+            digest.update(name.encode() + str(tuple(param.shape)).encode() + sample.tobytes())
+    return digest.hexdigest()
+
+
+def identify(model: str | torch.nn.Module, tokenizer: Any, settings: ModelSettings, fingerprint: str | None = None
+             ) -> str:
+    """The identity of ``model`` (a path or id, or a loaded model that is then registered for :func:`load`).
+
+    ``fingerprint`` replaces the computed identity (it names the weights when the caller knows better).
+    """
+    if isinstance(model, str):
+        from hf_ches.models import model_fingerprint
+
+        return fingerprint or model_fingerprint(model, settings.revision, settings.gguf_file)
+    identity = fingerprint or in_memory_identity(model, tokenizer)
+    _MODELS[identity] = (model, tokenizer)
+    return identity
+
+
+def choose_device(device: str | None, rank: int | None) -> torch.device:
+    """``device`` when set; else ``cuda:rank % n_gpus`` when CUDA is available (rank 0 without ``with_rank``),
+    else the CPU."""
+    if device:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device(f"cuda:{(rank or 0) % torch.cuda.device_count()}")
+    return torch.device("cpu")
+
+
+def load(settings: ModelSettings, identity: str, rank: int | None = None) -> Loaded:
+    """The model of ``identity`` in this process, loaded once per load settings and checked once."""
+    if os.getpid() != _IMPORT_PID and not torch.cuda.is_available():
+        torch.set_num_threads(1)  # a forked CPU worker: one thread each, and no OpenMP deadlock
+    if settings.model == IN_MEMORY:
+        key = identity
+        if key not in _MODELS:
+            raise RuntimeError("this scorer wraps an in-memory model that is not in this process (a spawned "
+                               "worker?); build the scorer from a model id or path to use spawned workers")
+        if settings.device:
+            _MODELS[key][0].to(settings.device)
+    else:
+        device = choose_device(settings.device, rank)
+        key = f"{identity}|{settings.revision}|{settings.dtype}|{device}|{settings.gguf_file}|{settings.chat_template}"
+        if key not in _MODELS:  # scorers of the same model in one process (policy and report, splits) share it
+            from hf_ches.models import load_model_and_tokenizer
+
+            _MODELS[key] = load_model_and_tokenizer(
+                settings.model, revision=settings.revision, dtype=settings.dtype, device=device,
+                gguf_file=settings.gguf_file, chat_template=settings.chat_template,
+            )
+    if key not in _LOADED:
+        model, tokenizer = _MODELS[key]
+        _LOADED[key] = Loaded(model.eval(), tokenizer, inspect_model(model))
+    return _LOADED[key]
