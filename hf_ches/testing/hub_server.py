@@ -13,7 +13,7 @@ batch + PUT path. Requests the server does not know are logged to stderr and ans
 
 Command line (prints the bound URL on one line, then serves until killed)::
 
-    python -m hf_ches.hub_server --port 0 --data-dir /tmp/hub --token hf_abc=alice,my-org --token hf_ro=bob:read
+    python -m hf_ches.testing.hub_server --port 0 --data-dir /tmp/hub --token hf_abc=alice,my-org --token hf_ro=bob:read
 
 >>> import json, urllib.request
 >>> with LocalHub() as hub:
@@ -343,7 +343,7 @@ class HubHandler(BaseHTTPRequestHandler):
                     getattr(self, f"route_{name}")(**args)
                     return
             self.log_message("no route for %s %s", method, self.path)
-            raise HubError(404, f"hf_ches.hub_server has no route for {method} {raw_path}")
+            raise HubError(404, f"hf_ches.testing.hub_server has no route for {method} {raw_path}")
         except HubError as error:
             headers = {"X-Error-Message": error.message, **({"X-Error-Code": error.code} if error.code else {})}
             body = json.dumps({"error": error.message, **error.body}).encode()
@@ -352,7 +352,7 @@ class HubHandler(BaseHTTPRequestHandler):
             traceback.print_exc()
             self.close_connection = True
             if not self._responded:
-                self._send(500, b'{"error": "internal error in hf_ches.hub_server"}', "application/json", {})
+                self._send(500, b'{"error": "internal error in hf_ches.testing.hub_server"}', "application/json", {})
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = _dispatch  # other methods get http.server's 501
 
@@ -765,8 +765,8 @@ class LocalHub:
             self._tmp = tempfile.TemporaryDirectory(prefix="hf-ches-hub-")
         self.data_dir = Path(self._given_dir or self._tmp.name)  # type: ignore[union-attr]
         token_args = [arg for token, spec in self._specs.items() for arg in ("--token", f"{token}={spec}")]
-        # Run this file by path, not `-m hf_ches.hub_server`: that would import the hf_ches package (slow), and a
-        # plain `python file.py` would put hf_ches/ first on sys.path, where module names may shadow the stdlib.
+        # Run this file by path, not `-m hf_ches.testing.hub_server`: that would import hf_ches.testing (torch and
+        # transformers, slow), and a plain `python file.py` would put this folder first on sys.path.
         bootstrap = "import runpy, sys; runpy.run_path(sys.argv.pop(1), run_name='__main__')"
         self.process = process = subprocess.Popen(
             [sys.executable, "-c", bootstrap, str(Path(__file__).resolve()), "--port", "0", "--exit-with-stdin",
@@ -785,7 +785,7 @@ class LocalHub:
         deadline = time.monotonic() + self.startup_timeout
         while True:
             if not self.endpoint.startswith("http://") or process.poll() is not None:
-                raise RuntimeError(f"hf_ches.hub_server did not start (exit code {process.poll()}, first line "
+                raise RuntimeError(f"hf_ches.testing.hub_server did not start (exit code {process.poll()}, first line "
                                    f"{self.endpoint!r}); see its stderr above")
             try:
                 with opener.open(f"{self.endpoint}/health", timeout=2) as response:
@@ -794,7 +794,8 @@ class LocalHub:
             except (urllib.error.URLError, OSError):
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"hf_ches.hub_server at {self.endpoint} not healthy after {self.startup_timeout}s")
+                raise TimeoutError(f"hf_ches.testing.hub_server at {self.endpoint} not healthy after "
+                                   f"{self.startup_timeout}s")
             time.sleep(0.05)
 
     def __exit__(self, *exc: object) -> None:
@@ -814,7 +815,7 @@ class LocalHub:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m hf_ches.hub_server``: print the bound URL on one line, then serve until killed."""
+    """``python -m hf_ches.testing.hub_server``: print the bound URL on one line, then serve until killed."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1; 0 picks a free one")
     parser.add_argument("--data-dir", required=True, help="where repos and blobs are kept (created if missing)")
