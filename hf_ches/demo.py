@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from datasets import disable_progress_bars, enable_progress_bars, load_dataset
     from huggingface_hub import hf_hub_download
 
-    from hf_ches.testing.hub_server import LocalHub, clients_pointed_at
+    from hf_ches.testing.local_hub import LocalHub, clients_pointed_at
     from hf_ches.metric import RankingAccuracy
     from hf_ches.pipeline import ScriptArguments, command_logging, run
     from hf_ches.transform import CHESScorer
