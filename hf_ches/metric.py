@@ -178,9 +178,9 @@ class RankingAccuracy(evaluate.Metric):
         `int(x)`. pyarrow's conversion to the declared type gives the same values (floats, ints, numpy arrays, None
         as null, NaN kept), in C. Whatever pyarrow refuses (other input types, strings, values out of range,
         unknown or missing inputs, columns of different lengths) goes through evaluate's own `add_batch`, so its
-        coercions and error messages are unchanged. The rows go to the same writer, so the cache files and
-        evaluate's distributed mode work as before. A dataset column (`ds["chosen_logps"]`, a lazy `Column` in
-        datasets >= 4) is read in one slice rather than row by row.
+        coercions and error messages are evaluate's. The rows go to the same writer, so the cache files and
+        evaluate's distributed mode work as with evaluate's own `add_batch`. A dataset column (`ds["chosen_logps"]`,
+        a lazy `Column` in datasets >= 4) is read in one slice rather than row by row.
         """
         check_inputs(self.config_name, inputs, options=False)
         inputs = {name: values[:] if isinstance(values, _COLUMN) else values for name, values in inputs.items()}

@@ -236,7 +236,7 @@ def check_model(name_or_path: str, revision: str | None = None, token: str | Non
 def model_commit(name_or_path: str, revision: str | None = None) -> str | None:
     """The commit the model's files come from: the ``snapshots/<sha>`` folder of the Hub cache they were loaded
     from (a Hub id is looked up in the cache, without network), or None for other local files.
-    (transformers 5 no longer sets ``config._commit_hash``.)
+    (The config cannot say: transformers 5 leaves ``config._commit_hash`` unset.)
 
     >>> model_commit("/cache/models--org--m/snapshots/" + "a" * 40), model_commit("/tmp/my-model")
     ('aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa', None)

@@ -1,4 +1,5 @@
-"""Real round trips with huggingface_hub and datasets against the loopback Hub (hf_ches/hub_server.py), over HTTP."""
+"""Real round trips with huggingface_hub and datasets against the loopback Hub (hf_ches/testing/hub_server.py),
+over HTTP."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from huggingface_hub import (
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 from PIL import Image
 
-from hf_ches.hub_server import HubServer, parse_token_spec
+from hf_ches.testing.hub_server import HubServer, parse_token_spec
 
 
 def pairs(n: int, tag: str = "") -> datasets.Dataset:

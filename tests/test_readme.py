@@ -1,7 +1,7 @@
 """Every code block of README.md and of the metric card runs as written, against a loopback Hub.
 
-The Hub (`hf_ches.hub_server.LocalHub`) belongs to user ``you`` with the orgs the blocks name, and holds what they
-load: `HUB_MODELS` (each a tiny random model) and `HUB_DATASETS` (small synthetic pairs). So the blocks run
+The Hub (`hf_ches.testing.local_hub.LocalHub`) belongs to user ``you`` with the orgs the blocks name, and holds
+what they load: `HUB_MODELS` (each a tiny random model) and `HUB_DATASETS` (small synthetic pairs). So the blocks run
 unchanged; the only text substituted is the token placeholder ``hf_...``. ``python`` blocks of one file run in
 order in one namespace (a ``>>>`` block as a doctest); ``bash`` blocks run with ``bash -e`` and this environment's
 ``python`` and ``hf-ches`` first on the PATH, in a scratch folder that links ``hub_scripts`` and ``metrics``. A
@@ -23,7 +23,7 @@ import pytest
 from datasets import Dataset, DatasetDict
 from huggingface_hub import HfApi
 
-from hf_ches.hub_server import LocalHub, clients_pointed_at
+from hf_ches.testing.local_hub import LocalHub, clients_pointed_at
 from hf_ches.testing import synthetic_pairs
 
 ROOT = Path(__file__).resolve().parents[1]

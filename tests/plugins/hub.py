@@ -1,4 +1,4 @@
-"""Fixtures for talking to the loopback Hub (``hf_ches.hub_server``) with the real huggingface_hub and datasets.
+"""Fixtures for talking to the loopback Hub (``hf_ches.testing.hub_server``) with the real huggingface_hub and datasets.
 
 ``hub_server`` (session): one ``LocalHub`` subprocess per test process, so one per xdist worker.
 ``hub_env`` (function): points huggingface_hub and datasets at it, with its write token and fresh caches under
@@ -7,7 +7,7 @@ session, so names must not collide between tests.
 
 Both libraries read their settings when first imported, and by then (collection) it is too late for environment
 variables, so ``hub_env`` patches the module attributes read at call time, as listed by
-``hf_ches.hub_server.client_settings`` (which the demo uses too). Each one below was checked by removing it
+``hf_ches.testing.local_hub.client_settings`` (which the demo uses too). Each one below was checked by removing it
 and rerunning tests/test_hub_server.py:
 - ``huggingface_hub.constants.ENDPOINT``: the default endpoint of ``HfApi``, ``hf_hub_download``, ``HfFileSystem``;
   ``HUGGINGFACE_CO_URL_TEMPLATE``: the download URL of ``hf_hub_download`` (loads hang without either);
@@ -35,7 +35,7 @@ from typing import Iterator
 
 import pytest
 
-from hf_ches.hub_server import LocalHub, client_settings
+from hf_ches.testing.local_hub import LocalHub, client_settings
 
 
 @dataclass(frozen=True)

@@ -11,37 +11,26 @@ Storage under ``--data-dir``: ``blobs/<sha256>`` holds file contents, content-ad
 Clients must set ``HF_HUB_DISABLE_XET=1`` (before importing huggingface_hub) so LFS files take the plain git-LFS
 batch + PUT path. Requests the server does not know are logged to stderr and answered 404.
 
-Command line (prints the bound URL on one line, then serves until killed)::
+The module holds the server process alone, so that ``LocalHub`` (``hf_ches.testing.local_hub``, which also points
+the clients at it) can run it by path without importing torch. Command line (prints the bound URL on one line, then
+serves until killed)::
 
-    python -m hf_ches.hub_server --port 0 --data-dir /tmp/hub --token hf_abc=alice,my-org --token hf_ro=bob:read
-
->>> import json, urllib.request
->>> with LocalHub() as hub:
-...     auth = {"Authorization": f"Bearer {hub.token}"}
-...     whoami = urllib.request.Request(f"{hub.endpoint}/api/whoami-v2", headers=auth)
-...     json.load(urllib.request.build_opener(urllib.request.ProxyHandler({})).open(whoami))["name"]
-'hf-ches-user'
+    python -m hf_ches.testing.hub_server --port 0 --data-dir /tmp/hub --token hf_abc=alice,my-org --token hf_ro=bob:read
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import hashlib
 import json
 import os
 import re
 import secrets
 import shutil
-import subprocess
 import sys
-import tempfile
 import threading
-import time
 import traceback
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -50,7 +39,6 @@ from typing import Any, Iterator, Mapping
 from urllib.parse import parse_qs, unquote
 
 HOST = "127.0.0.1"
-DEFAULT_USER = "hf-ches-user"
 # Files the Hub stores in LFS (as its default .gitattributes does); anything binary or >= 10 MiB goes there too.
 # datasets needs parquet in LFS: it deletes each shard's temp file after the pre-upload, before the commit.
 LFS_SUFFIXES = (".parquet", ".arrow", ".png", ".jpg", ".jpeg", ".gif", ".webp", ".bin", ".pt", ".pth", ".ckpt",
@@ -343,7 +331,7 @@ class HubHandler(BaseHTTPRequestHandler):
                     getattr(self, f"route_{name}")(**args)
                     return
             self.log_message("no route for %s %s", method, self.path)
-            raise HubError(404, f"hf_ches.hub_server has no route for {method} {raw_path}")
+            raise HubError(404, f"hf_ches.testing.hub_server has no route for {method} {raw_path}")
         except HubError as error:
             headers = {"X-Error-Message": error.message, **({"X-Error-Code": error.code} if error.code else {})}
             body = json.dumps({"error": error.message, **error.body}).encode()
@@ -352,7 +340,7 @@ class HubHandler(BaseHTTPRequestHandler):
             traceback.print_exc()
             self.close_connection = True
             if not self._responded:
-                self._send(500, b'{"error": "internal error in hf_ches.hub_server"}', "application/json", {})
+                self._send(500, b'{"error": "internal error in hf_ches.testing.hub_server"}', "application/json", {})
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = _dispatch  # other methods get http.server's 501
 
@@ -688,133 +676,8 @@ class HubHandler(BaseHTTPRequestHandler):
         return files
 
 
-def client_settings(endpoint: str, token: str, hf_home: str | Path) -> tuple[dict[str, str], list[tuple]]:
-    """What points huggingface_hub and datasets at ``endpoint``: environment variables and module attributes.
-
-    Both libraries read their settings when first imported, so besides the environment (for subprocesses and later
-    imports) the module attributes read at call time are patched (``tests/plugins/hub.py`` says why each is needed):
-    the endpoint and download URL template, the shared ``HfApi`` behind module-level functions, Xet off (this
-    server has no Xet; pushes hang with it), offline mode off, and caches, saved login and agent-harness registry
-    under ``hf_home`` so nothing leaks into ``~/.cache/huggingface``. Returns ``(env, [(object, name, value)])``.
-    """
-    import datasets.config
-    import huggingface_hub.constants as hub_constants
-    import huggingface_hub.hf_api
-
-    hf_home = Path(hf_home)
-    hub_cache, datasets_cache = hf_home / "hub", hf_home / "datasets"
-    env = {"HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": token, "HF_HOME": str(hf_home),
-           "HF_HUB_CACHE": str(hub_cache), "HF_DATASETS_CACHE": str(datasets_cache), "HF_HUB_OFFLINE": "0",
-           "HF_DATASETS_OFFLINE": "0", "NO_PROXY": "127.0.0.1,localhost"}
-    attrs = [(hub_constants, name, value) for name, value in {
-        "ENDPOINT": endpoint, "HUGGINGFACE_CO_URL_TEMPLATE": endpoint + "/{repo_id}/resolve/{revision}/{filename}",
-        "HF_HUB_DISABLE_XET": True, "HF_HUB_OFFLINE": False, "HF_HUB_CACHE": str(hub_cache),
-        "HF_TOKEN_PATH": str(hf_home / "token"), "AGENT_HARNESSES_PATH": str(hf_home / ".agent_harnesses.json"),
-    }.items()]
-    attrs.append((huggingface_hub.hf_api.api, "endpoint", endpoint))
-    attrs += [(datasets.config, name, value) for name, value in {
-        "HF_ENDPOINT": endpoint, "HUB_DATASETS_URL": endpoint + "/datasets/{repo_id}/resolve/{revision}/{path}",
-        "HF_HUB_OFFLINE": False, "HF_DATASETS_CACHE": datasets_cache,
-        "DOWNLOADED_DATASETS_PATH": datasets_cache / "downloads",
-        "EXTRACTED_DATASETS_PATH": datasets_cache / "downloads" / "extracted",
-    }.items()]
-    return env, attrs
-
-
-@contextlib.contextmanager
-def clients_pointed_at(endpoint: str, token: str, hf_home: str | Path) -> Iterator[None]:
-    """Point huggingface_hub and datasets at ``endpoint`` (see :func:`client_settings`) for the ``with`` block."""
-    env, attrs = client_settings(endpoint, token, hf_home)
-    saved_env = {name: os.environ.get(name) for name in env}
-    saved_attrs = [(obj, name, getattr(obj, name)) for obj, name, _ in attrs]
-    os.environ.update(env)
-    for obj, name, value in attrs:
-        setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        for obj, name, value in saved_attrs:
-            setattr(obj, name, value)
-        for name, value in saved_env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-class LocalHub:
-    """Run a ``HubServer`` in a subprocess on a free loopback port for the ``with`` block.
-
-    ``endpoint`` is its URL and ``token`` a write token for ``user`` (random per hub). ``tokens`` adds more:
-    token -> ``USER[,ORG...][:read]``. ``data_dir`` defaults to a temporary folder removed on exit. The server's
-    stderr (unknown routes, tracebacks, and every request when ``verbose``) goes to this process's stderr.
-    """
-
-    def __init__(self, data_dir: str | Path | None = None, user: str = DEFAULT_USER, orgs: tuple[str, ...] = (),
-                 tokens: Mapping[str, str] | None = None, startup_timeout: float = 30.0, verbose: bool = False):
-        self.user, self.token = user, f"hf_{secrets.token_hex(16)}"
-        self._specs = {self.token: ",".join((user, *orgs)), **(tokens or {})}
-        self._given_dir, self._tmp = data_dir, None
-        self.startup_timeout, self.verbose = startup_timeout, verbose
-        self.endpoint = ""
-        self.data_dir: Path | None = None
-        self.process: subprocess.Popen | None = None
-
-    def __enter__(self) -> "LocalHub":
-        if self._given_dir is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="hf-ches-hub-")
-        self.data_dir = Path(self._given_dir or self._tmp.name)  # type: ignore[union-attr]
-        token_args = [arg for token, spec in self._specs.items() for arg in ("--token", f"{token}={spec}")]
-        # Run this file by path, not `-m hf_ches.hub_server`: that would import the hf_ches package (slow), and a
-        # plain `python file.py` would put hf_ches/ first on sys.path, where module names may shadow the stdlib.
-        bootstrap = "import runpy, sys; runpy.run_path(sys.argv.pop(1), run_name='__main__')"
-        self.process = process = subprocess.Popen(
-            [sys.executable, "-c", bootstrap, str(Path(__file__).resolve()), "--port", "0", "--exit-with-stdin",
-             "--data-dir", str(self.data_dir), *token_args, *(["--verbose"] if self.verbose else [])],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        try:
-            self.endpoint = process.stdout.readline().strip()  # type: ignore[union-attr]
-            self._wait_healthy(process)
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def _wait_healthy(self, process: subprocess.Popen) -> None:
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback never goes via a proxy
-        deadline = time.monotonic() + self.startup_timeout
-        while True:
-            if not self.endpoint.startswith("http://") or process.poll() is not None:
-                raise RuntimeError(f"hf_ches.hub_server did not start (exit code {process.poll()}, first line "
-                                   f"{self.endpoint!r}); see its stderr above")
-            try:
-                with opener.open(f"{self.endpoint}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"hf_ches.hub_server at {self.endpoint} not healthy after {self.startup_timeout}s")
-            time.sleep(0.05)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-            self.process.stdin.close()  # type: ignore[union-attr]
-            self.process.stdout.close()  # type: ignore[union-attr]
-            self.process = None
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
-
-
 def main(argv: list[str] | None = None) -> None:
-    """``python -m hf_ches.hub_server``: print the bound URL on one line, then serve until killed."""
+    """``python -m hf_ches.testing.hub_server``: print the bound URL on one line, then serve until killed."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1; 0 picks a free one")
     parser.add_argument("--data-dir", required=True, help="where repos and blobs are kept (created if missing)")

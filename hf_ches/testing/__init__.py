@@ -1,4 +1,13 @@
-"""Tiny random models, a locally trained tokenizer and synthetic preference rows, built offline in seconds.
+"""Test tools for hf-ches and for pipelines built on it, all offline: tiny models, synthetic pairs, a loopback Hub.
+
+They ship in the package, as ``numpy.testing`` and ``torch.testing`` do, rather than in ``tests/``: ``hf-ches demo``
+publishes to the loopback Hub from an installed wheel, and users testing their own pipelines get the same tools.
+The product's modules import none of them, apart from the demo (and doctests).
+
+- this module: tiny random models, a locally trained tokenizer and synthetic preference rows, built in seconds;
+- ``hub_server``: a server that speaks the Hub's HTTP protocol on 127.0.0.1 (stdlib only);
+- ``local_hub``: ``LocalHub`` runs that server for a ``with`` block; ``clients_pointed_at`` points
+  huggingface_hub and datasets at it.
 
 Tests, benchmarks and examples share these builders so that every part of the project is exercised on the same
 kind of model: a real ``transformers`` architecture with random weights, saved to disk and loaded back by path,
