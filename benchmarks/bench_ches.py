@@ -37,7 +37,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from hf_ches import CHESScorer
 from hf_ches.transform import default_token_budget, tokenizer_threads
-from hf_ches.batching import completion_positions, pad_right, plan_microbatches
+from hf_ches.batching import completion_positions, longest_first, pack, pad_right
 from hf_ches.pairs import PendingPairs, TokenizedPair, read_rows, tokenize_pairs
 from hf_ches.testing import build_tokenizer, synthetic_text
 
@@ -134,7 +134,7 @@ def limit(model, seqs, prompt_lens, token_budget: int, with_head: bool, chunk: i
         t = torch.from_numpy(a)
         return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
-    for group in plan_microbatches(lengths.tolist(), token_budget):  # longest first, rows x longest <= token_budget
+    for group in pack(longest_first(lengths), lengths.__getitem__, token_budget):  # rows x longest <= token_budget
         g = np.array(group)
         rows, cols = completion_positions(lengths[g], plens[g])  # completion-predicting positions P-1 … L-2
         ids, rows, cols, seq = map(to_device, (pad_right([seqs[i] for i in group], pad_id=0), rows, cols, g[rows]))

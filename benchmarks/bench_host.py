@@ -31,9 +31,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from benchmarks.bench_ches import realistic_pairs, sequences
 import hf_ches.transform
-from hf_ches.batching import plan_microbatches
+from hf_ches import CHESScorer
+from hf_ches.batching import longest_first, pack
 from hf_ches.pairs import read_rows, tokenize_pairs
-from hf_ches.testing import AcceleratorOrderScorer, build_tokenizer
+from hf_ches.testing import build_tokenizer
 
 
 class EmulatedDevice(torch.nn.Module):
@@ -103,7 +104,8 @@ def main() -> None:
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=4, intermediate_size=4, num_hidden_layers=1,
                          num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=4096)
     model = AutoModelForCausalLM.from_config(config).eval()
-    scorer = AcceleratorOrderScorer(model, tokenizer, scores=("ches", "ln_ches"), token_budget=args.token_budget)
+    hf_ches.transform.tokenize_ahead = lambda device: True  # schedule as on an accelerator, on this CPU
+    scorer = CHESScorer(model, tokenizer, scores=("ches", "ln_ches"), token_budget=args.token_budget)
     scorer.load()  # checks the real trunk once; then the device stands in for it
     device = model.model = EmulatedDevice(config.hidden_size, args.tokens_per_s, args.launch_ms / 1e3,
                                           args.queue_depth, args.synchronous)
@@ -112,7 +114,7 @@ def main() -> None:
     rows = realistic_pairs(args.pairs)
     ds = Dataset.from_dict(rows)
     lengths = [len(s) for s in sequences(tokenize_pairs(read_rows(rows, range(args.pairs)), tokenizer))[0]]
-    limit = sum(device.seconds(len(g) * lengths[g[0]]) for g in plan_microbatches(lengths, args.token_budget))
+    limit = sum(device.seconds(len(g) * lengths[g[0]]) for g in pack(longest_first(lengths), lengths.__getitem__, args.token_budget))
     print(f"pairs={args.pairs} tokens={sum(lengths)} token_budget={args.token_budget} "
           f"device={args.tokens_per_s:.0f} tokens/s + {args.launch_ms} ms per micro-batch; "
           f"emulated limit {limit:.3f} s")

@@ -84,6 +84,8 @@ class LazySequence(Sequence):
         return self._n
 
     def __getitem__(self, i: int) -> Any:
+        if not 0 <= i < self._n:  # also ends iteration
+            raise IndexError(i)
         return self._get(i)
 
 
