@@ -20,7 +20,8 @@ from huggingface_hub import DatasetCard, HfApi, hf_hub_download
 
 from hf_ches import cli
 from hf_ches.card import PLOT_PATH, RUN_JSON_PATH
-from hf_ches.pipeline import ScriptArguments, command_line, load_source, selection_rule
+from hf_ches.pipeline import PUBLISH, load_source
+from hf_ches.recipes import DataArguments, HubArguments, SelectionArguments, command_line
 from hf_ches.testing import error_line, synthetic_pairs
 
 SCRIPT = Path(__file__).resolve().parents[1] / "hub_scripts" / "ches_filter.py"
@@ -180,13 +181,13 @@ def test_a_dry_run_folder_is_read_afresh_whatever_its_name(scored_dir, tmp_path)
                          "--output_dir", str(tmp_path / parent / "out")]) == 0
     for parent, kept in (("a", {"train": 150, "test": 30}), ("b", {"train": 60, "test": 12})):
         folder = str(tmp_path / parent / "out")
-        assert sizes(load_source(ScriptArguments(dataset_name=folder, dataset_config="default"))) == kept
-        assert sizes(load_source(ScriptArguments(dataset_name=folder, dataset_config="scored"))) == {"train": 300,
+        assert sizes(load_source(DataArguments(dataset_name=folder, dataset_config="default"))) == kept
+        assert sizes(load_source(DataArguments(dataset_name=folder, dataset_config="scored"))) == {"train": 300,
                                                                                                   "test": 60}
     # an hf-ches output holds the kept pairs (default) and every pair (scored): the config must be named
     with pytest.raises(ValueError, match=r"is an hf-ches output: pass --dataset_config scored \(every pair, to "
                                          r"select again\) or default \(the kept pairs\)$"):
-        load_source(ScriptArguments(dataset_name=str(tmp_path / "a" / "out")))
+        load_source(DataArguments(dataset_name=str(tmp_path / "a" / "out")))
 
 
 def test_two_folders_of_the_same_name_with_different_columns_load_their_own_rows(tmp_path):
@@ -202,10 +203,10 @@ def test_two_folders_of_the_same_name_with_different_columns_load_their_own_rows
         (folder / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
                                           "    path: data/train-*\n---\n")
     for parent, rows in (("y1", standard), ("y2", conversational), ("y1", standard)):
-        loaded = load_source(ScriptArguments(dataset_name=str(tmp_path / parent / "same")))
+        loaded = load_source(DataArguments(dataset_name=str(tmp_path / parent / "same")))
         assert loaded["train"].to_dict() == rows
     with pytest.raises(ValueError, match=r"no config 'scored'; pass --dataset_config with one of \['default'\]$"):
-        load_source(ScriptArguments(dataset_name=str(tmp_path / "y1" / "same"), dataset_config="scored"))
+        load_source(DataArguments(dataset_name=str(tmp_path / "y1" / "same"), dataset_config="scored"))
 
 
 def test_score_then_filter_locally_with_the_cli(scored_dir, tiny_model, tmp_path):
@@ -255,25 +256,26 @@ def test_load_source_from_data_files(tmp_path):
     rows = synthetic_pairs(12, seed=3)
     for name in ("a.jsonl", "b.jsonl"):
         datasets.Dataset.from_dict(rows).to_json(tmp_path / name)
-    one = load_source(ScriptArguments(dataset_name=str(tmp_path / "a.jsonl")))
-    both = load_source(ScriptArguments(dataset_name=str(tmp_path / "*.jsonl")))
+    one = load_source(DataArguments(dataset_name=str(tmp_path / "a.jsonl")))
+    both = load_source(DataArguments(dataset_name=str(tmp_path / "*.jsonl")))
     assert sizes(one) == {"train": 12} and sizes(both) == {"train": 24}
     assert one["train"].to_dict() == rows
     (tmp_path / "c.txt").write_text("x")
     with pytest.raises(ValueError, match=r"unknown data file type '\.txt'"):
-        load_source(ScriptArguments(dataset_name=str(tmp_path / "c.txt")))
+        load_source(DataArguments(dataset_name=str(tmp_path / "c.txt")))
     with pytest.raises(ValueError, match="no file matches"):  # a typo is not sent to the Hub as a dataset id
-        load_source(ScriptArguments(dataset_name=str(tmp_path / "typo.jsonl")))
+        load_source(DataArguments(dataset_name=str(tmp_path / "typo.jsonl")))
 
 
 def test_rule_and_command_from_arguments():
-    assert selection_rule(ScriptArguments(dataset_name="x")).describe() == "remove the top 10% of pairs by ln_ches"
-    assert selection_rule(ScriptArguments(dataset_name="x", threshold=0.2, score_column="ches")).describe() == \
-        "remove pairs with ches > 0.2"
+    assert SelectionArguments().rule().describe() == "remove the top 10% of pairs by ln_ches"
+    assert SelectionArguments(threshold=0.2, score_column="ches").rule().describe() == "remove pairs with ches > 0.2"
     with pytest.raises(ValueError, match="--preset sorry-bench already sets the rule; drop --remove_top"):
-        selection_rule(ScriptArguments(dataset_name="x", preset="sorry-bench", remove_top=0.2))
-    args = ScriptArguments(dataset_name="my data/x.jsonl", remove_top=0.2, private=True, token="hf_secret")
-    assert command_line(args) == "hf-ches publish --dataset_name 'my data/x.jsonl' --remove_top 0.2 --private"
+        SelectionArguments(preset="sorry-bench", remove_top=0.2)
+    groups = [DataArguments("my data/x.jsonl", token="hf_secret"), SelectionArguments(remove_top=0.2),
+              HubArguments(private=True)]
+    assert command_line(PUBLISH, groups) == \
+        "hf-ches publish --dataset_name 'my data/x.jsonl' --remove_top 0.2 --private"
 
 
 def cli_error(capsys, *argv: str) -> str:
