@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.machinery
 import json
+import os
+import re
 import runpy
 import socket
 import subprocess
@@ -375,3 +377,92 @@ def test_publish_prints_its_own_lines_once_and_no_library_chatter(hub_env, score
     logging.getLogger("datasets.arrow_dataset").warning("library chatter")
     err = capfd.readouterr().err
     assert err.count("just once") == 1 and "library chatter" not in err
+
+
+# The options of each group, written out here (not read from hf_ches.recipes), and the groups of each command.
+DATA = {"--dataset_name", "--dataset_config", "--dataset_revision", "--dataset_splits", "--token"}
+SCORING = {"--model_name_or_path", "--model_revision", "--dtype", "--device", "--max_length", "--boundary",
+           "--on_invalid", "--token_budget", "--batch_size", "--dataset_num_proc"}
+SELECTION = {"--preset", "--score_column", "--remove_top", "--keep_bottom", "--threshold", "--group_by",
+             "--card_examples"}
+HUB = {"--push_to_hub", "--repo_id", "--private", "--revision", "--create_pr", "--overwrite", "--commit_message"}
+OUTPUT = {"--output_dir"}
+SAMPLING = {"--num_samples", "--seed"}
+COMMAND_OPTIONS = {
+    "score": DATA | SCORING | OUTPUT,
+    "filter": DATA | SCORING | SELECTION | OUTPUT,
+    "publish": DATA | SCORING | SELECTION | HUB | OUTPUT,
+    "validate": DATA | SCORING | SAMPLING | OUTPUT | {"--beta", "--learning_rate", "--optimizer", "--parameters",
+                                                      "--scores", "--n_resamples", "--confidence_level",
+                                                      "--progress", "--no_progress"},
+    "demo": SCORING | SELECTION | OUTPUT,
+}
+REPORT_OPTIONS = DATA | SCORING | SAMPLING | HUB | OUTPUT | {"--ref_model_name_or_path", "--ref_model_revision",
+                                                            "--preference_column", "--beta", "--config_name"}
+RAW_RST = re.compile(r"``|:(func|mod|class|meth|attr):`")
+
+
+def help_options(text: str) -> set[str]:
+    """The options a --help lists, by their first (snake_case) spelling at the start of an option line."""
+    return {name for name in re.findall(r"^  (--[a-z_]+)", text, re.M) if name != "--help"}
+
+
+def cli_output(capsys, *argv: str) -> tuple[int, str, str]:
+    """Exit status, stdout and stderr of `hf-ches ARGV`, in this process (an exception other than SystemExit, as a
+    traceback would show, fails the test)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return exit_.value.code, out, err
+
+
+@pytest.mark.parametrize("command", sorted(COMMAND_OPTIONS))
+def test_each_command_helps_with_its_own_options_only(command, capsys):
+    code, out, _ = cli_output(capsys, command, "--help")
+    assert code == 0 and out.startswith(f"usage: hf-ches {command} ")
+    assert help_options(out) == COMMAND_OPTIONS[command]
+    description = out.split("\n\n")[1]
+    assert len(description) > 200 and not RAW_RST.search(out), description
+
+
+def test_report_script_helps_with_its_own_options_and_a_description():
+    import hf_ches.report
+
+    text = hf_ches.report.REPORT.build_parser("ranking_accuracy_report.py").format_help()
+    assert help_options(text) == REPORT_OPTIONS and not RAW_RST.search(text)
+    assert "Ranking accuracy of a policy (and its reference) on preference pairs" in text
+    done = subprocess.run([sys.executable, str(SCRIPT.parent / "ranking_accuracy_report.py"), "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and help_options(done.stdout) == REPORT_OPTIONS, done.stderr
+
+
+@pytest.mark.parametrize("argv, unknown", [
+    (["score", "--dataset_name", "x", "--model_name_or_path", "m", "--output_dir", "o"], ["--push_to_hub"]),
+    (["score", "--dataset_name", "x", "--model_name_or_path", "m", "--output_dir", "o"],
+     ["--repo_id", "me/x", "--remove_top", "0.2"]),
+    (["filter", "--dataset_name", "x", "--output_dir", "o"], ["--push_to_hub"]),
+    (["publish", "--dataset_name", "x", "--output_dir", "o"], ["--learning_rate", "1e-5"]),
+    (["validate", "--dataset_name", "x", "--output_dir", "o"], ["--remove_top", "0.2"]),
+    (["demo"], ["--dataset_name", "x"]),
+    (["publish", "--dataset_name", "x", "--output_dir", "o"], ["--frobnicate"]),
+])
+def test_an_option_of_another_command_is_a_usage_error(argv, unknown, capsys):
+    """Issue 16: `score` took --push_to_hub, --repo_id and --remove_top and ignored them; `filter` listed
+    --push_to_hub, then refused it."""
+    code, out, err = cli_output(capsys, *argv, *unknown)
+    assert code == 2 and not out
+    assert err.startswith(f"usage: hf-ches {argv[0]} ")
+    assert err.rstrip().endswith(f"hf-ches {argv[0]}: error: unrecognized arguments: {' '.join(unknown)}"), err
+
+
+def test_usage_errors_print_no_traceback():
+    """As commands: `hf-ches score --push_to_hub` and the report script with a publish-only option."""
+    env = os.environ | {"PYTHONPATH": str(SCRIPT.parents[1])}
+    for argv in (["-m", "hf_ches.cli", "score", "--dataset_name", "x", "--model_name_or_path", "m", "--output_dir",
+                  "o", "--push_to_hub"],
+                 [str(SCRIPT.parent / "ranking_accuracy_report.py"), "--dataset_name", "x", "--model_name_or_path",
+                  "m", "--preset", "sorry-bench"]):
+        done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120, env=env)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.startswith("usage: ") and "error: unrecognized arguments: --" in done.stderr

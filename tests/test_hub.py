@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-import traceback
 
 import datasets
 import numpy as np
@@ -17,6 +16,7 @@ from huggingface_hub.errors import RepositoryNotFoundError
 from hf_ches.card import PLOT_PATH, RUN_JSON_PATH, RunInfo
 from hf_ches.filtering import SelectionRule, select_splits
 from hf_ches.hub import PublishError, PublishOptions, build_publication, check_output_dir, publish, write_local
+from tests.plugins.hub import assert_no_token
 
 
 def scored_pairs(n: int, seed: int) -> Dataset:
@@ -155,14 +155,6 @@ def test_private_repo_needs_the_token(hub_env):
     with pytest.raises(RepositoryNotFoundError):
         HfApi(token=False).dataset_info(repo_id)
     assert len(datasets.load_dataset(repo_id, "removed", token=hub_env.token)["train"]) == 10
-
-
-def assert_no_token(error: pytest.ExceptionInfo, token: str) -> None:
-    """Neither the error nor any exception chained to it (what a traceback prints) holds the token."""
-    exception: BaseException | None = error.value
-    while exception is not None:
-        assert token not in "".join(traceback.format_exception_only(exception)) and token not in repr(exception)
-        exception = exception.__cause__ or exception.__context__
 
 
 def test_token_errors_are_clear_and_never_show_the_token(hub_env, monkeypatch):
