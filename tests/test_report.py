@@ -384,3 +384,20 @@ def test_report_push_is_the_one_push_helper(hub_env):
     api = HfApi()
     assert f"m/{REPORT_FILE}" not in api.list_repo_files(repo_id, repo_type="dataset")  # main is untouched
     assert f"m/{REPORT_FILE}" in api.list_repo_files(repo_id, repo_type="dataset", revision=pushed.revision)
+
+
+def test_script_leaves_unscorable_pairs_out_with_on_invalid_flag(tiny_model, tmp_path, monkeypatch, capsys):
+    """The report has the scoring group's --on_invalid: 'raise' (the default) stops on a pair it cannot read; 'flag'
+    leaves that pair out of the accuracies and counts it."""
+    rows = synthetic_pairs(6, seed=7)
+    rows["chosen"][2] = None
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(dict(zip(rows, values))) + "\n" for values in zip(*rows.values())))
+    common = ["--dataset_name", str(data), "--model_name_or_path", tiny_model]
+    assert "row 2, column 'chosen'" in script_error(capsys, monkeypatch, *common)
+    run_script(*common, "--on_invalid", "flag", "--output_dir", str(tmp_path / "out"), monkeypatch=monkeypatch)
+    assert "split 'train': 1 unscorable pairs left out (--on_invalid flag)" in capsys.readouterr().err
+    report = json.loads((tmp_path / "out" / REPORT_FILE).read_text())
+    assert report["dataset"]["num_unscorable"] == {"train": 1} and report["results"]["train"]["num_pairs"] == 5
+    assert report["scoring"]["on_invalid"] == "flag"
+    assert 2 not in datasets.load_dataset(str(tmp_path / "out"), split="train")["row_index"][:]
