@@ -14,11 +14,13 @@ histogram and the run's parameters. `publish` then:
    does not drop it, the trap of TRL's dataset scripts), and commits README, plot and run JSON together, deleting
    the shards of configs that this run no longer publishes.
 
-With ``create_pr=True`` the first commit that changes something opens a pull request and the later ones go to it
-(nothing changed at all: no pull request). Errors are
-`PublishError`\\ s that say what failed and never contain the token. `write_local` is the dry run: it writes exactly
-the files the push adds, at the same paths (the Hub's own ``.gitattributes`` aside), and the README without the
-``dataset_info`` block that only the push measures.
+Steps 1 (the repo), 2 and 3 (the commits) are `push_repo`, the one push of hf-ches: the ranking-accuracy report
+pushes with it too. With ``create_pr=True`` the first commit that changes something opens a pull request and the
+later ones go to it (nothing changed at all: no pull request). Errors are `PublishError`\\ s that say what failed
+and never contain the token. `write_local` is the one local writer: with `Publication.local_files` it is the dry
+run, exactly the files the push adds, at the same paths (the Hub's own ``.gitattributes`` aside), and the README
+without the ``dataset_info`` block that only the push measures; the report and ``hf-ches validate`` write their
+folders with it too.
 """
 
 from __future__ import annotations

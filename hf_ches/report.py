@@ -54,6 +54,7 @@ from hf_ches.recipes import (
     Recipe,
     SamplingArguments,
     ScoringArguments,
+    check_arguments,
     run_recipe,
 )
 
@@ -456,6 +457,7 @@ def run_report(data: DataArguments, scoring: ScoringArguments, sampling: Samplin
     from hf_ches.hub import check_output_dir, write_local
     from hf_ches.pipeline import load_source
 
+    check_arguments(REPORT, [data, scoring, sampling, report_args, hub, output])
     if output.output_dir:
         check_output_dir(output.output_dir, marker=REPORT_FILE)
     options = RankingOptions(beta=report_args.beta, seed=sampling.seed)
