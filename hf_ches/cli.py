@@ -1,6 +1,6 @@
-"""The ``hf-ches`` command: ``score``, ``filter`` and ``publish`` run `hf_ches.pipeline` (the same code and options
-as ``hub_scripts/ches_filter.py``); ``demo`` runs ``hf_ches.demo`` when that module is installed; ``validate``
-runs `hf_ches.validate`.
+"""The ``hf-ches`` command: ``score``, ``filter`` and ``publish`` run `hf_ches.pipeline` (``publish`` is
+``hub_scripts/ches_filter.py``); ``demo`` runs ``hf_ches.demo`` when that module is installed; ``validate`` runs
+`hf_ches.validate`. Each command is a `hf_ches.recipes.Recipe` and takes only the options of its groups.
 
 >>> main(["--help"])  # doctest: +ELLIPSIS
 usage: hf-ches {score,filter,publish,demo,validate} [options]
@@ -29,7 +29,7 @@ USAGE = "usage: hf-ches {" + ",".join(COMMANDS) + "} [options]"
 def _help() -> str:
     lines = [USAGE, "", DESCRIPTION, "", "commands:"]
     lines += [f"  {name:<8} {text}" for name, text in COMMANDS.items()]
-    lines += ["", "Run `hf-ches <command> --help` for the options of a command."]
+    lines += ["", "Run hf-ches <command> --help for the options of a command (only its own: see hf_ches.recipes)."]
     return "\n".join(lines)
 
 

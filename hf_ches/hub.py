@@ -14,11 +14,13 @@ histogram and the run's parameters. `publish` then:
    does not drop it, the trap of TRL's dataset scripts), and commits README, plot and run JSON together, deleting
    the shards of configs that this run no longer publishes.
 
-With ``create_pr=True`` the first commit that changes something opens a pull request and the later ones go to it
-(nothing changed at all: no pull request). Errors are
-`PublishError`\\ s that say what failed and never contain the token. `write_local` is the dry run: it writes exactly
-the files the push adds, at the same paths (the Hub's own ``.gitattributes`` aside), and the README without the
-``dataset_info`` block that only the push measures.
+Steps 1 (the repo), 2 and 3 (the commits) are `push_repo`, the one push of hf-ches: the ranking-accuracy report
+pushes with it too. With ``create_pr=True`` the first commit that changes something opens a pull request and the
+later ones go to it (nothing changed at all: no pull request). Errors are `PublishError`\\ s that say what failed
+and never contain the token. `write_local` is the one local writer: with `Publication.local_files` it is the dry
+run, exactly the files the push adds, at the same paths (the Hub's own ``.gitattributes`` aside), and the README
+without the ``dataset_info`` block that only the push measures; the report and ``hf-ches validate`` write their
+folders with it too.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ import json
 import logging
 import math
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict
@@ -110,6 +112,14 @@ class Publication:
         """Every file the push adds, sorted (the repo's ``.gitattributes``, made by the Hub, aside)."""
         return sorted([README, *self.files, *self.shard_paths()])
 
+    def local_files(self) -> dict[str, bytes | Dataset]:
+        """What the dry run writes, by repo path: each parquet shard (as ``push_to_hub`` cuts it), the card
+        without the ``dataset_info`` only a push measures, and the extra files."""
+        shards = {f"{config_data_dir(config)}/{split}-{i:05d}-of-{n:05d}.parquet":
+                  self.configs[config][split].shard(num_shards=n, index=i, contiguous=True)
+                  for config, splits in self.num_shards.items() for split, n in splits.items() for i in range(n)}
+        return shards | {README: card_bytes(self.card()), **self.files}
+
 
 @dataclass(frozen=True)
 class PublishResult:
@@ -167,15 +177,7 @@ def quiet_writes() -> Iterator[None]:
 
 
 # ---- dry run ------------------------------------------------------------------------------------------------------
-def write_shards(configs: dict[str, dict[str, Dataset]], shards: dict[str, dict[str, int]], folder: Path) -> None:
-    """Write each config split as parquet shards at the paths ``push_to_hub`` uses."""
-    for config, splits in configs.items():
-        for split, ds in splits.items():
-            n = shards[config][split]
-            for i in tqdm(range(n), desc=f"Writing {config}/{split}", disable=n == 1):
-                path = folder / config_data_dir(config) / f"{split}-{i:05d}-of-{n:05d}.parquet"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                ds.shard(num_shards=n, index=i, contiguous=True).to_parquet(str(path))
+PUBLICATION_PATHS = (README, *(config_data_dir(c) for c in CONFIGS), RUN_JSON_PATH.split("/")[0])
 
 
 def check_output_dir(folder: str | Path, marker: str = RUN_JSON_PATH) -> None:
@@ -189,38 +191,44 @@ def check_output_dir(folder: str | Path, marker: str = RUN_JSON_PATH) -> None:
                          f"({marker}); choose a new or empty folder")
 
 
-def _prepare_folder(folder: Path) -> None:
-    """Create ``folder``, or remove the files of an earlier hf-ches output from it."""
-    check_output_dir(folder)
-    for name in (README, *(config_data_dir(c) for c in CONFIGS), RUN_JSON_PATH.split("/")[0]):
-        target = folder / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
+def _prepare_folder(folder: Path, marker: str, replaces: tuple[str, ...]) -> None:
+    """Create ``folder``, or remove from it what an earlier hf-ches output wrote there (the ``replaces`` globs)."""
+    check_output_dir(folder, marker)
+    for pattern in replaces:
+        for target in folder.glob(pattern):
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink()
     folder.mkdir(parents=True, exist_ok=True)
 
 
-def write_local(publication: Publication, folder: str | Path) -> list[str]:
-    """Dry run: write the files the push would add into ``folder``, at the repo paths; returns them sorted.
-
-    The folder is a loadable dataset repo: ``load_dataset(folder, "removed")`` works as on the Hub.
-    """
+def write_local(folder: str | Path, files: Mapping[str, bytes | Dataset], *, marker: str = RUN_JSON_PATH,
+                replaces: tuple[str, ...] = PUBLICATION_PATHS) -> list[str]:
+    """Write ``files`` (a `Dataset` as parquet, bytes as they are) into ``folder`` at their relative paths;
+    returns the paths, sorted. Every local output goes through here: the dry run of a publication
+    (`Publication.local_files`: a loadable dataset repo, ``load_dataset(folder, "removed")`` works as on the Hub)
+    and the ranking-accuracy report. ``folder`` must be new, empty, or an earlier output (it holds ``marker``),
+    whose ``replaces`` are removed first so that no stale file stays."""
     folder = Path(folder)
-    _prepare_folder(folder)
+    _prepare_folder(folder, marker, replaces)
+    tables = {path: data for path, data in files.items() if isinstance(data, Dataset)}
     with quiet_writes():
-        write_shards(publication.configs, publication.num_shards, folder)
-    for path, content in {README: card_bytes(publication.card()), **publication.files}.items():
-        (folder / path).parent.mkdir(parents=True, exist_ok=True)
-        (folder / path).write_bytes(content)
-    return publication.paths()
+        for path, data in tqdm(tables.items(), desc="Writing parquet files", disable=None):
+            (folder / path).parent.mkdir(parents=True, exist_ok=True)
+            data.to_parquet(str(folder / path))
+    for path, content in files.items():
+        if path not in tables:
+            (folder / path).parent.mkdir(parents=True, exist_ok=True)
+            (folder / path).write_bytes(content)
+    return sorted(files)
 
 
 def write_scored(dataset: DatasetDict, info: RunInfo, folder: str | Path) -> None:
     """`hf-ches score`'s output: ``save_to_disk`` of the scored splits, and beside them ``RUN_JSON_PATH`` with
     `scoring_record` (and the command), so that a later filter of this folder keeps the scores' provenance."""
     folder = Path(folder)
-    _prepare_folder(folder)
+    _prepare_folder(folder, RUN_JSON_PATH, PUBLICATION_PATHS)
     dataset.save_to_disk(str(folder))
     (folder / RUN_JSON_PATH).parent.mkdir(parents=True, exist_ok=True)
     record = scoring_record(info) | {"command": info.command}
@@ -332,14 +340,44 @@ def _held_elsewhere(api: HfApi, repo_id: str, revision: str | None, record_path:
 
 def publish(publication: Publication, options: PublishOptions) -> PublishResult:
     """Push ``publication`` to ``options.repo_id`` (see the module docstring); re-running updates the repo."""
-    token = options.token or get_token()
     source = (publication.info.source_dataset, publication.info.source_config)
-    repo_id = check_target(options.repo_id, token, source, overwrite=options.overwrite, revision=options.revision)
+    repo_id = check_target(options.repo_id, options.token, source, overwrite=options.overwrite,
+                           revision=options.revision)
+
+    def card_commit(api: HfApi, repo_id: str, revision: str) -> list[CommitOperationAdd | CommitOperationDelete]:
+        """README (with the ``dataset_info`` the config pushes measured), plot and run JSON; the shards of configs
+        this run no longer publishes are deleted."""
+        card = publication.card(_dataset_info(api, repo_id, revision, list(publication.configs)))
+        expected = set(publication.paths())
+        stale = [path for path in api.list_repo_files(repo_id, repo_type="dataset", revision=revision)
+                 if path.split("/")[0] in {config_data_dir(c) for c in CONFIGS} and path not in expected]
+        return [CommitOperationAdd(README, card_bytes(card)),
+                *(CommitOperationAdd(path, content) for path, content in publication.files.items()),
+                *(CommitOperationDelete(path) for path in stale)]
+
+    pushed = push_repo(replace(options, repo_id=repo_id), publication.configs, card_commit, what="the card",
+                       files=publication.paths(), num_shards=publication.num_shards)
+    logger.info("Published %s to %s (%s)", ", ".join(publication.configs), pushed.repo_id, pushed.commit_url)
+    return pushed
+
+
+def push_repo(options: PublishOptions, configs: Mapping[str, Mapping[str, Dataset]],
+              last_commit: Callable[[HfApi, str, str], list], *, what: str, files: list[str],
+              num_shards: Mapping[str, Mapping[str, int]] | None = None) -> PublishResult:
+    """The one push of hf-ches (publications and ranking-accuracy reports): create the dataset repo, push each of
+    ``configs`` with ``DatasetDict.push_to_hub`` (one commit each), then commit ``last_commit(api, repo_id,
+    revision)``'s operations (``what`` names them in errors).
+
+    Every Hub error becomes a `PublishError` naming the step, without the token (`_step`). ``options.private``
+    makes a new repo private and refuses an existing public one; with ``options.create_pr`` the first commit that
+    changes something opens a pull request and the later ones go to it. ``files``: what the result lists.
+    """
+    token = options.token or get_token()
     api = HfApi(token=token)
-    endpoint = api.endpoint
+    repo_id = options.repo_id
 
     def step(what: str):
-        return _step(what, repo_id, endpoint, token)
+        return _step(what, repo_id, api.endpoint, token)
 
     with step(f"creating the dataset repo {repo_id}"):
         repo_id = api.create_repo(repo_id, repo_type="dataset", private=options.private, exist_ok=True).repo_id
@@ -348,26 +386,18 @@ def publish(publication: Publication, options: PublishOptions) -> PublishResult:
                                "on the Hub first, or push without --private")
     revision, pr_url = options.revision or "main", None
     pr_pending = options.create_pr  # until a commit opens the PR (a push that changes nothing opens none)
-    for config, splits in tqdm(publication.configs.items(), desc="Publishing configs", unit="config"):
+    for config, splits in tqdm(configs.items(), desc="Publishing configs", unit="config", disable=len(configs) < 2):
         with step(f"pushing the {config!r} config to {repo_id}@{revision}"), quiet_writes():
             info = DatasetDict(splits).push_to_hub(
                 repo_id, config_name=config, token=token, revision=revision, create_pr=pr_pending,
-                num_shards=publication.num_shards[config], commit_message=f"{options.commit_message} ({config} config)")
+                num_shards=dict(num_shards[config]) if num_shards else None,
+                commit_message=f"{options.commit_message} ({config} config)")
         if pr_pending and info.pr_revision:
             revision, pr_url, pr_pending = info.pr_revision, info.pr_url, False
-    with step(f"updating the card of {repo_id}@{revision}"):
-        card = publication.card(_dataset_info(api, repo_id, revision, list(publication.configs)))
-        expected = set(publication.paths())
-        stale = [path for path in api.list_repo_files(repo_id, repo_type="dataset", revision=revision)
-                 if path.split("/")[0] in {config_data_dir(c) for c in CONFIGS} and path not in expected]
-        operations = [CommitOperationAdd(README, card_bytes(card)),
-                      *(CommitOperationAdd(path, content) for path, content in publication.files.items()),
-                      *(CommitOperationDelete(path) for path in stale)]
-        commit = api.create_commit(repo_id, operations, commit_message=options.commit_message, repo_type="dataset",
-                                   revision=revision, create_pr=pr_pending)
+    with step(f"updating {what} of {repo_id}@{revision}"):
+        commit = api.create_commit(repo_id, last_commit(api, repo_id, revision), commit_message=options.commit_message,
+                                   repo_type="dataset", revision=revision, create_pr=pr_pending)
     if pr_pending and commit.pr_revision:
         revision, pr_url = commit.pr_revision, commit.pr_url
-    logger.info("Published %s to %s (%s)", ", ".join(publication.configs), repo_id, commit.commit_url)
     return PublishResult(repo_id=repo_id, revision=revision, commit_url=commit.commit_url, pr_url=pr_url,
-                         files=publication.paths())
-
+                         files=files)

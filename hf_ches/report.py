@@ -1,14 +1,16 @@
 """A ranking-accuracy report: how often a policy (and its reference) ranks preference pairs the way raters do.
 
-`hub_scripts/ranking_accuracy_report.py` is the recipe. It scores the pairs with `LogProbScorer` (the policy, and
-the reference with ``column_prefix="ref_"``), then calls the functions here:
+`run_report` is the recipe behind ``hub_scripts/ranking_accuracy_report.py`` (`REPORT`: the data, scoring, sampling,
+Hub and output groups of `hf_ches.recipes` and its own `ReportArguments`). It scores the pairs with
+`LogProbScorer` (the policy, and the reference with ``column_prefix="ref_"``), then calls the functions here:
 
 - `subsample`: the paper's seeded draw of ``num_samples`` rows (``default_rng(0).choice``, no replacement).
 - `check_preference_column`: the rater-agreement column α is there and holds shares in [0, 1].
 - `compute_results`: the `RankingAccuracy` metric on one split, as a summary and as per-example columns.
 - `build_report`, `render_table`, `report_json`: the JSON report and a Markdown table, pure.
-- `write_local` and `push_report`: the side effects, last and only on request. The push works as reward-bench's
-  does: the per-example scores as a dataset config of a results repo, and the report JSON next to them.
+- `report_files` (for `hf_ches.hub.write_local`) and `push_report` (with `hf_ches.hub.push_repo`): the side
+  effects, last and only on request. The push works as reward-bench's does: the per-example scores as a dataset
+  config of a results repo, and the report JSON next to them.
 
 What each block of the results holds (one per split):
 
@@ -33,17 +35,30 @@ What each block of the results holds (one per split):
 from __future__ import annotations
 
 import json
+import logging
 import re
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from datasets import Dataset, DatasetDict
+from datasets import Dataset, DatasetDict, concatenate_datasets
 
 from hf_ches import __version__
 from hf_ches.metric import RankingAccuracy
-from hf_ches.ranking import RankingOptions, as_probabilities
+from hf_ches.ranking import DEFAULT_BETAS, RankingOptions, as_probabilities
+from hf_ches.recipes import (
+    DataArguments,
+    HubArguments,
+    OutputArguments,
+    Recipe,
+    SamplingArguments,
+    ScoringArguments,
+    check_arguments,
+    run_recipe,
+)
+
+logger = logging.getLogger(__name__)
 
 REPORT_FILE = "report.json"
 ROW_INDEX = "row_index"  # the row's position in its split before sampling
@@ -308,48 +323,202 @@ def render_table(report: dict) -> str:
 # Side effects
 
 
-def write_local(report: dict, per_example: DatasetDict, output_dir: str | Path) -> list[str]:
-    """Write ``report.json`` and one ``<split>.parquet`` of per-example scores per split into ``output_dir``.
+REPORT_PATHS = (REPORT_FILE, "*.parquet")  # what a report folder holds, and a new report there replaces
 
-    ``load_dataset(output_dir)`` reads the splits back. Returns the paths written.
+
+def report_files(report: dict, per_example: DatasetDict) -> dict[str, bytes | Dataset]:
+    """The local output of a report: ``report.json`` and one ``<split>.parquet`` of per-example scores per split
+    (``load_dataset(output_dir)`` reads the splits back); for `hf_ches.hub.write_local`."""
+    return {REPORT_FILE: report_json(report).encode("utf-8"),
+            **{f"{split}.parquet": rows for split, rows in per_example.items()}}
+
+
+def push_report(report: dict, per_example: DatasetDict, options: Any, config_name: str) -> Any:
+    """Push the per-example scores as config ``config_name`` of the dataset repo ``options.repo_id`` and the report
+    as ``<config_name>/report.json`` beside them, with `hf_ches.hub.push_repo` (the push every hf-ches command
+    uses: a failure is a `PublishError` that names the step and hides the token); returns its `PublishResult`.
+
+    One repo can collect the reports of many models, one config each, as reward-bench's results repo does:
+    ``load_dataset(repo_id, config_name)`` gives that run's per-example scores.
     """
-    from hf_ches.hub import quiet_writes
+    from huggingface_hub import CommitOperationAdd
 
-    folder = Path(output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / REPORT_FILE).write_text(report_json(report), encoding="utf-8")
-    with quiet_writes():
-        for split, rows in per_example.items():
-            rows.to_parquet(str(folder / f"{split}.parquet"))
-    return [str(folder / REPORT_FILE), *(str(folder / f"{split}.parquet") for split in per_example)]
+    from hf_ches.hub import push_repo
+
+    path = f"{config_name}/{REPORT_FILE}"
+    operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=report_json(report).encode("utf-8"))]
+    return push_repo(options, {config_name: per_example}, lambda api, repo_id, revision: operations,
+                     what=f"the report {path}", files=[path])
 
 
-def push_report(
-    report: dict,
-    per_example: DatasetDict,
-    repo_id: str,
-    *,
-    config_name: str,
-    token: str | None = None,
-    private: bool = False,
-) -> str:
-    """Push the per-example scores as config ``config_name`` of the dataset repo ``repo_id`` and the report as
-    ``<config_name>/report.json`` beside them; return the URL of the report's commit.
+# ----------------------------------------------------------------------------------------------------------------------
+# The recipe: hub_scripts/ranking_accuracy_report.py
 
-    The repo is created if needed (``private`` applies only then). One repo can collect the reports of many
-    models, one config each: ``load_dataset(repo_id, config_name)`` gives that run's per-example scores.
-    """
-    from huggingface_hub import HfApi
 
-    from hf_ches.hub import quiet_writes
+@dataclass(frozen=True)
+class ReportArguments:
+    """The report's own options: the reference model, the raters' agreement, the β grid, the config name."""
 
-    api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True).repo_id
-    model = report["policy"]["name_or_path"]
-    with quiet_writes():
-        per_example.push_to_hub(repo_id, config_name=config_name, token=token,
-                                commit_message=f"Add per-example ranking-accuracy scores of {model}")
-    commit = api.upload_file(path_or_fileobj=report_json(report).encode("utf-8"),
-                             path_in_repo=f"{config_name}/{REPORT_FILE}", repo_id=repo_id, repo_type="dataset",
-                             commit_message=f"Add the ranking-accuracy report of {model}")
-    return commit.commit_url
+    _argument_group_name = "report arguments"
+
+    ref_model_name_or_path: str | None = field(default=None, metadata={
+        "help": "The reference model (e.g. the SFT model DPO started from); adds its ranking accuracy, the DPO "
+                "reward accuracy and the difficulty of flipping each pair."})
+    ref_model_revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of the reference."})
+    preference_column: str | None = field(default=None, metadata={
+        "help": "Column with alpha, the share of raters preferring chosen (0.5 is a tie); with a reference it adds "
+                "the idealized ranking accuracy and the alignment gap."})
+    beta: list[float] = field(default_factory=lambda: list(DEFAULT_BETAS), metadata={
+        "help": "DPO beta values for the reward accuracy and the idealized ranking accuracy (the paper's grid)."})
+    config_name: str | None = field(default=None, metadata={
+        "help": "Config of this run in --repo_id; default: the policy's name (org__name, or the folder name)."})
+
+    def __post_init__(self) -> None:
+        if self.preference_column and not self.ref_model_name_or_path:
+            raise ValueError("--preference_column: the idealized ranking accuracy needs --ref_model_name_or_path too")
+        RankingOptions(beta=self.beta)  # checks β
+
+
+REPORT_DESCRIPTION = """\
+Ranking accuracy of a policy (and its reference) on preference pairs (Chen et al. 2024, arXiv 2405.19534).
+
+Scores every pair with the policy (and the reference) as DPO does: the sum of the completion-token log-probs given
+the prompt, EOS included. Then computes the ranking accuracy by sum and by mean log-prob per token for each model;
+with a reference, the DPO reward accuracy and the difficulty of flipping each wrongly ranked pair; with a reference
+and --preference_column, the idealized ranking accuracy and the alignment gap. Prints a table, writes report.json
+and the per-pair scores to --output_dir, and with --push_to_hub adds the per-pair scores as config --config_name
+of the dataset repo --repo_id and the report as <config_name>/report.json."""
+REPORT = Recipe("report", (DataArguments, ScoringArguments, SamplingArguments, ReportArguments, HubArguments,
+                           OutputArguments), required=("model_name_or_path",), description=REPORT_DESCRIPTION)
+
+
+def check_report_hub(data: DataArguments, scoring: ScoringArguments, report: ReportArguments, hub: HubArguments,
+                     config_name: str) -> str | None:
+    """The checks that need the Hub, before any scoring: the models exist, and with ``--push_to_hub`` the token can
+    write ``--repo_id`` (a bare name goes to the token's user) and its ``config_name`` holds no report on another
+    dataset. Returns the full repo id."""
+    from hf_ches.hub import check_target
+    from hf_ches.models import check_model
+
+    for name, revision in ((scoring.model_name_or_path, scoring.model_revision),
+                           (report.ref_model_name_or_path, report.ref_model_revision)):
+        if name:
+            check_model(name, revision, data.token)
+    if not hub.push_to_hub:
+        return None
+    repo_id = check_target(hub.repo_id, data.token, (data.dataset_name, data.dataset_config),
+                           record_path=f"{config_name}/{REPORT_FILE}", record_source=report_source,
+                           overwrite=hub.overwrite, revision=hub.revision)
+    logger.info("Pushing to %s, config %r", repo_id, config_name)
+    return repo_id
+
+
+def sample(dataset: DatasetDict, num_samples: int | None, seed: int) -> DatasetDict:
+    """`subsample` of every split, with a warning for a split that has fewer rows than asked for."""
+    for split, rows in dataset.items():
+        if num_samples is not None and num_samples > len(rows):
+            logger.warning("split %r has %d rows, fewer than --num_samples %d: using all of them", split, len(rows),
+                           num_samples)
+    return DatasetDict({split: subsample(rows, num_samples, seed) for split, rows in dataset.items()})
+
+
+def score_models(dataset: DatasetDict, scoring: ScoringArguments,
+                 report: ReportArguments) -> tuple[DatasetDict, Any, list]:
+    """The policy's log-prob columns (and the reference's, ``ref_`` in front) on every split, with the rows that
+    ``--on_invalid flag`` flagged left out; returns the scored splits and the two scorers."""
+    from hf_ches import LogProbScorer
+
+    options = scoring.scorer_options()
+    policy = LogProbScorer(scoring.model_name_or_path, **options)
+    scorers = [policy]
+    if report.ref_model_name_or_path:
+        options |= {"revision": report.ref_model_revision}
+        scorers.append(LogProbScorer(report.ref_model_name_or_path, column_prefix="ref_", **options))
+    for scorer in scorers:
+        dataset = DatasetDict({split: scorer.map(rows, **scoring.map_options(f"Scoring {split}"))
+                               for split, rows in dataset.items()})
+    return DatasetDict({split: _scorable(rows, split) for split, rows in dataset.items()}), policy, scorers[1:]
+
+
+def _scorable(rows: Dataset, split: str) -> Dataset:
+    """``rows`` without those a scorer flagged (``*ches_flag`` not empty, NaN log-probs), with a warning."""
+    flags = [name for name in rows.column_names if name.endswith("ches_flag")]
+    if not flags:
+        return rows
+    keep = [i for i, row in enumerate(zip(*(rows[name][:] for name in flags))) if not any(row)]
+    if len(keep) < len(rows):
+        logger.warning("split %r: %d unscorable pairs left out (--on_invalid flag)", split, len(rows) - len(keep))
+    return rows.select(keep)
+
+
+def run_report(data: DataArguments, scoring: ScoringArguments, sampling: SamplingArguments,
+               report_args: ReportArguments, hub: HubArguments, output: OutputArguments) -> dict:
+    """Check, sample, score, compute, print; write ``--output_dir`` and push, as the options say; returns the report."""
+    from hf_ches.hub import check_output_dir, write_local
+    from hf_ches.pipeline import load_source
+
+    check_arguments(REPORT, [data, scoring, sampling, report_args, hub, output])
+    if output.output_dir:
+        check_output_dir(output.output_dir, marker=REPORT_FILE)
+    options = RankingOptions(beta=report_args.beta, seed=sampling.seed)
+    dataset = load_source(data)
+    if report_args.preference_column:
+        for split, rows in dataset.items():
+            check_preference_column(rows, report_args.preference_column, split)
+    config_name = report_args.config_name or run_name(scoring.model_name_or_path)
+    repo_id = check_report_hub(data, scoring, report_args, hub, config_name)
+    sampled = sample(dataset, sampling.num_samples, sampling.seed)
+    dataset, policy, reference = score_models(sampled, scoring, report_args)
+    results, per_example = {}, {}
+    for split, scored in dataset.items():
+        results[split], flags = compute_results(scored, reference=bool(reference), options=options,
+                                                preference_column=report_args.preference_column)
+        per_example[split] = concatenate_datasets([scored, Dataset.from_dict(flags)], axis=1)
+    report = build_report(
+        results,
+        dataset={"name": data.dataset_name, "config": data.dataset_config, "revision": data.dataset_revision,
+                 "splits": list(dataset), "preference_column": report_args.preference_column,
+                 "num_samples": {split: len(rows) for split, rows in dataset.items()},
+                 "num_samples_requested": sampling.num_samples, "sample_seed": sampling.seed,
+                 "num_unscorable": {split: len(sampled[split]) - len(rows) for split, rows in dataset.items()}},
+        policy=model_info(policy), reference=model_info(reference[0]) if reference else None,
+        scoring={"max_length": scoring.max_length, "token_budget": scoring.token_budget,
+                 "boundary": scoring.boundary, "on_invalid": scoring.on_invalid},
+        options=options,
+    )
+    print(render_table(report))
+    per_example = DatasetDict(per_example)
+    if output.output_dir:
+        files = write_local(output.output_dir, report_files(report, per_example), marker=REPORT_FILE,
+                            replaces=REPORT_PATHS)
+        logger.info("Wrote %s", ", ".join(str(Path(output.output_dir, name)) for name in files))
+    if repo_id:
+        push(report, per_example, replace(hub, repo_id=repo_id), data.token, config_name, output.output_dir)
+    return report
+
+
+def push(report: dict, per_example: DatasetDict, hub: HubArguments, token: str | None, config_name: str,
+         output_dir: str | None) -> None:
+    """`push_report`; when it fails, the report and the per-pair scores stay on disk (``--output_dir``, or a new
+    temporary folder) and the error says where."""
+    import tempfile
+
+    from hf_ches.hub import PublishError, write_local
+
+    options = hub.publish_options(token, f"Add the ranking-accuracy report of {report['policy']['name_or_path']}")
+    try:
+        pushed = push_report(report, per_example, options, config_name)
+    except Exception as error:
+        folder = output_dir or tempfile.mkdtemp(prefix="ranking-report-")
+        if not output_dir:
+            write_local(folder, report_files(report, per_example), marker=REPORT_FILE, replaces=REPORT_PATHS)
+        raise PublishError(f"pushing to {options.repo_id} failed ({str(error).splitlines()[0]}); the report and the "
+                           f"per-pair scores are kept in {folder}") from None
+    logger.info("Pushed config %r and %s/%s to %s (%s)", config_name, config_name, REPORT_FILE, pushed.repo_id,
+                pushed.commit_url)
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
+    """``hub_scripts/ranking_accuracy_report.py``: parse ``argv`` (default ``sys.argv[1:]``) into the report's
+    groups and `run_report`; bad input and failed pushes exit with a one-line error."""
+    return run_recipe(REPORT, run_report, argv, prog)

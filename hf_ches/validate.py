@@ -19,21 +19,20 @@ against ``Δ log π(y+)``).
 >>> from datasets import Dataset
 >>> folder = tempfile.mkdtemp()
 >>> _ = Dataset.from_dict(synthetic_pairs(6)).to_json(f"{folder}/pairs.jsonl")
->>> result = run(ValidateArguments(dataset_name=f"{folder}/pairs.jsonl", model_name_or_path=build_tiny_model(folder),
-...                                num_samples=4, learning_rate=1e-2, output_dir=f"{folder}/out", progress=False))
+>>> result = run(DataArguments(f"{folder}/pairs.jsonl"), ScoringArguments(build_tiny_model(folder), dtype="float32"),
+...              SamplingArguments(num_samples=4), ValidateArguments(learning_rate=1e-2, progress=False),
+...              OutputArguments(f"{folder}/out"))
 >>> result["counts"], sorted(result["spearman"])[:3]
 ({'num_rows': 6, 'num_samples': 4, 'num_scored': 4}, ['ches', 'edit_distance', 'entk_w'])
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import sys
 import time
-import types
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -43,7 +42,17 @@ from hf_ches.displacement import OPTIMIZERS, apply_step, dpo_sigmoid_loss, spear
 from hf_ches.kernels import _parse_parameters, _tracking_only, ntk_pair, select_parameters, sequence_logp
 from hf_ches.kernels import signgd_displacement as signgd_score
 from hf_ches.pairs import TokenizedPair
-from hf_ches.pipeline import load_source, shared_field
+from hf_ches.models import DEFAULT_MODEL
+from hf_ches.pipeline import load_source
+from hf_ches.recipes import (
+    DataArguments,
+    OutputArguments,
+    Recipe,
+    SamplingArguments,
+    ScoringArguments,
+    check_arguments,
+    run_recipe,
+)
 
 # --scores: the CHESScorer scores, and the gradient kernels of the step's own parameters (free: the step computes
 # both gradients anyway). Each adds these columns; all are oriented so that high predicts displacement, except
@@ -56,44 +65,27 @@ SCORE_COLUMNS = {
 KERNEL_SCORES = ("ntk", "signgd")
 DEFAULT_SCORES = ("ches", "ln_ches", "edit_distance", "last_hidden_ip", "entk_w", "ntk", "signgd")
 PAIRS_FILE, RESULTS_FILE, PLOT_FILE = "pairs.parquet", "validation.json", "scatter.png"
+MEASURED = ["chosen_logps", "rejected_logps", "delta_chosen_logps", "delta_rejected_logps"]  # by the step, per pair
 
 
 @dataclass(frozen=True)
 class ValidateArguments:
-    """Options of ``hf-ches validate`` (TRL's names where TRL has one)."""
+    """The options of ``hf-ches validate`` that no other command has: the one DPO step and the correlations."""
 
-    dataset_name: str = field(metadata={"help": "Hub dataset id, local folder, or data files (*.jsonl, *.json, "
-                                                "*.parquet, *.csv) of preference pairs (TRL's formats)."})
-    output_dir: str = field(metadata={"help": "Where pairs.parquet, validation.json and scatter.png go."})
-    model_name_or_path: str = field(default="smollm2", metadata={
-        "help": "The model to step: Hub id, local folder, .gguf file or 'smollm2'."})
-    model_revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of a Hub model."})
-    dataset_config: str | None = shared_field("dataset_config")
-    dataset_revision: str | None = shared_field("dataset_revision")
-    dataset_split: str = field(default="train", metadata={"help": "The split to sample from."})
-    num_samples: int | None = field(default=100, metadata={
-        "help": "Pairs to draw (numpy default_rng(seed).choice, no replacement); all when not given."})
-    seed: int = field(default=0, metadata={"help": "Seed of the sample and of the bootstrap."})
-    beta: float = field(default=0.1, metadata={"help": "DPO β of the sigmoid loss."})
-    learning_rate: float = field(default=1e-5, metadata={"help": "Step size η of the one step."})
+    _argument_group_name = "validate arguments"
+
+    beta: float = field(default=0.1, metadata={"help": "DPO beta of the sigmoid loss."})
+    learning_rate: float = field(default=1e-5, metadata={"help": "Step size (eta) of the one step."})
     optimizer: str = field(default="sgd", metadata={
-        "help": "'sgd': θ -= η ∇ℓ; 'sign': θ -= η sign(∇ℓ) (Adam's first steps).", "choices": list(OPTIMIZERS)})
+        "help": "'sgd': theta -= eta * grad; 'sign': theta -= eta * sign(grad) (Adam's first steps).",
+        "choices": list(OPTIMIZERS)})
     parameters: str = field(default="all", metadata={
         "help": "The parameters the step trains: all, output, last:K, lora, trainable or re:<regex>."})
     scores: list[str] = field(default_factory=lambda: list(DEFAULT_SCORES), metadata={
         "help": f"Scores to test, any of {list(SCORE_COLUMNS)}; ntk and signgd are the gradient kernels of "
                 "--parameters, computed from the step's own gradients."})
-    dtype: str = field(default="float32", metadata={
-        "help": "Model dtype. A bfloat16 step of a small η rounds back to the same weights: keep float32.",
-        "choices": ["float32", "float64", "bfloat16"]})
-    device: str | None = field(default=None, metadata={"help": "Device; when not given: cuda if available, else cpu."})
-    max_length: int | None = shared_field("max_length")
-    on_invalid: str = field(default="raise", metadata={
-        "help": "Rows that cannot be scored (no completion token left): 'raise', or 'flag' (such rows get NaN "
-                "deltas and are left out of the correlations).", "choices": ["raise", "flag"]})
     n_resamples: int = field(default=1000, metadata={"help": "Bootstrap resamples behind each interval."})
     confidence_level: float = field(default=0.95, metadata={"help": "Coverage of the bootstrap intervals."})
-    token: str | None = shared_field("token")
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
     def __post_init__(self) -> None:
@@ -106,8 +98,31 @@ class ValidateArguments:
         for name in ("beta", "learning_rate"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name}: expected a number > 0, got {getattr(self, name)}")
-        if self.num_samples is not None and self.num_samples < 1:
-            raise ValueError(f"--num_samples: expected an integer >= 1, got {self.num_samples}")
+        if self.n_resamples < 1 or not 0 < self.confidence_level < 1:
+            raise ValueError(f"--n_resamples {self.n_resamples}, --confidence_level {self.confidence_level}: "
+                             "expected an integer >= 1 and a level in (0, 1)")
+
+
+def _one_split(groups: dict[type, Any]) -> None:
+    """validate samples one split."""
+    splits = groups[DataArguments].dataset_splits
+    if splits is not None and len(splits) != 1:
+        raise ValueError(f"--dataset_splits: validate samples one split, got {splits}")
+
+
+VALIDATE = Recipe(
+    "validate", (DataArguments, ScoringArguments, SamplingArguments, ValidateArguments, OutputArguments),
+    required=("output_dir",), defaults={"model_name_or_path": DEFAULT_MODEL, "dtype": "float32", "num_samples": 100},
+    check=_one_split, description="""\
+Does a score predict likelihood displacement for your model and data? Draws a seeded sample of pairs, scores them,
+then for each pair on its own takes one DPO step with the model itself as the reference (so the margin starts at
+0) and measures the change of log pi(chosen) and log pi(rejected); the weights are restored exactly after every
+pair. A score is worth filtering by when it ranks the pairs as the drop of log pi(chosen) does (Spearman's rho,
+with a bootstrap interval).
+
+--output_dir gets pairs.parquet (row_index, every score, the log-probs before the step and their deltas),
+validation.json (options, model, counts, the share of displaced pairs, rho of each score and its interval) and
+scatter.png (each score against the change of log pi(chosen)).""")
 
 
 def score_columns(scores: list[str] | tuple[str, ...]) -> list[str]:
@@ -166,11 +181,12 @@ def dpo_step(
                   "delta_chosen_logps": after_c - before_c, "delta_rejected_logps": after_r - before_r}
 
 
-def summarize(columns: dict[str, np.ndarray], scores: list[str], options: ValidateArguments) -> dict[str, Any]:
-    """Counts, the share of displaced pairs and ρ(score, −Δ log π(y+)) with its bootstrap interval: pure.
+def summarize(columns: dict[str, np.ndarray], options: ValidateArguments, seed: int = 0) -> dict[str, Any]:
+    """The share of displaced pairs and ρ(score, −Δ log π(y+)) of each of ``options.scores`` with its bootstrap
+    interval (``seed``): pure.
 
     >>> cols = {"delta_chosen_logps": np.array([-0.3, 0.1, -0.2, 0.4]), "ches": np.array([3.0, 1.0, 2.0, 0.0])}
-    >>> out = summarize(cols, ["ches"], ValidateArguments("d", "o", n_resamples=50))
+    >>> out = summarize(cols, ValidateArguments(scores=["ches"], n_resamples=50))
     >>> out["share_displaced"], out["spearman"]["ches"]["rho"]
     (0.5, 1.0)
     """
@@ -186,19 +202,18 @@ def summarize(columns: dict[str, np.ndarray], scores: list[str], options: Valida
         out["share_rejected_rose"] = float(np.mean(rejected > 0))
         out["mean_delta_rejected_logps"] = float(rejected.mean())
     out["spearman"] = {}
-    for column in score_columns(scores):
+    for column in score_columns(options.scores):
         values = np.asarray(columns[column], dtype=np.float64)
         keep = ok & ~np.isnan(values)
         out["spearman"][column] = {
             "rho": spearman(values[keep], -delta[keep]),
-            "ci": spearman_interval(values[keep], -delta[keep], options.n_resamples, options.confidence_level,
-                                    options.seed),
+            "ci": spearman_interval(values[keep], -delta[keep], options.n_resamples, options.confidence_level, seed),
             "num_pairs": int(keep.sum()),
         }
     return out
 
 
-def scatter_png(columns: dict[str, np.ndarray], results: dict[str, Any], path: str | Path) -> Path:
+def scatter_png(columns: dict[str, np.ndarray], results: dict[str, Any]) -> bytes:
     """Each score (x, symmetric-log scale) against ``Δ log π(y+)`` (y), one panel per score, ρ in the title."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -223,76 +238,99 @@ def scatter_png(columns: dict[str, np.ndarray], results: dict[str, Any], path: s
         ax.set_ylabel("Δ log π(chosen)", fontsize=8)
     for ax in axes[len(names):]:
         ax.set_visible(False)
-    path = Path(path)
-    fig.savefig(path, format="png", metadata={"Software": None})
-    return path
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", metadata={"Software": None})
+    return buffer.getvalue()
 
 
-def run(args: ValidateArguments) -> dict[str, Any]:
-    """Sample, score, step each pair, and write ``pairs.parquet``, ``validation.json`` and ``scatter.png``."""
-    from datasets import Dataset, disable_progress_bars, enable_progress_bars
-    from tqdm.auto import tqdm
+def run(data: DataArguments, scoring: ScoringArguments | None = None, sampling: SamplingArguments | None = None,
+        options: ValidateArguments | None = None, output: OutputArguments | None = None) -> dict[str, Any]:
+    """Sample, score, step each pair, and write ``pairs.parquet``, ``validation.json`` and ``scatter.png``; a group
+    that is not given has `VALIDATE`'s defaults (smollm2 in float32, 100 pairs)."""
+    from datasets import Dataset
 
     from hf_ches import __version__
+    from hf_ches.hub import check_output_dir, write_local
     from hf_ches.models import load_model_and_tokenizer, model_fingerprint
-    from hf_ches.pairs import read_rows, tokenize_pairs
     from hf_ches.report import ROW_INDEX, subsample
-    from hf_ches.transform import CHESScorer
 
     start = time.perf_counter()
-    source = types.SimpleNamespace(dataset_name=args.dataset_name, dataset_config=args.dataset_config,
-                                   dataset_revision=args.dataset_revision, dataset_splits=[args.dataset_split],
-                                   token=args.token)
-    rows = load_source(source)[args.dataset_split]
-    sample = subsample(rows, args.num_samples, args.seed)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, revision=args.model_revision,
-                                                dtype=args.dtype, device=device)
-    params = [p for _, p in select_parameters(model, args.parameters)]
-
-    columns: dict[str, Any] = {ROW_INDEX: np.asarray(sample[ROW_INDEX])}
-    forward_scores = tuple(s for s in args.scores if s not in KERNEL_SCORES)
-    (enable_progress_bars if args.progress else disable_progress_bars)()
-    if forward_scores:
-        scorer = CHESScorer(model, tokenizer, scores=forward_scores, max_length=args.max_length,
-                            on_invalid=args.on_invalid)
-        scored = scorer.map(sample.select_columns([c for c in ("prompt", "chosen", "rejected")
-                                                  if c in sample.column_names]))
-        columns |= {c: np.asarray(scored[c], dtype=np.float64) for c in score_columns(forward_scores)}
-
-    batch = sample.remove_columns(ROW_INDEX).to_dict()
-    pairs = tokenize_pairs(read_rows(batch, list(columns[ROW_INDEX])), tokenizer, args.max_length, args.on_invalid)
-    stepped = []
-    for pair in tqdm(pairs, desc="One DPO step per pair", disable=not args.progress):
-        if not pair.scorable:
-            stepped.append({})
-            continue
-        stepped.append(dpo_step(model, params, pair, beta=args.beta, learning_rate=args.learning_rate,
-                                optimizer=args.optimizer))
-    measured = ["chosen_logps", "rejected_logps", "delta_chosen_logps", "delta_rejected_logps"]
-    kernel_columns = score_columns([s for s in args.scores if s in KERNEL_SCORES])
-    for name in kernel_columns + measured:
-        columns[name] = np.array([row.get(name, math.nan) for row in stepped], dtype=np.float64)
-
+    groups = check_arguments(VALIDATE, [g for g in (data, scoring, sampling, options, output) if g is not None])
+    scoring, sampling = groups[ScoringArguments], groups[SamplingArguments]
+    options, output = groups[ValidateArguments], groups[OutputArguments]
+    check_output_dir(output.output_dir, marker=RESULTS_FILE)
+    (split,) = data.dataset_splits or ["train"]
+    rows = load_source(replace(data, dataset_splits=[split]))[split]
+    sample = subsample(rows, sampling.num_samples, sampling.seed)
+    device = scoring.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model_and_tokenizer(scoring.model_name_or_path, revision=scoring.model_revision,
+                                                dtype=scoring.dtype, device=device)
+    params = [p for _, p in select_parameters(model, options.parameters)]
+    columns = forward_columns(sample, model, tokenizer, scoring, options)
+    columns |= step_columns(sample, model, tokenizer, params, scoring, options)
     results = {
-        "options": asdict(args),
-        "model": {"name_or_path": args.model_name_or_path, "revision": args.model_revision, "dtype": args.dtype,
-                  "device": device, "fingerprint": model_fingerprint(args.model_name_or_path, args.model_revision),
+        "options": {k: v for g in groups.values() for k, v in asdict(g).items()
+                    if k not in ("token", "dataset_splits")} | {"dataset_split": split},
+        "model": {"name_or_path": scoring.model_name_or_path, "revision": scoring.model_revision,
+                  "dtype": scoring.dtype, "device": device,
+                  "fingerprint": model_fingerprint(scoring.model_name_or_path, scoring.model_revision),
                   "num_step_parameters": sum(p.numel() for p in params)},
         "counts": {"num_rows": len(rows), "num_samples": len(sample),
                    "num_scored": int(np.sum(~np.isnan(columns["delta_chosen_logps"])))},
-        **summarize(columns, list(args.scores), args),
+        **summarize(columns, options, sampling.seed),
         "hf_ches_version": __version__,
         "seconds": round(time.perf_counter() - start, 1),
     }
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    order = [ROW_INDEX, *score_columns([s for s in args.scores if s not in KERNEL_SCORES]), *kernel_columns,
-             *measured]
-    Dataset.from_dict({name: columns[name] for name in order}).to_parquet(str(out / PAIRS_FILE))
-    (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, allow_nan=True) + "\n", encoding="utf-8")
-    scatter_png(columns, results, out / PLOT_FILE)
+    order = [ROW_INDEX, *score_columns([s for s in options.scores if s not in KERNEL_SCORES]),
+             *score_columns([s for s in options.scores if s in KERNEL_SCORES]), *MEASURED]
+    write_local(output.output_dir, {
+        PAIRS_FILE: Dataset.from_dict({name: columns[name] for name in order}),
+        RESULTS_FILE: (json.dumps(results, indent=2, allow_nan=True) + "\n").encode("utf-8"),
+        PLOT_FILE: scatter_png(columns, results)}, marker=RESULTS_FILE, replaces=(PAIRS_FILE, RESULTS_FILE, PLOT_FILE))
     return results
+
+
+def forward_columns(sample: Any, model: torch.nn.Module, tokenizer: Any, scoring: ScoringArguments,
+                    options: ValidateArguments) -> dict[str, np.ndarray]:
+    """``row_index`` and the columns of the scores that `CHESScorer` computes (the forward-pass scores)."""
+    from datasets import disable_progress_bars, enable_progress_bars
+
+    from hf_ches.report import ROW_INDEX
+    from hf_ches.transform import CHESScorer
+
+    columns: dict[str, np.ndarray] = {ROW_INDEX: np.asarray(sample[ROW_INDEX])}
+    forward_scores = tuple(s for s in options.scores if s not in KERNEL_SCORES)
+    (enable_progress_bars if options.progress else disable_progress_bars)()
+    if forward_scores:
+        settings = {k: v for k, v in scoring.scorer_options().items()
+                    if k in ("max_length", "token_budget", "on_invalid", "boundary")}  # the model is loaded already
+        scorer = CHESScorer(model, tokenizer, scores=forward_scores, **settings)
+        scored = scorer.map(sample.select_columns([c for c in ("prompt", "chosen", "rejected")
+                                                  if c in sample.column_names]), **scoring.map_options("Scoring"))
+        columns |= {c: np.asarray(scored[c], dtype=np.float64) for c in score_columns(forward_scores)}
+    return columns
+
+
+def step_columns(sample: Any, model: torch.nn.Module, tokenizer: Any, params: list[torch.nn.Parameter],
+                 scoring: ScoringArguments, options: ValidateArguments) -> dict[str, np.ndarray]:
+    """One `dpo_step` per pair of ``sample``: the kernel scores and `MEASURED` (NaN for an unscorable pair)."""
+    from tqdm.auto import tqdm
+
+    from hf_ches.pairs import read_rows, tokenize_pairs
+    from hf_ches.report import ROW_INDEX
+
+    batch = sample.remove_columns(ROW_INDEX).to_dict()
+    pairs = tokenize_pairs(read_rows(batch, list(sample[ROW_INDEX])), tokenizer, scoring.max_length,
+                           scoring.on_invalid, scoring.boundary)
+    stepped = []
+    for pair in tqdm(pairs, desc="One DPO step per pair", disable=not options.progress):
+        if not pair.scorable:
+            stepped.append({})
+            continue
+        stepped.append(dpo_step(model, params, pair, beta=options.beta, learning_rate=options.learning_rate,
+                                optimizer=options.optimizer))
+    names = score_columns([s for s in options.scores if s in KERNEL_SCORES]) + MEASURED
+    return {name: np.array([row.get(name, math.nan) for row in stepped], dtype=np.float64) for name in names}
 
 
 def render_table(results: dict[str, Any]) -> str:
@@ -315,15 +353,9 @@ def render_table(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None, prog: str = "hf-ches validate") -> dict[str, Any]:
-    """Parse ``argv`` into :class:`ValidateArguments`, run, print the table."""
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(ValidateArguments, prog=prog, description=__doc__.split("\n\n")[1])
-    try:
-        (args,) = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
-    except ValueError as error:
-        parser.exit(2, f"{prog}: error: {error}\n")
-    results = run(args)
+    """Parse ``argv`` into the groups of `VALIDATE`, run, print the table."""
+    results = run_recipe(VALIDATE, run, argv, prog)
+    output_dir = results["options"]["output_dir"]
     print(render_table(results))
-    print(f"\nWrote {args.output_dir}/{PAIRS_FILE}, {RESULTS_FILE}, {PLOT_FILE} ({results['seconds']} s)")
+    print(f"\nWrote {output_dir}/{PAIRS_FILE}, {RESULTS_FILE}, {PLOT_FILE} ({results['seconds']} s)")
     return results

@@ -13,7 +13,7 @@
 # limitations under the License.
 """Score a preference dataset by CHES, remove the pairs likely to cause likelihood displacement, publish the rest.
 
-The recipe and its `ScriptArguments` live in `hf_ches.pipeline`, shared with `hf-ches publish` (same options):
+The recipe and its argument groups live in `hf_ches.pipeline`, shared with `hf-ches publish` (same options):
 
     python hub_scripts/ches_filter.py \\
         --dataset_name trl-lib/ultrafeedback_binarized \\
@@ -25,7 +25,7 @@ The default selection removes the top 10% of pairs of each split by length-norma
 `--push_to_hub` writes the files the push would create. `--help` lists every option.
 """
 
-from hf_ches.pipeline import main  # parses `ScriptArguments` with `HfArgumentParser`, then runs the recipe
+from hf_ches.pipeline import main  # parses the groups of `hf_ches.pipeline.PUBLISH`, then runs the recipe
 
 
 if __name__ == "__main__":

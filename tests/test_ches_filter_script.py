@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.machinery
 import json
+import os
+import re
 import runpy
 import socket
 import subprocess
@@ -20,7 +22,8 @@ from huggingface_hub import DatasetCard, HfApi, hf_hub_download
 
 from hf_ches import cli
 from hf_ches.card import PLOT_PATH, RUN_JSON_PATH
-from hf_ches.pipeline import ScriptArguments, command_line, load_source, selection_rule
+from hf_ches.pipeline import PUBLISH, load_source
+from hf_ches.recipes import DataArguments, HubArguments, SelectionArguments, command_line
 from hf_ches.testing import error_line, synthetic_pairs
 
 SCRIPT = Path(__file__).resolve().parents[1] / "hub_scripts" / "ches_filter.py"
@@ -180,13 +183,13 @@ def test_a_dry_run_folder_is_read_afresh_whatever_its_name(scored_dir, tmp_path)
                          "--output_dir", str(tmp_path / parent / "out")]) == 0
     for parent, kept in (("a", {"train": 150, "test": 30}), ("b", {"train": 60, "test": 12})):
         folder = str(tmp_path / parent / "out")
-        assert sizes(load_source(ScriptArguments(dataset_name=folder, dataset_config="default"))) == kept
-        assert sizes(load_source(ScriptArguments(dataset_name=folder, dataset_config="scored"))) == {"train": 300,
+        assert sizes(load_source(DataArguments(dataset_name=folder, dataset_config="default"))) == kept
+        assert sizes(load_source(DataArguments(dataset_name=folder, dataset_config="scored"))) == {"train": 300,
                                                                                                   "test": 60}
     # an hf-ches output holds the kept pairs (default) and every pair (scored): the config must be named
     with pytest.raises(ValueError, match=r"is an hf-ches output: pass --dataset_config scored \(every pair, to "
                                          r"select again\) or default \(the kept pairs\)$"):
-        load_source(ScriptArguments(dataset_name=str(tmp_path / "a" / "out")))
+        load_source(DataArguments(dataset_name=str(tmp_path / "a" / "out")))
 
 
 def test_two_folders_of_the_same_name_with_different_columns_load_their_own_rows(tmp_path):
@@ -202,10 +205,10 @@ def test_two_folders_of_the_same_name_with_different_columns_load_their_own_rows
         (folder / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
                                           "    path: data/train-*\n---\n")
     for parent, rows in (("y1", standard), ("y2", conversational), ("y1", standard)):
-        loaded = load_source(ScriptArguments(dataset_name=str(tmp_path / parent / "same")))
+        loaded = load_source(DataArguments(dataset_name=str(tmp_path / parent / "same")))
         assert loaded["train"].to_dict() == rows
     with pytest.raises(ValueError, match=r"no config 'scored'; pass --dataset_config with one of \['default'\]$"):
-        load_source(ScriptArguments(dataset_name=str(tmp_path / "y1" / "same"), dataset_config="scored"))
+        load_source(DataArguments(dataset_name=str(tmp_path / "y1" / "same"), dataset_config="scored"))
 
 
 def test_score_then_filter_locally_with_the_cli(scored_dir, tiny_model, tmp_path):
@@ -255,25 +258,26 @@ def test_load_source_from_data_files(tmp_path):
     rows = synthetic_pairs(12, seed=3)
     for name in ("a.jsonl", "b.jsonl"):
         datasets.Dataset.from_dict(rows).to_json(tmp_path / name)
-    one = load_source(ScriptArguments(dataset_name=str(tmp_path / "a.jsonl")))
-    both = load_source(ScriptArguments(dataset_name=str(tmp_path / "*.jsonl")))
+    one = load_source(DataArguments(dataset_name=str(tmp_path / "a.jsonl")))
+    both = load_source(DataArguments(dataset_name=str(tmp_path / "*.jsonl")))
     assert sizes(one) == {"train": 12} and sizes(both) == {"train": 24}
     assert one["train"].to_dict() == rows
     (tmp_path / "c.txt").write_text("x")
     with pytest.raises(ValueError, match=r"unknown data file type '\.txt'"):
-        load_source(ScriptArguments(dataset_name=str(tmp_path / "c.txt")))
+        load_source(DataArguments(dataset_name=str(tmp_path / "c.txt")))
     with pytest.raises(ValueError, match="no file matches"):  # a typo is not sent to the Hub as a dataset id
-        load_source(ScriptArguments(dataset_name=str(tmp_path / "typo.jsonl")))
+        load_source(DataArguments(dataset_name=str(tmp_path / "typo.jsonl")))
 
 
 def test_rule_and_command_from_arguments():
-    assert selection_rule(ScriptArguments(dataset_name="x")).describe() == "remove the top 10% of pairs by ln_ches"
-    assert selection_rule(ScriptArguments(dataset_name="x", threshold=0.2, score_column="ches")).describe() == \
-        "remove pairs with ches > 0.2"
+    assert SelectionArguments().rule().describe() == "remove the top 10% of pairs by ln_ches"
+    assert SelectionArguments(threshold=0.2, score_column="ches").rule().describe() == "remove pairs with ches > 0.2"
     with pytest.raises(ValueError, match="--preset sorry-bench already sets the rule; drop --remove_top"):
-        selection_rule(ScriptArguments(dataset_name="x", preset="sorry-bench", remove_top=0.2))
-    args = ScriptArguments(dataset_name="my data/x.jsonl", remove_top=0.2, private=True, token="hf_secret")
-    assert command_line(args) == "hf-ches publish --dataset_name 'my data/x.jsonl' --remove_top 0.2 --private"
+        SelectionArguments(preset="sorry-bench", remove_top=0.2)
+    groups = [DataArguments("my data/x.jsonl", token="hf_secret"), SelectionArguments(remove_top=0.2),
+              HubArguments(private=True)]
+    assert command_line(PUBLISH, groups) == \
+        "hf-ches publish --dataset_name 'my data/x.jsonl' --remove_top 0.2 --private"
 
 
 def cli_error(capsys, *argv: str) -> str:
@@ -373,3 +377,92 @@ def test_publish_prints_its_own_lines_once_and_no_library_chatter(hub_env, score
     logging.getLogger("datasets.arrow_dataset").warning("library chatter")
     err = capfd.readouterr().err
     assert err.count("just once") == 1 and "library chatter" not in err
+
+
+# The options of each group, written out here (not read from hf_ches.recipes), and the groups of each command.
+DATA = {"--dataset_name", "--dataset_config", "--dataset_revision", "--dataset_splits", "--token"}
+SCORING = {"--model_name_or_path", "--model_revision", "--dtype", "--device", "--max_length", "--boundary",
+           "--on_invalid", "--token_budget", "--batch_size", "--dataset_num_proc"}
+SELECTION = {"--preset", "--score_column", "--remove_top", "--keep_bottom", "--threshold", "--group_by",
+             "--card_examples"}
+HUB = {"--push_to_hub", "--repo_id", "--private", "--revision", "--create_pr", "--overwrite", "--commit_message"}
+OUTPUT = {"--output_dir"}
+SAMPLING = {"--num_samples", "--seed"}
+COMMAND_OPTIONS = {
+    "score": DATA | SCORING | OUTPUT,
+    "filter": DATA | SCORING | SELECTION | OUTPUT,
+    "publish": DATA | SCORING | SELECTION | HUB | OUTPUT,
+    "validate": DATA | SCORING | SAMPLING | OUTPUT | {"--beta", "--learning_rate", "--optimizer", "--parameters",
+                                                      "--scores", "--n_resamples", "--confidence_level",
+                                                      "--progress", "--no_progress"},
+    "demo": SCORING | SELECTION | OUTPUT,
+}
+REPORT_OPTIONS = DATA | SCORING | SAMPLING | HUB | OUTPUT | {"--ref_model_name_or_path", "--ref_model_revision",
+                                                            "--preference_column", "--beta", "--config_name"}
+RAW_RST = re.compile(r"``|:(func|mod|class|meth|attr):`")
+
+
+def help_options(text: str) -> set[str]:
+    """The options a --help lists, by their first (snake_case) spelling at the start of an option line."""
+    return {name for name in re.findall(r"^  (--[a-z_]+)", text, re.M) if name != "--help"}
+
+
+def cli_output(capsys, *argv: str) -> tuple[int, str, str]:
+    """Exit status, stdout and stderr of `hf-ches ARGV`, in this process (an exception other than SystemExit, as a
+    traceback would show, fails the test)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return exit_.value.code, out, err
+
+
+@pytest.mark.parametrize("command", sorted(COMMAND_OPTIONS))
+def test_each_command_helps_with_its_own_options_only(command, capsys):
+    code, out, _ = cli_output(capsys, command, "--help")
+    assert code == 0 and out.startswith(f"usage: hf-ches {command} ")
+    assert help_options(out) == COMMAND_OPTIONS[command]
+    description = out.split("\n\n")[1]
+    assert len(description) > 200 and not RAW_RST.search(out), description
+
+
+def test_report_script_helps_with_its_own_options_and_a_description():
+    import hf_ches.report
+
+    text = hf_ches.report.REPORT.build_parser("ranking_accuracy_report.py").format_help()
+    assert help_options(text) == REPORT_OPTIONS and not RAW_RST.search(text)
+    assert "Ranking accuracy of a policy (and its reference) on preference pairs" in text
+    done = subprocess.run([sys.executable, str(SCRIPT.parent / "ranking_accuracy_report.py"), "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and help_options(done.stdout) == REPORT_OPTIONS, done.stderr
+
+
+@pytest.mark.parametrize("argv, unknown", [
+    (["score", "--dataset_name", "x", "--model_name_or_path", "m", "--output_dir", "o"], ["--push_to_hub"]),
+    (["score", "--dataset_name", "x", "--model_name_or_path", "m", "--output_dir", "o"],
+     ["--repo_id", "me/x", "--remove_top", "0.2"]),
+    (["filter", "--dataset_name", "x", "--output_dir", "o"], ["--push_to_hub"]),
+    (["publish", "--dataset_name", "x", "--output_dir", "o"], ["--learning_rate", "1e-5"]),
+    (["validate", "--dataset_name", "x", "--output_dir", "o"], ["--remove_top", "0.2"]),
+    (["demo"], ["--dataset_name", "x"]),
+    (["publish", "--dataset_name", "x", "--output_dir", "o"], ["--frobnicate"]),
+])
+def test_an_option_of_another_command_is_a_usage_error(argv, unknown, capsys):
+    """Issue 16: `score` took --push_to_hub, --repo_id and --remove_top and ignored them; `filter` listed
+    --push_to_hub, then refused it."""
+    code, out, err = cli_output(capsys, *argv, *unknown)
+    assert code == 2 and not out
+    assert err.startswith(f"usage: hf-ches {argv[0]} ")
+    assert err.rstrip().endswith(f"hf-ches {argv[0]}: error: unrecognized arguments: {' '.join(unknown)}"), err
+
+
+def test_usage_errors_print_no_traceback():
+    """As commands: `hf-ches score --push_to_hub` and the report script with a publish-only option."""
+    env = os.environ | {"PYTHONPATH": str(SCRIPT.parents[1])}
+    for argv in (["-m", "hf_ches.cli", "score", "--dataset_name", "x", "--model_name_or_path", "m", "--output_dir",
+                  "o", "--push_to_hub"],
+                 [str(SCRIPT.parent / "ranking_accuracy_report.py"), "--dataset_name", "x", "--model_name_or_path",
+                  "m", "--preset", "sorry-bench"]):
+        done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120, env=env)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.startswith("usage: ") and "error: unrecognized arguments: --" in done.stderr

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-import traceback
 
 import datasets
 import numpy as np
@@ -17,6 +16,7 @@ from huggingface_hub.errors import RepositoryNotFoundError
 from hf_ches.card import PLOT_PATH, RUN_JSON_PATH, RunInfo
 from hf_ches.filtering import SelectionRule, select_splits
 from hf_ches.hub import PublishError, PublishOptions, build_publication, check_output_dir, publish, write_local
+from tests.plugins.hub import assert_no_token
 
 
 def scored_pairs(n: int, seed: int) -> Dataset:
@@ -61,7 +61,7 @@ def closed_port_url() -> str:
 def test_push_creates_the_files_of_the_dry_run(hub_env, tmp_path):
     repo_id = hub_env.repo_id("clean")
     pub = publication(repo_id)
-    dry = write_local(pub, tmp_path / "dry")
+    dry = write_local(tmp_path / "dry", pub.local_files())
     result = publish(pub, PublishOptions(repo_id))
 
     assert repo_files(repo_id) == dry == result.files == pub.paths()
@@ -157,14 +157,6 @@ def test_private_repo_needs_the_token(hub_env):
     assert len(datasets.load_dataset(repo_id, "removed", token=hub_env.token)["train"]) == 10
 
 
-def assert_no_token(error: pytest.ExceptionInfo, token: str) -> None:
-    """Neither the error nor any exception chained to it (what a traceback prints) holds the token."""
-    exception: BaseException | None = error.value
-    while exception is not None:
-        assert token not in "".join(traceback.format_exception_only(exception)) and token not in repr(exception)
-        exception = exception.__cause__ or exception.__context__
-
-
 def test_token_errors_are_clear_and_never_show_the_token(hub_env, monkeypatch):
     repo_id = hub_env.repo_id("tokens")
     pub = publication(repo_id)
@@ -206,14 +198,14 @@ def test_dry_run_folder_must_be_new_empty_or_an_earlier_output(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(ValueError, match="is not empty and holds no earlier hf-ches output"):
-        write_local(publication("me/x"), tmp_path / "mine")
+        write_local(tmp_path / "mine", publication("me/x").local_files())
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="is a file"):
         check_output_dir(tmp_path / "file")
 
-    first = write_local(publication("me/x"), tmp_path / "out")
-    second = write_local(publication("me/x", SelectionRule(threshold=100.0), CLEAN), tmp_path / "out")
+    first = write_local(tmp_path / "out", publication("me/x").local_files())
+    second = write_local(tmp_path / "out", publication("me/x", SelectionRule(threshold=100.0), CLEAN).local_files())
     assert any(f.startswith("removed/") for f in first) and not any(f.startswith("removed/") for f in second)
     assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*") if p.is_file()) \
         == second

@@ -16,16 +16,18 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from huggingface_hub import hf_hub_download
+from huggingface_hub import HfApi, hf_hub_download
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_ches import CHESScorer, LogProbScorer
 from hf_ches.batching import longest_first, pack
 from hf_ches.pairs import read_rows, tokenize_pairs
 from hf_ches.ranking import DEFAULT_BETAS, RankingOptions
-from hf_ches.report import REPORT_FILE, compute_results, run_name
+from hf_ches.hub import PublishError, PublishOptions
+from hf_ches.report import REPORT_FILE, build_report, compute_results, push_report, run_name
 from hf_ches.testing import error_line, build_tiny_model, synthetic_pairs
 from tests.plugins.models import reference_pair
+from tests.plugins.hub import assert_no_token
 
 ROOT = Path(__file__).resolve().parents[1]
 METRIC_DIR = ROOT / "metrics" / "ranking_accuracy"
@@ -342,23 +344,60 @@ def test_script_checks_the_hub_and_the_models_before_scoring(hub_env, pairs_file
 
 def test_script_keeps_the_scores_when_the_push_fails(hub_env, pairs_file, tiny_model, monkeypatch, capsys):
     """Issue 15: the per-pair scores were lost when the push failed; `num_samples` above the rows was recorded as
-    asked, without a warning; a bare --repo_id goes to the token's user."""
-    import hf_ches.report
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("500 Server Error: the Hub is down\nmore detail")
-
-    monkeypatch.setattr(hf_ches.report, "push_report", broken)
+    asked, without a warning; a bare --repo_id goes to the token's user. The push fails for real on the loopback
+    Hub: --private asks for a private repo, and the repo exists and is public (refused by the one push helper)."""
+    bare = hub_env.repo_id("ranking-accuracy").split("/")[1]
+    HfApi().create_repo(f"{hub_env.user}/{bare}", repo_type="dataset")  # public, and empty: check_target lets it be
     with pytest.raises(SystemExit):
         run_script("--dataset_name", str(pairs_file), "--model_name_or_path", tiny_model, "--num_samples", "1000",
-                   "--push_to_hub", "--repo_id", "ranking-accuracy", monkeypatch=monkeypatch)
+                   "--push_to_hub", "--repo_id", bare, "--private", monkeypatch=monkeypatch)
     err = capsys.readouterr().err
     assert "WARNING hf_ches.report: split 'train' has 6 rows, fewer than --num_samples 1000: using all of them" in err
     message = error_line(err)
-    prefix = (f"ranking_accuracy_report.py: error: pushing to {hub_env.user}/ranking-accuracy failed (500 Server "
-              "Error: the Hub is down); the report and the per-pair scores are kept in ")
+    prefix = (f"ranking_accuracy_report.py: error: pushing to {hub_env.user}/{bare} failed ({hub_env.user}/{bare} "
+              "already exists and is public, but private=True was asked: make it private on the Hub first, or push "
+              "without --private); the report and the per-pair scores are kept in ")
     assert message.startswith(prefix)
     kept = Path(message.removeprefix(prefix))
     report = json.loads((kept / REPORT_FILE).read_text())
     assert report["dataset"]["num_samples"] == {"train": 6} and report["dataset"]["num_samples_requested"] == 1000
     assert len(datasets.load_dataset("parquet", data_files=str(kept / "train.parquet"), split="train")) == 6
+    assert HfApi().list_repo_files(f"{hub_env.user}/{bare}", repo_type="dataset") == [".gitattributes"]
+
+
+def test_report_push_is_the_one_push_helper(hub_env):
+    """The report's push is `hf_ches.hub.push_repo`, as a publication's: a Hub error is a `PublishError` that names
+    the step and never holds the token (it used to be the raw HTTP error), and --create_pr / --revision apply."""
+    report = build_report({"train": {"num_pairs": 1}}, dataset={"name": "pairs", "config": None},
+                          policy={"name_or_path": "m"})
+    per_example = datasets.DatasetDict({"train": Dataset.from_dict({"correct": [True]})})
+    repo_id = hub_env.repo_id("reports")
+    bad = "hf_not_a_real_token_5e4d3c"
+    with pytest.raises(PublishError) as error:
+        push_report(report, per_example, PublishOptions(repo_id, token=bad), "m")
+    assert str(error.value).startswith(f"creating the dataset repo {repo_id}: the Hub at {hub_env.endpoint} refused "
+                                       "the token (401)")
+    assert_no_token(error, bad)
+
+    pushed = push_report(report, per_example, PublishOptions(repo_id, create_pr=True, commit_message="r"), "m")
+    assert pushed.revision.startswith("refs/pr/") and pushed.pr_url and pushed.files == [f"m/{REPORT_FILE}"]
+    api = HfApi()
+    assert f"m/{REPORT_FILE}" not in api.list_repo_files(repo_id, repo_type="dataset")  # main is untouched
+    assert f"m/{REPORT_FILE}" in api.list_repo_files(repo_id, repo_type="dataset", revision=pushed.revision)
+
+
+def test_script_leaves_unscorable_pairs_out_with_on_invalid_flag(tiny_model, tmp_path, monkeypatch, capsys):
+    """The report has the scoring group's --on_invalid: 'raise' (the default) stops on a pair it cannot read; 'flag'
+    leaves that pair out of the accuracies and counts it."""
+    rows = synthetic_pairs(6, seed=7)
+    rows["chosen"][2] = None
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(dict(zip(rows, values))) + "\n" for values in zip(*rows.values())))
+    common = ["--dataset_name", str(data), "--model_name_or_path", tiny_model]
+    assert "row 2, column 'chosen'" in script_error(capsys, monkeypatch, *common)
+    run_script(*common, "--on_invalid", "flag", "--output_dir", str(tmp_path / "out"), monkeypatch=monkeypatch)
+    assert "split 'train': 1 unscorable pairs left out (--on_invalid flag)" in capsys.readouterr().err
+    report = json.loads((tmp_path / "out" / REPORT_FILE).read_text())
+    assert report["dataset"]["num_unscorable"] == {"train": 1} and report["results"]["train"]["num_pairs"] == 5
+    assert report["scoring"]["on_invalid"] == "flag"
+    assert 2 not in datasets.load_dataset(str(tmp_path / "out"), split="train")["row_index"][:]

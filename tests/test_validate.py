@@ -129,4 +129,4 @@ def test_cli_writes_the_files(tiny_model, tmp_path):
                                               ({"learning_rate": 0.0}, "--learning_rate")])
 def test_bad_options(options, message):
     with pytest.raises(ValueError, match=message):
-        ValidateArguments(dataset_name="d", output_dir="o", **options)
+        ValidateArguments(**options)

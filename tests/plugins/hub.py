@@ -28,6 +28,7 @@ The environment variables are set as well, for subprocesses and for libraries im
 
 from __future__ import annotations
 
+import traceback
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,3 +72,11 @@ def hub_env(hub_server: LocalHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     for obj, name, value in attrs:
         monkeypatch.setattr(obj, name, value)
     return HubEnv(hub_server.endpoint, hub_server.token, hub_server.user, hf_home)
+
+
+def assert_no_token(error: pytest.ExceptionInfo, token: str) -> None:
+    """Neither the error nor any exception chained to it (what a traceback prints) holds the token."""
+    exception: BaseException | None = error.value
+    while exception is not None:
+        assert token not in "".join(traceback.format_exception_only(exception)) and token not in repr(exception)
+        exception = exception.__cause__ or exception.__context__

@@ -1,0 +1,397 @@
+"""The argument groups of every hf-ches command, and the one parser and check that all commands use.
+
+Each command (``hf-ches score|filter|publish|validate|demo`` and the scripts in ``hub_scripts/``) is a `Recipe`:
+the dataclass groups it needs, parsed together by one ``HfArgumentParser`` as TRL's scripts parse
+``ScriptArguments``, ``ModelConfig`` and ``DPOConfig``:
+
+* `DataArguments`: which pairs to read (and the token that reads them);
+* `ScoringArguments`: the model and how it scores;
+* `SelectionArguments`: which pairs to remove;
+* `HubArguments`: where and how to push;
+* `OutputArguments`: the local folder;
+* `SamplingArguments`: a seeded sample of rows (the report script and ``validate``);
+
+plus a command's own group (``ReportArguments``, ``ValidateArguments``). Every option is defined once, with its
+help text, in one group; a command has only the options of its groups, so an option of another command is
+argparse's usage error (exit status 2), never silently ignored. A group checks its own values in
+``__post_init__``; `check_arguments` adds what needs several groups (a token for ``--push_to_hub``, the options a
+command requires) and runs for the CLI and the Python API alike. `run_recipe` is a command's ``main``: parse,
+check, run, and turn bad input and failed pushes into one ``error:`` line with exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import MISSING, Field, dataclass, field, fields
+from typing import Any
+
+from hf_ches.filtering import DEFAULT_REMOVE_TOP, DEFAULT_SCORE_COLUMN, PRESETS, SelectionRule
+
+DTYPES = ["float32", "bfloat16", "float16"]
+
+
+def _at_least(name: str, value: int | float | None, minimum: int) -> None:
+    """Raise a ValueError naming ``--name`` unless ``value`` is None or an integer >= ``minimum``."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+        raise ValueError(f"--{name}: expected an integer >= {minimum}, found {value!r}")
+
+
+def _one_of(name: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        raise ValueError(f"--{name}: expected one of {list(choices)}, found {value!r}")
+
+
+@dataclass(frozen=True)
+class DataArguments:
+    """The preference pairs to read: a Hub dataset, a local folder or data files, and the token for private ones.
+
+    ``token`` is here, not in `HubArguments`, because every command reads the pairs and the model, which may be
+    private Hub repos; a push uses the same token.
+    """
+
+    _argument_group_name = "data arguments"
+
+    dataset_name: str = field(metadata={"help": "Hub dataset id, local folder, or data files (*.jsonl, *.json, "
+                                                "*.parquet, *.csv; globs allowed) of preference pairs (TRL's standard "
+                                                "or conversational format)."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    dataset_revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of a Hub dataset."})
+    dataset_splits: list[str] | None = field(default=None, metadata={
+        "help": "Splits to process, each separately; all when not given (validate: one split, train when not "
+                "given)."})
+    token: str | None = field(default=None, repr=False, metadata={
+        "help": "Hub token (to read private data and models, and to push); when not given: HF_TOKEN or the saved "
+                "login (hf auth login)."})
+
+    def __post_init__(self) -> None:
+        if not self.dataset_name:
+            raise ValueError("--dataset_name: expected a Hub dataset id, a folder or data files, found nothing")
+        if self.dataset_splits is not None and not self.dataset_splits:
+            raise ValueError("--dataset_splits: expected at least one split name")
+
+
+@dataclass(frozen=True)
+class ScoringArguments:
+    """The model that scores the pairs, and how: the same options as `hf_ches.CHESScorer` and `LogProbScorer`."""
+
+    _argument_group_name = "scoring arguments"
+
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": "Model to score with: Hub id, local folder, .gguf file or 'smollm2' (the real SmolLM2-135M-Instruct). "
+                "filter and publish: omit it when the data already has the score column."})
+    model_revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of a Hub model."})
+    dtype: str | None = field(default=None, metadata={
+        "help": "Model dtype; when not given: float32 on CPU, bfloat16 on CUDA. validate steps in float32 by default: "
+                "a bfloat16 step of a small learning rate rounds back to the same weights.", "choices": DTYPES})
+    device: str | None = field(default=None, metadata={
+        "help": "Device to score on, e.g. cpu or cuda:1; when not given: cuda (rank r of --dataset_num_proc on "
+                "cuda:r mod the GPU count) if available, else cpu."})
+    max_length: int | None = field(default=None, metadata={
+        "help": "Truncate prompt+completion to this many tokens (TRL's keep_start); no truncation when not given."})
+    boundary: str = field(default="trl", metadata={
+        "help": "Rows whose tokenized prompt is not a token prefix of prompt+completion (a prompt ending inside a "
+                "word, as in HH-RLHF): 'trl' scores them as TRL's DPOTrainer trains them (the last prompt tokens move "
+                "into the completion, counted in prompt_tokens_shifted); 'strict' treats them as invalid (see "
+                "--on_invalid).", "choices": ["trl", "strict"]})
+    on_invalid: str = field(default="raise", metadata={
+        "help": "Rows that cannot be scored (no completion token left, or with --boundary strict a prompt that is "
+                "not a token prefix): 'raise' an error, or 'flag' them: they get NaN scores, and filter/publish "
+                "remove them (removal_reason=nan_score), the report and validate leave them out of their numbers.",
+        "choices": ["raise", "flag"]})
+    token_budget: int | None = field(default=None, metadata={
+        "help": "Most rows x padded length per forward micro-batch; when not given: 16384 on a GPU, 2048 on CPU."})
+    batch_size: int = field(default=256, metadata={
+        "help": "Rows per datasets.map batch while scoring; the rows of a batch are packed together, so larger "
+                "batches waste less padding."})
+    dataset_num_proc: int | None = field(default=None, metadata={
+        "help": "Processes for scoring (datasets' num_proc; each loads the scoring model)."})
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None:
+            _one_of("dtype", self.dtype, DTYPES)
+        _one_of("boundary", self.boundary, ["trl", "strict"])
+        _one_of("on_invalid", self.on_invalid, ["raise", "flag"])
+        for name in ("max_length", "token_budget", "batch_size", "dataset_num_proc"):
+            _at_least(name, getattr(self, name), 1)
+
+    def scorer_options(self) -> dict[str, Any]:
+        """The keyword arguments of `CHESScorer` / `LogProbScorer` that these options set."""
+        return dict(revision=self.model_revision, dtype=self.dtype, device=self.device, max_length=self.max_length,
+                    token_budget=self.token_budget, on_invalid=self.on_invalid, boundary=self.boundary)
+
+    def map_options(self, desc: str) -> dict[str, Any]:
+        """The keyword arguments of ``scorer.map``: batches, processes (each on its own rank) and the bar's text."""
+        workers = self.dataset_num_proc or 1
+        return dict(batch_size=self.batch_size, num_proc=self.dataset_num_proc, with_rank=workers > 1, desc=desc)
+
+
+@dataclass(frozen=True)
+class SelectionArguments:
+    """Which pairs to remove (see `hf_ches.filtering.SelectionRule`), and how many of them the card shows."""
+
+    _argument_group_name = "selection arguments"
+
+    preset: str | None = field(default=None, metadata={
+        "help": "Named selection rule: 'default' (remove the top 10%% by ln_ches) or 'sorry-bench' (the paper's "
+                "Sec. 6 recipe: keep the lowest 5%% by ln_ches).", "choices": sorted(PRESETS)})
+    score_column: str = field(default=DEFAULT_SCORE_COLUMN, metadata={
+        "help": "Score to select by (e.g. ln_ches, ches)."})
+    remove_top: float | None = field(default=None, metadata={
+        "help": f"Remove this fraction of pairs with the highest scores, per split. Default rule when no rule is "
+                f"given: {DEFAULT_REMOVE_TOP}."})
+    keep_bottom: float | None = field(default=None, metadata={
+        "help": "Keep only this fraction of pairs with the lowest scores, per split."})
+    threshold: float | None = field(default=None, metadata={"help": "Remove pairs whose score is above this value."})
+    group_by: str | None = field(default=None, metadata={
+        "help": "Apply --remove_top/--keep_bottom within each value of this column (e.g. prompt)."})
+    card_examples: int = field(default=5, metadata={"help": "Highest-scoring removed pairs shown in the card."})
+
+    def __post_init__(self) -> None:
+        self.rule()
+        _at_least("card_examples", self.card_examples, 0)
+
+    def rule(self) -> SelectionRule:
+        """The `SelectionRule` asked for: a preset, an explicit rule, or the default.
+
+        >>> SelectionArguments(preset="sorry-bench").rule().describe()
+        'keep the lowest 5% of pairs by ln_ches'
+        """
+        explicit = {k: getattr(self, k) for k in ("remove_top", "keep_bottom", "threshold")
+                    if getattr(self, k) is not None}
+        if self.preset is None:
+            return SelectionRule(score_column=self.score_column, group_by=self.group_by, **explicit)
+        if explicit:
+            raise ValueError(f"--preset {self.preset} already sets the rule; drop "
+                             + ", ".join(f"--{name}" for name in explicit))
+        preset = SelectionRule.preset(self.preset)
+        return SelectionRule(score_column=self.score_column, group_by=self.group_by, remove_top=preset.remove_top,
+                             keep_bottom=preset.keep_bottom, threshold=preset.threshold)
+
+
+@dataclass(frozen=True)
+class HubArguments:
+    """Where and how to push (`hf_ches.hub.push_repo`); without ``--push_to_hub`` nothing leaves the machine."""
+
+    _argument_group_name = "Hub arguments"
+
+    push_to_hub: bool = field(default=False, metadata={"help": "Push the result to --repo_id."})
+    repo_id: str | None = field(default=None, metadata={
+        "help": "Dataset repo to push to, e.g. you/prefs-ches; a bare name goes to the token's user."})
+    private: bool = field(default=False, metadata={
+        "help": "Create the repo private (an existing public repo is refused)."})
+    revision: str | None = field(default=None, metadata={"help": "Branch to push to; main when not given."})
+    create_pr: bool = field(default=False, metadata={"help": "Open a pull request instead of pushing to the branch."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Replace what --repo_id holds (for the report: its --config_name) when it is not an earlier push "
+                "made from the same source dataset (otherwise refused before any work)."})
+    commit_message: str | None = field(default=None, metadata={"help": "Commit message of the push."})
+
+    def __post_init__(self) -> None:
+        from huggingface_hub.utils import validate_repo_id
+
+        if self.push_to_hub and not self.repo_id:
+            raise ValueError("--push_to_hub needs --repo_id (e.g. your-name/prefs-ches)")
+        if self.repo_id:
+            try:
+                validate_repo_id(self.repo_id)
+            except ValueError as err:
+                raise ValueError(f"--repo_id {self.repo_id!r}: {err}") from None
+
+    def publish_options(self, token: str | None, commit_message: str) -> Any:
+        """The `hf_ches.hub.PublishOptions` of these options; ``commit_message`` unless ``--commit_message``."""
+        from hf_ches.hub import PublishOptions
+
+        return PublishOptions(repo_id=self.repo_id, private=self.private, revision=self.revision,
+                              create_pr=self.create_pr, token=token, overwrite=self.overwrite,
+                              commit_message=self.commit_message or commit_message)
+
+
+@dataclass(frozen=True)
+class OutputArguments:
+    """The local folder a command writes (what goes there is in each command's description)."""
+
+    _argument_group_name = "output arguments"
+
+    output_dir: str | None = field(default=None, metadata={
+        "help": "Folder for the command's files. score: the scored splits (save_to_disk); filter, and publish "
+                "without --push_to_hub: the files the push would create (README.md, parquet shards, plot, run JSON); "
+                "the report: report.json and <split>.parquet; validate: pairs.parquet, validation.json, scatter.png; "
+                "demo: the loopback Hub's data, cards and plots."})
+
+
+@dataclass(frozen=True)
+class SamplingArguments:
+    """A seeded sample of rows, drawn as Chen et al. (2024) draw it: ``numpy.random.default_rng(seed).choice``."""
+
+    _argument_group_name = "sampling arguments"
+
+    num_samples: int | None = field(default=None, metadata={
+        "help": "Rows per split, drawn without replacement by numpy default_rng(seed).choice (the ranking-accuracy "
+                "paper: 1000); all rows when not given."})
+    seed: int = field(default=0, metadata={"help": "Seed of the row sample and of the bootstrap intervals."})
+
+    def __post_init__(self) -> None:
+        _at_least("num_samples", self.num_samples, 1)
+
+
+Group = Any  # an instance of one of the dataclasses above, or of a command's own group
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A command: its argument groups, what it requires beyond them, and its own defaults.
+
+    ``required``: options the command cannot run without (argparse requires them; `check_arguments` too, for the
+    Python API). ``defaults``: the command's own default of a shared option (``validate`` steps ``smollm2`` in
+    float32 unless told otherwise). ``check``: a rule across this command's groups, given them by class.
+    """
+
+    name: str
+    groups: tuple[type, ...]
+    description: str
+    required: tuple[str, ...] = ()
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    check: Callable[[dict[type, Group]], None] | None = None
+
+    def build_parser(self, prog: str | None = None) -> argparse.ArgumentParser:
+        """The ``HfArgumentParser`` of the groups, with the command's description, requirements and defaults."""
+        from transformers import HfArgumentParser
+
+        parser = HfArgumentParser(self.groups, prog=prog or f"hf-ches {self.name}", description=self.description,
+                                  formatter_class=_HelpFormatter)
+        for action in parser._actions:
+            if action.dest in self.required:
+                action.required = True
+        parser.set_defaults(**self.defaults)
+        return parser
+
+    def field_default(self, option: Field) -> Any:
+        """The value ``option`` has in this command when not given (`MISSING` for a required one)."""
+        if option.name in self.defaults:
+            return self.defaults[option.name]
+        return option.default_factory() if option.default_factory is not MISSING else option.default
+
+    def complete(self, groups: Sequence[Group]) -> dict[type, Group]:
+        """``groups`` by class, each group of the command that is not among them made with the command's defaults.
+        Raises ValueError for a group that is not the command's."""
+        foreign = [type(group).__name__ for group in groups if type(group) not in self.groups]
+        if foreign:
+            raise ValueError(f"{self.name} takes {[g.__name__ for g in self.groups]}, not {foreign}")
+        given = {type(group): group for group in groups}
+        return {group: given.get(group) or group(**{f.name: self.field_default(f) for f in fields(group)
+                                                    if f.name in self.defaults})
+                for group in self.groups}
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Option defaults in the help, and the description's own paragraphs and lists kept as written."""
+
+
+def check_arguments(recipe: Recipe, groups: Sequence[Group]) -> dict[type, Group]:
+    """The one check across groups, for the CLI and the Python API: every group belongs to ``recipe`` (one that is
+    not given gets the command's defaults), the options it requires are set, a push has a token, and the command's
+    own rule. Returns all of the command's groups by class. Raises ValueError naming the option."""
+    from huggingface_hub import get_token
+
+    by_class = recipe.complete(groups)
+    values = {f.name: getattr(group, f.name) for group in by_class.values() for f in fields(group)}
+    missing = [name for name in recipe.required if values.get(name) is None]
+    if missing:
+        raise ValueError(f"{recipe.name}: pass " + " and ".join(f"--{name}" for name in missing))
+    if values.get("push_to_hub") and not (values.get("token") or get_token()):
+        raise ValueError("--push_to_hub needs a Hub token: set HF_TOKEN, run `hf auth login`, or pass --token")
+    if recipe.check:
+        recipe.check(by_class)
+    return by_class
+
+
+def parse_arguments(recipe: Recipe, argv: Sequence[str] | None = None,
+                    prog: str | None = None) -> tuple[argparse.ArgumentParser, tuple[Group, ...]]:
+    """Parse ``argv`` (default ``sys.argv[1:]``) into ``recipe``'s groups and check them. An unknown option (one of
+    another command included) is argparse's usage error, exit status 2; a bad value exits with status 1 and one
+    ``error:`` line."""
+    parser = recipe.build_parser(prog)
+    args = list(sys.argv[1:] if argv is None else argv)
+    namespace, unknown = parser.parse_known_args(args)  # argparse's own errors (exit 2) for the known options
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    values = vars(namespace)
+    try:
+        groups = tuple(group(**{f.name: values[f.name] for f in fields(group) if f.init}) for group in recipe.groups)
+        check_arguments(recipe, groups)
+    except ValueError as error:
+        parser.exit(1, f"{parser.prog}: error: {error}\n")
+    return parser, groups
+
+
+def run_recipe(recipe: Recipe, function: Callable[..., Any], argv: Sequence[str] | None = None,
+               prog: str | None = None) -> Any:
+    """A command's ``main``: parse ``argv`` into ``recipe``'s groups, then ``function(*groups)`` with hf-ches'
+    logging; bad input (ValueError) and failed pushes (`PublishError`) exit with status 1 and one line."""
+    from hf_ches.hub import PublishError
+
+    parser, groups = parse_arguments(recipe, argv, prog)
+    command_logging()
+    try:
+        return function(*groups)
+    except (ValueError, PublishError) as error:
+        parser.exit(1, f"{parser.prog}: error: {error}\n")
+
+
+def command_line(recipe: Recipe, groups: Sequence[Group], command: str | None = None) -> str:
+    """The command that reruns ``groups`` (options at the command's default left out; never the token).
+
+    >>> recipe = Recipe("publish", (DataArguments, HubArguments), "")
+    >>> command_line(recipe, [DataArguments("org/prefs", token="hf_secret"), HubArguments(True, "me/x")])
+    'hf-ches publish --dataset_name org/prefs --push_to_hub --repo_id me/x'
+    """
+    import shlex
+
+    parts = (command or f"hf-ches {recipe.name}").split()
+    for group in groups:
+        for f in fields(group):
+            value = getattr(group, f.name)
+            if f.name == "token" or value == recipe.field_default(f):
+                continue
+            if value is True:
+                parts.append(f"--{f.name}")
+            else:
+                values = value if isinstance(value, list) else [value]
+                parts += [f"--{f.name}", *(shlex.quote(str(v)) for v in values)]
+    return " ".join(parts)
+
+
+LIBRARIES = ("datasets", "transformers", "huggingface_hub", "evaluate")
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is when a record comes (pytest's capsys swaps it)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def command_logging() -> None:
+    """What a command prints besides its progress bars and report: hf-ches' own messages, once each, as ``LEVEL
+    name: message`` on stderr, and from the libraries (`LIBRARIES`) only errors. datasets' logger has a handler of
+    its own and also passes its records on to the root's, so a root handler (``logging.basicConfig``) printed each
+    of its warnings twice; hf-ches adds none there, and its records still reach the root for whoever listens."""
+    package = logging.getLogger("hf_ches")
+    if not any(isinstance(handler, _Stderr) for handler in package.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        package.addHandler(handler)
+    package.setLevel(logging.INFO)
+    for name in LIBRARIES:
+        logging.getLogger(name).setLevel(logging.ERROR)
