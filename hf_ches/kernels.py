@@ -174,8 +174,9 @@ def sequence_gradients(
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``<a, b>`` with products in float32 at least, summed pairwise by ``sum`` (about 1e-7 relative error over
-    millions of terms, where a float32 ``torch.dot`` loses about 1e-5)."""
+    """``<a, b>`` with products in float32 at least, summed pairwise by ``sum``: pairwise summation keeps the
+    rounding error of millions of terms near one float32 ulp, where the running sum of a ``torch.dot`` grows with
+    the number of terms."""
     dtype = torch.promote_types(a.dtype, torch.float32)
     return float((a.to(dtype) * b.to(dtype)).sum())
 

@@ -210,7 +210,7 @@ def model_info(scorer: Any) -> dict:
 
     config = scorer.config
     return {"name_or_path": config.model, "revision": config.revision,
-            "commit": model_commit(config.model, config.revision), **loaded_as(scorer.load()[0]),
+            "commit": model_commit(config.model, config.revision), **loaded_as(scorer.load().model),
             "fingerprint": scorer.identity}
 
 

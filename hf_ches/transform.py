@@ -8,10 +8,12 @@
 >>> ds.column_names[3:]
 ['ches', 'ln_ches', 'chosen_logps', 'rejected_logps', 'chosen_num_tokens', 'rejected_num_tokens', 'prompt_tokens_shifted']
 
-The scorer pickles to its settings and a cheap identity of the model files, never to the weights: hashing it takes
-milliseconds whatever the model size, gives the same ``datasets`` fingerprint in every Python process (so a second
-run of the same map on an on-disk dataset loads from the cache), and each ``num_proc`` worker loads the model
-itself, on ``cuda:rank % n_gpus`` with ``with_rank=True`` (CPU when there is no GPU).
+The scorer pickles to its settings and a cheap identity of the model files, never to the weights: hashing it
+reads no weights, gives the same ``datasets`` fingerprint in every Python process (so a second run of the same map
+on an on-disk dataset loads from the cache), and each ``num_proc`` worker gets the model itself
+(:mod:`hf_ches.loading`), on ``cuda:rank % n_gpus`` with ``with_rank=True`` (CPU when there is no GPU).
+
+Where each score is computed: :data:`hf_ches.scores.SCORES`, which :meth:`CHESScorer._compute` reads.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from datasets import Dataset, load_from_disk
 from datasets.fingerprint import Hasher
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_ches import CHESScorer
+from hf_ches import CHESScorer, loading
 from hf_ches.testing import synthetic_pairs
 
 HASH_SNIPPET = """
@@ -52,13 +52,17 @@ def test_hash_never_touches_weights(tiny_model):
     assert CHESScorer(other, tokenizer).identity != CHESScorer(model, tokenizer).identity
 
 
-def test_second_run_loads_from_cache(tiny_model, tmp_path):
+def test_second_run_loads_from_cache(tiny_model, tmp_path, monkeypatch):
     Dataset.from_dict(synthetic_pairs(12)).save_to_disk(tmp_path / "ds")
     ds = load_from_disk(tmp_path / "ds")
     first = CHESScorer(tiny_model).map(ds, batch_size=4)
     again = CHESScorer(tiny_model)  # a fresh scorer with the same settings, as in a new run
+
+    def no_model(*args):
+        raise AssertionError("the scorer ran: the result did not come from the cache file")
+
+    monkeypatch.setattr(loading, "load", no_model)
     second = again.map(load_from_disk(tmp_path / "ds"), batch_size=4)
-    assert again._loaded is None  # never called: the result came from the cache file
     assert second.cache_files == first.cache_files
     assert second["ches"] == first["ches"]
 
