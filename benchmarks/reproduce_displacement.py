@@ -72,6 +72,9 @@ def train(base, tokenizer, rows: Dataset, lr: float, args) -> torch.nn.Module:
         warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0, max_length=None, precompute_ref_log_probs=True,
         save_strategy="no", report_to="none", logging_strategy="no", disable_tqdm=True,
         use_cpu=base.device.type == "cpu",
+        # DPOConfig defaults to bf16 autocast; a CPU without bfloat16 matrix units runs those matmuls on a slow
+        # fallback path, so train float32 there (the model is a float32 copy anyway)
+        bf16=base.device.type == "cuda",
         seed=args.seed, dataloader_num_workers=0,
         gradient_checkpointing=False,  # TRL's default recomputes every forward: a third more work, same math
     )
