@@ -135,11 +135,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DATA), help="jsonl of {chosen, rejected} pairs (implicit prompt)")
     parser.add_argument("--model_name_or_path", default="smollm2")
-    parser.add_argument("--max_tokens", type=int, default=64,
+    parser.add_argument("--max_tokens", type=int, default=96,
                         help="keep pairs whose prompt + longer completion has at most this many tokens")
-    parser.add_argument("--pool_size", type=int, default=100, help="pairs scored (seeded draw of the kept pairs)")
-    parser.add_argument("--subset_size", type=int, default=4, help="pairs per percentile subset")
-    parser.add_argument("--sample_size", type=int, default=10, help="pairs of the 'whole sample' runs")
+    parser.add_argument("--pool_size", type=int, default=200, help="pairs scored (seeded draw of the kept pairs)")
+    parser.add_argument("--subset_size", type=int, default=10, help="pairs per percentile subset")
+    parser.add_argument("--sample_size", type=int, default=20, help="pairs of the 'whole sample' runs")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--lr_grid", type=float, nargs="+", default=[3e-7, 1e-6])
