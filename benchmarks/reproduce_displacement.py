@@ -72,6 +72,9 @@ def train(base, tokenizer, rows: Dataset, lr: float, args) -> torch.nn.Module:
         warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0, max_length=None, precompute_ref_log_probs=True,
         save_strategy="no", report_to="none", logging_strategy="no", disable_tqdm=True,
         use_cpu=base.device.type == "cpu",
+        # DPOConfig defaults to bf16 autocast; a CPU without bfloat16 matrix units runs those matmuls on a slow
+        # fallback path, so train float32 there (the model is a float32 copy anyway)
+        bf16=base.device.type == "cuda",
         seed=args.seed, dataloader_num_workers=0,
         gradient_checkpointing=False,  # TRL's default recomputes every forward: a third more work, same math
     )
@@ -134,11 +137,11 @@ def main() -> None:
     parser.add_argument("--model_name_or_path", default="smollm2")
     parser.add_argument("--max_tokens", type=int, default=96,
                         help="keep pairs whose prompt + longer completion has at most this many tokens")
-    parser.add_argument("--pool_size", type=int, default=100, help="pairs scored (seeded draw of the kept pairs)")
-    parser.add_argument("--subset_size", type=int, default=6, help="pairs per percentile subset")
+    parser.add_argument("--pool_size", type=int, default=200, help="pairs scored (seeded draw of the kept pairs)")
+    parser.add_argument("--subset_size", type=int, default=10, help="pairs per percentile subset")
     parser.add_argument("--sample_size", type=int, default=20, help="pairs of the 'whole sample' runs")
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batch_size", type=int, default=3)
+    parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--lr_grid", type=float, nargs="+", default=[3e-7, 1e-6])
     parser.add_argument("--target_loss", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
