@@ -15,7 +15,7 @@
 The GGUF-loaded model is marked quantized and ``Trainer`` refuses it, so every run trains a plain float32 copy.
 Results: ``benchmarks/results/reproduce_displacement.json`` and ``.png``.
 
-    OMP_NUM_THREADS=1 python benchmarks/reproduce_displacement.py      # the README's numbers (~30 min, 2 CPU cores)
+    OMP_NUM_THREADS=1 python benchmarks/reproduce_displacement.py      # the README's numbers (28 min, 2 CPU cores)
 """
 
 from __future__ import annotations
@@ -82,6 +82,11 @@ def train(base, tokenizer, rows: Dataset, lr: float, args) -> torch.nn.Module:
                          processing_class=tokenizer)
     trainer.train()
     return plain_copy(trainer.model).to(base.device).eval()  # TRL patches the trained model's forward: score a copy
+
+
+def relative(path: str) -> str:
+    """``path`` from the repository root when it lies inside it (the results name no machine's folders)."""
+    return str(Path(path).resolve()).removeprefix(str(ROOT) + "/")
 
 
 def dpo_loss(d_chosen: np.ndarray, d_rejected: np.ndarray) -> float:
@@ -190,8 +195,9 @@ def main() -> None:
     def save(complete: bool) -> dict:
         """Write what has been measured so far (``complete`` says whether every run is in)."""
         out = {
-            "model": args.model_name_or_path, "data": args.data.removeprefix(str(ROOT) + "/"), "complete": complete,
-            "settings": vars(args) | {"beta": BETA, "optimizer": "rmsprop", "lr_scheduler": "constant",
+            "model": args.model_name_or_path, "data": relative(args.data), "complete": complete,
+            "settings": vars(args) | {"data": relative(args.data), "output": relative(args.output), "beta": BETA,
+                                      "optimizer": "rmsprop", "lr_scheduler": "constant",
                                       "max_grad_norm": None, "learning_rate": lr,
                                       "num_threads": torch.get_num_threads()},
             "counts": {"rows": len(rows), "fit_max_tokens": len(fits), "pool": len(pool)},
