@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("bench_kernel_cost.py", ["--pairs", "2"], "ntk+signgd[last:1]"),
         ("bench_kernels.py", ["--pairs", "6", "--pretrain-steps", "2"], "ntk[all], 512-sketch"),
         ("bench_metric.py", ["--pairs", "1000", "--repeats", "1"], "listwise  evaluate compute"),
+        ("bench_trl.py", ["--pairs", "4", "--repeats", "1"], "speedup_over_trl_precompute"),
         ("check_device.py", ["--rows", "3"], "PASS"),
     ],
 )
