@@ -210,8 +210,12 @@ class CHESScorer:
             tokenizer.decode(pair.prompt_ids[-4:]), tokenizer.decode(pair.chosen_ids[: pair.prompt_shift + 4]),
         )
 
-    def __call__(self, batch: dict[str, list], *map_args: Any) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, list], *map_args: Any, index_offset: int = 0) -> dict[str, np.ndarray]:
+        """Score one map batch. ``index_offset`` (``fn_kwargs``) is added to the map's indices, so that a map over
+        rows ``a:b`` of a dataset (a chunk of :mod:`hf_ches.runner`) still names dataset row indices in errors."""
         indices, rank = _split_map_args(map_args)
+        if indices is not None:
+            indices = [i + index_offset for i in indices]
         loaded, cfg = self.load(rank), self.config
         try:
             rows = read_rows(batch, indices if indices is not None else range(len(batch.get("chosen", []))),
