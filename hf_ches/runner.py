@@ -120,5 +120,6 @@ def score_in_chunks(scorer: Any, dataset: Dataset, folder: str | Path, *, chunk_
     desc = map_kwargs.pop("desc", "Scoring preference pairs")
     for i in missing:
         rows = range(i * chunk_size, min((i + 1) * chunk_size, len(dataset)))
-        score_chunk(scorer, dataset, rows, folder / names[i], map_kwargs | {"desc": f"{desc}, chunk {i + 1}/{len(names)}"})
+        chunk_desc = f"{desc}, chunk {i + 1}/{len(names)}"
+        score_chunk(scorer, dataset, rows, folder / names[i], map_kwargs | {"desc": chunk_desc})
     return concatenate_datasets([Dataset.from_file(str(folder / name)) for name in names])

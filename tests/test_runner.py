@@ -111,3 +111,32 @@ def test_error_in_a_later_chunk_names_the_dataset_row(tiny_model, tmp_path):
     assert (info.value.row, info.value.column) == (7, "rejected")
     assert "row 7, column 'rejected'" in str(info.value)
     assert [p.name for p in tmp_path.glob("chunk-*")] == runner.chunk_names(ROWS, CHUNK)[:1]
+
+
+def test_cli_score_twice_scores_nothing_the_second_time(tiny_model, tmp_path, calls, capsys):
+    from datasets import DatasetDict, load_from_disk
+
+    from hf_ches import cli
+
+    source, out = str(tmp_path / "source"), str(tmp_path / "scored")
+    DatasetDict({"train": Dataset.from_dict(synthetic_pairs(ROWS, seed=3)),
+                 "test": Dataset.from_dict(synthetic_pairs(4, seed=4))}).save_to_disk(source)
+    argv = ["score", "--dataset_name", source, "--model_name_or_path", tiny_model, "--output_dir", out,
+            "--chunk_size", str(CHUNK)]
+    assert cli.main(argv) == 0
+    assert sorted(p.name for p in (tmp_path / "scored" / "chunks" / "train").glob("chunk-*")) == \
+        runner.chunk_names(ROWS, CHUNK)
+    first, scored_rows = load_from_disk(out), sum(len(batch) for batch in calls)
+    assert scored_rows == ROWS + 4
+    calls.clear()
+    assert cli.main(argv) == 0
+    assert calls == []
+    second = load_from_disk(out)
+    for split in ("train", "test"):
+        assert_same(second[split], first[split])
+    with pytest.raises(SystemExit) as refused:
+        cli.main([*argv, "--max_length", "512"])
+    assert refused.value.code == 1 and calls == []
+    assert "another scorer_fingerprint" in capsys.readouterr().err
+    assert cli.main([*argv, "--max_length", "512", "--overwrite"]) == 0
+    assert "truncated" in load_from_disk(out)["train"].column_names
