@@ -98,7 +98,7 @@ def _write_arrow(scored: Dataset, tmp: Path) -> None:
 def score_chunk(scorer: Any, dataset: Dataset, rows: range, path: Path, map_kwargs: dict[str, Any]) -> None:
     """Score ``dataset[rows]`` in memory, with dataset row indices in errors, and write it to ``path``."""
     chunk = dataset.select(rows)
-    scored = scorer.map(chunk, keep_in_memory=True, fn_kwargs={"index_offset": rows.start}, **map_kwargs)
+    scored = scorer.map(chunk, warn=False, keep_in_memory=True, fn_kwargs={"index_offset": rows.start}, **map_kwargs)
     _write_atomically(path, lambda tmp: _write_arrow(scored, tmp))
 
 
@@ -122,4 +122,7 @@ def score_in_chunks(scorer: Any, dataset: Dataset, folder: str | Path, *, chunk_
         rows = range(i * chunk_size, min((i + 1) * chunk_size, len(dataset)))
         chunk_desc = f"{desc}, chunk {i + 1}/{len(names)}"
         score_chunk(scorer, dataset, rows, folder / names[i], map_kwargs | {"desc": chunk_desc})
-    return concatenate_datasets([Dataset.from_file(str(folder / name)) for name in names])
+    scored = concatenate_datasets([Dataset.from_file(str(folder / name)) for name in names])
+    if missing:  # once for the run, as scorer.map does (a finished folder loads no model)
+        scorer.warn_shifted(dataset, scored)
+    return scored

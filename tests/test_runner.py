@@ -140,3 +140,15 @@ def test_cli_score_twice_scores_nothing_the_second_time(tiny_model, tmp_path, ca
     assert "another scorer_fingerprint" in capsys.readouterr().err
     assert cli.main([*argv, "--max_length", "512", "--overwrite"]) == 0
     assert "truncated" in load_from_disk(out)["train"].column_names
+
+
+def test_shifted_rows_warn_once_per_run(tiny_model, tmp_path, caplog):
+    """Rows TRL's boundary rule shifts, in several chunks, give one warning for the run, not one per chunk."""
+    rows = synthetic_pairs(6, seed=1)
+    for i in (0, 3, 5):  # a prompt that ends inside a word, in chunks 1, 2 and 3
+        rows["prompt"][i], rows["chosen"][i] = "the answ", "er is good"
+    with caplog.at_level("WARNING", logger="hf_ches.transform"):
+        scored = runner.score_in_chunks(CHESScorer(tiny_model), Dataset.from_dict(rows), tmp_path, chunk_size=2)
+    assert [scored["prompt_tokens_shifted"][i] > 0 for i in (0, 3, 5)] == [True] * 3
+    warnings = [r.getMessage() for r in caplog.records if "prompt tokens move into the completion" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("3 of 6 rows"), warnings
