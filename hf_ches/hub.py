@@ -58,6 +58,7 @@ from hf_ches.card import (
     scoring_record,
 )
 from hf_ches.filtering import Selection
+from hf_ches.runner import MANIFEST
 
 logger = logging.getLogger(__name__)
 
@@ -180,18 +181,22 @@ def quiet_writes() -> Iterator[None]:
 PUBLICATION_PATHS = (README, *(config_data_dir(c) for c in CONFIGS), RUN_JSON_PATH.split("/")[0])
 
 
-def check_output_dir(folder: str | Path, marker: str = RUN_JSON_PATH) -> None:
-    """Raise unless ``folder`` is missing, empty, or an earlier hf-ches output (which holds ``marker``, and which
-    the new output replaces)."""
-    folder = Path(folder)
+CHUNKS_DIR = "chunks"  # hf-ches score's finished chunks, one hf_ches.runner folder per split
+SCORE_MARKERS = (RUN_JSON_PATH, f"{CHUNKS_DIR}/*/{MANIFEST}")  # a finished, or an interrupted, hf-ches score
+
+
+def check_output_dir(folder: str | Path, marker: str | tuple[str, ...] = RUN_JSON_PATH) -> None:
+    """Raise unless ``folder`` is missing, empty, or an earlier hf-ches output (which holds a file matching
+    ``marker``, or one of several, and which the new output replaces)."""
+    folder, markers = Path(folder), (marker,) if isinstance(marker, str) else marker
     if folder.is_file():
         raise ValueError(f"output_dir {str(folder)!r} is a file; expected a folder")
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / marker).is_file():
+    if folder.is_dir() and any(folder.iterdir()) and not any(p.is_file() for m in markers for p in folder.glob(m)):
         raise ValueError(f"output_dir {str(folder)!r} is not empty and holds no earlier hf-ches output "
-                         f"({marker}); choose a new or empty folder")
+                         f"({' or '.join(markers)}); choose a new or empty folder")
 
 
-def _prepare_folder(folder: Path, marker: str, replaces: tuple[str, ...]) -> None:
+def _prepare_folder(folder: Path, marker: str | tuple[str, ...], replaces: tuple[str, ...]) -> None:
     """Create ``folder``, or remove from it what an earlier hf-ches output wrote there (the ``replaces`` globs)."""
     check_output_dir(folder, marker)
     for pattern in replaces:
@@ -226,9 +231,10 @@ def write_local(folder: str | Path, files: Mapping[str, bytes | Dataset], *, mar
 
 def write_scored(dataset: DatasetDict, info: RunInfo, folder: str | Path) -> None:
     """`hf-ches score`'s output: ``save_to_disk`` of the scored splits, and beside them ``RUN_JSON_PATH`` with
-    `scoring_record` (and the command), so that a later filter of this folder keeps the scores' provenance."""
+    `scoring_record` (and the command), so that a later filter of this folder keeps the scores' provenance. The
+    finished chunks (`CHUNKS_DIR`) stay, so that the same command run again scores nothing."""
     folder = Path(folder)
-    _prepare_folder(folder, RUN_JSON_PATH, PUBLICATION_PATHS)
+    _prepare_folder(folder, SCORE_MARKERS, PUBLICATION_PATHS)
     dataset.save_to_disk(str(folder))
     (folder / RUN_JSON_PATH).parent.mkdir(parents=True, exist_ok=True)
     record = scoring_record(info) | {"command": info.command}

@@ -4,8 +4,9 @@ Each stage is a `hf_ches.recipes.Recipe` (`SCORE`, `FILTER`, `PUBLISH`): the arg
 `hf_ches.recipes` it needs, as TRL's scripts compose theirs; the script and the CLI only parse them and call `run`.
 Stages:
 
-* ``score`` (data, scoring, output): load the pairs, add the CHES columns, ``save_to_disk`` them to
-  ``--output_dir`` (which ``--dataset_name`` reads back);
+* ``score`` (data, scoring, resume, output): load the pairs, add the CHES columns ``--chunk_size`` rows at a time,
+  keeping the finished chunks under ``--output_dir``/chunks (`hf_ches.runner`: the same command run again resumes),
+  and ``save_to_disk`` the splits to ``--output_dir`` (which ``--dataset_name`` reads back);
 * ``filter`` (data, scoring, selection, output): load (and score, if ``--model_name_or_path`` is given), select,
   write the repo's files under ``--output_dir`` (the dry run: the same files the push creates);
 * ``publish`` (data, scoring, selection, Hub, output): the same, then push to ``--repo_id`` with
@@ -42,6 +43,8 @@ from hf_ches.filtering import (
 )
 from hf_ches.hub import (
     DEFAULT_COMMIT_MESSAGE,
+    CHUNKS_DIR,
+    SCORE_MARKERS,
     PublishResult,
     build_publication,
     check_output_dir,
@@ -56,6 +59,7 @@ from hf_ches.recipes import (
     HubArguments,
     OutputArguments,
     Recipe,
+    ResumeArguments,
     ScoringArguments,
     SelectionArguments,
     check_arguments,
@@ -77,11 +81,12 @@ parameters. Default selection (no --preset/--remove_top/--keep_bottom/--threshol
 --preset sorry-bench (keep the lowest 5%). The token comes from --token, HF_TOKEN or "hf auth login"."""
 
 
-SCORE = Recipe("score", (DataArguments, ScoringArguments, OutputArguments), required=(
+SCORE = Recipe("score", (DataArguments, ScoringArguments, ResumeArguments, OutputArguments), required=(
     "model_name_or_path", "output_dir"), description=DESCRIPTION + """
 
 hf-ches score: load the pairs, add the CHES columns and save_to_disk them to --output_dir (which --dataset_name
-reads back, for filter or publish).""")
+reads back, for filter or publish). The pairs are scored --chunk_size rows at a time and each finished chunk is kept
+under --output_dir/chunks/<split>: after an interruption, the same command scores only the missing chunks.""")
 FILTER = Recipe("filter", (DataArguments, ScoringArguments, SelectionArguments, OutputArguments), required=(
     "output_dir",), description=DESCRIPTION + """
 
@@ -102,7 +107,7 @@ hf-ches publish (and hub_scripts/ches_filter.py): load (and score, with --model_
 to --repo_id with --push_to_hub, or write the same files to --output_dir.""")
 RECIPES: dict[str, Recipe] = {recipe.name: recipe for recipe in (SCORE, FILTER, PUBLISH)}
 ROLES = {DataArguments: "data", ScoringArguments: "scoring", SelectionArguments: "selection", HubArguments: "hub",
-         OutputArguments: "output"}  # the keyword of `run` that takes each group
+         OutputArguments: "output", ResumeArguments: "resume"}  # the keyword of `run` that takes each group
 
 
 @dataclass(frozen=True)
@@ -212,14 +217,19 @@ def source_metadata(args: DataArguments, dataset: DatasetDict) -> dict[str, Any]
     return found
 
 
-def score_splits(scoring: ScoringArguments, dataset: DatasetDict) -> tuple[DatasetDict, dict[str, Any]]:
-    """Add the CHES columns to every split; returns the scored splits and the model fields of `RunInfo`."""
+def score_splits(scoring: ScoringArguments, dataset: DatasetDict, resume: ResumeArguments | None = None,
+                 folder: str | None = None) -> tuple[DatasetDict, dict[str, Any]]:
+    """Add the CHES columns to every split, in chunks under ``folder``/chunks/<split> when ``resume`` is given
+    (`hf_ches.runner`); returns the scored splits and the model fields of `RunInfo`."""
+    from hf_ches.runner import score_in_chunks
     from hf_ches.transform import CHESScorer
 
     model_id, revision = scoring.model_name_or_path, scoring.model_revision
     scorer = CHESScorer(model_id, **scoring.scorer_options())
     model, tokenizer, _ = scorer.load()  # once here: provenance, and the map of the main process reuses it
-    scored = DatasetDict({split: scorer.map(ds, **scoring.map_options(f"Scoring {split}"))
+    scored = DatasetDict({split: scorer.map(ds, **scoring.map_options(f"Scoring {split}")) if resume is None else
+                          score_in_chunks(scorer, ds, Path(folder, CHUNKS_DIR, split), chunk_size=resume.chunk_size,
+                                          overwrite=resume.overwrite, **scoring.map_options(f"Scoring {split}"))
                           for split, ds in dataset.items()})
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
     return scored, {
@@ -258,19 +268,19 @@ def inherited_scoring(args: DataArguments) -> dict[str, Any]:
 
 
 def run(data: DataArguments, scoring: ScoringArguments | None = None, selection: SelectionArguments | None = None,
-        hub: HubArguments | None = None, output: OutputArguments | None = None, *,
-        stage: Stage = "publish") -> RunResult:
+        hub: HubArguments | None = None, output: OutputArguments | None = None,
+        resume: ResumeArguments | None = None, *, stage: Stage = "publish") -> RunResult:
     """Load → (score) → select → write locally or push, as ``stage`` and the groups say (module docstring); a
     group of ``stage`` that is not given has its defaults."""
     if stage not in RECIPES:
         raise ValueError(f"stage: expected one of {list(RECIPES)}, got {stage!r}")
     recipe = RECIPES[stage]
-    groups = check_arguments(recipe, [g for g in (data, scoring, selection, hub, output) if g is not None])
-    scoring, output = groups[ScoringArguments], groups[OutputArguments]
+    groups = check_arguments(recipe, [g for g in (data, scoring, selection, hub, output, resume) if g is not None])
+    scoring, output, resume = groups[ScoringArguments], groups[OutputArguments], groups.get(ResumeArguments)
     selection, hub = groups.get(SelectionArguments), groups.get(HubArguments, HubArguments())
     rule = selection.rule() if selection else SelectionRule()
     if output.output_dir:
-        check_output_dir(output.output_dir)  # before the slow steps
+        check_output_dir(output.output_dir, SCORE_MARKERS if resume else RUN_JSON_PATH)  # before the slow steps
     dataset = load_source(data)
     for split, ds in dataset.items():
         check_selectable(ds, rule, split, require_score=scoring.model_name_or_path is None)
@@ -278,7 +288,7 @@ def run(data: DataArguments, scoring: ScoringArguments | None = None, selection:
         hub = groups[HubArguments] = check_target_repo(data, hub)
     if scoring.model_name_or_path:
         check_model(scoring.model_name_or_path, scoring.model_revision, data.token)
-        dataset, model_fields = score_splits(scoring, dataset)
+        dataset, model_fields = score_splits(scoring, dataset, resume, output.output_dir)
     else:
         model_fields = inherited_scoring(data)
     source = dict(source_dataset=data.dataset_name, source_config=data.dataset_config,

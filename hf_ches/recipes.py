@@ -10,6 +10,7 @@ the dataclass groups it needs, parsed together by one ``HfArgumentParser`` as TR
 * `HubArguments`: where and how to push;
 * `OutputArguments`: the local folder;
 * `SamplingArguments`: a seeded sample of rows (the report script and ``validate``);
+* `ResumeArguments`: ``score``'s chunks, kept so that an interrupted run resumes (`hf_ches.runner`);
 
 plus a command's own group (``ReportArguments``, ``ValidateArguments``). Every option is defined once, with its
 help text, in one group; a command has only the options of its groups, so an option of another command is
@@ -235,6 +236,26 @@ class SamplingArguments:
 
     def __post_init__(self) -> None:
         _at_least("num_samples", self.num_samples, 1)
+
+
+@dataclass(frozen=True)
+class ResumeArguments:
+    """``hf-ches score`` scores ``--chunk_size`` rows at a time and keeps each finished chunk under
+    ``--output_dir``/chunks/<split> (`hf_ches.runner`), so that the same command run again scores only what is
+    missing."""
+
+    _argument_group_name = "resume arguments"
+
+    chunk_size: int = field(default=4096, metadata={
+        "help": "Rows per chunk: each finished chunk is kept under --output_dir/chunks/<split>, and the same command "
+                "run again after an interruption scores only the missing chunks. Keep it a multiple of --batch_size "
+                "so that the scores equal those of one unchunked map."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Discard chunks under --output_dir scored from another dataset, model or scoring option or "
+                "--chunk_size, and score afresh (otherwise such a run is refused)."})
+
+    def __post_init__(self) -> None:
+        _at_least("chunk_size", self.chunk_size, 1)
 
 
 Group = Any  # an instance of one of the dataclasses above, or of a command's own group

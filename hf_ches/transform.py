@@ -168,18 +168,19 @@ class CHESScorer:
             out[f"{p}ches_flag"] = Value("string")
         return out
 
-    def map(self, dataset, **map_kwargs):
+    def map(self, dataset, *, warn: bool = True, **map_kwargs):
         """``dataset.map(self, batched=True, with_indices=True)`` with declared output features (each split of a
         ``DatasetDict``).
 
         Errors then name dataset row indices, and an empty dataset is an error (a bare ``dataset.map(scorer)``
-        never calls the scorer on an empty dataset, so it silently adds no column). Extra keyword arguments go to
-        ``map`` (``batch_size``, ``num_proc``, ``with_rank``, ``desc``, ...).
+        never calls the scorer on an empty dataset, so it silently adds no column). ``warn``: log
+        :meth:`warn_shifted` once for the map (a caller that maps in parts warns once for the whole). Extra keyword
+        arguments go to ``map`` (``batch_size``, ``num_proc``, ``with_rank``, ``desc``, ...).
         """
         from datasets import Dataset, DatasetDict, Features
 
         if isinstance(dataset, DatasetDict):
-            return DatasetDict({split: self.map(ds, **map_kwargs) for split, ds in dataset.items()})
+            return DatasetDict({split: self.map(ds, warn=warn, **map_kwargs) for split, ds in dataset.items()})
         kwargs = dict(batched=True, with_indices=True) | map_kwargs
         if isinstance(dataset, Dataset):
             if len(dataset) == 0:  # Dataset.map never calls the function on an empty dataset
@@ -188,12 +189,13 @@ class CHESScorer:
         if dataset.features is not None:
             kwargs.setdefault("features", Features({**dataset.features, **self.output_features()}))
         scored = dataset.map(self, **kwargs)
-        if isinstance(scored, Dataset):
-            self._warn_shifted(dataset, scored)
+        if warn and isinstance(scored, Dataset):
+            self.warn_shifted(dataset, scored)
         return scored
 
-    def _warn_shifted(self, dataset, scored) -> None:
-        """One warning per map: how many rows TRL's boundary rule shifted, with one decoded example."""
+    def warn_shifted(self, dataset, scored) -> None:
+        """Log one warning, when rows of ``scored`` (``dataset`` after this scorer) were shifted by TRL's boundary
+        rule: how many, with one decoded example."""
         shifted = np.asarray(scored[self.config.column_prefix + SHIFT_COLUMN])
         rows = np.flatnonzero(shifted > 0)
         if rows.size == 0:
@@ -210,8 +212,12 @@ class CHESScorer:
             tokenizer.decode(pair.prompt_ids[-4:]), tokenizer.decode(pair.chosen_ids[: pair.prompt_shift + 4]),
         )
 
-    def __call__(self, batch: dict[str, list], *map_args: Any) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, list], *map_args: Any, index_offset: int = 0) -> dict[str, np.ndarray]:
+        """Score one map batch. ``index_offset`` (``fn_kwargs``) is added to the map's indices, so that a map over
+        rows ``a:b`` of a dataset (a chunk of :mod:`hf_ches.runner`) still names dataset row indices in errors."""
         indices, rank = _split_map_args(map_args)
+        if indices is not None:
+            indices = [i + index_offset for i in indices]
         loaded, cfg = self.load(rank), self.config
         try:
             rows = read_rows(batch, indices if indices is not None else range(len(batch.get("chosen", []))),

@@ -352,7 +352,7 @@ def test_score_refuses_a_non_empty_unrelated_output_dir(source_dir, tiny_model, 
     assert cli_error(capsys, "score", "--dataset_name", source_dir, "--model_name_or_path", tiny_model,
                      "--output_dir", str(tmp_path)) == (
         f"hf-ches score: error: output_dir {str(tmp_path)!r} is not empty and holds no earlier hf-ches output "
-        f"({RUN_JSON_PATH}); choose a new or empty folder")
+        f"({RUN_JSON_PATH} or chunks/*/manifest.json); choose a new or empty folder")
     assert (tmp_path / "mine.txt").read_text() == "keep me"
 
 
@@ -387,9 +387,10 @@ SELECTION = {"--preset", "--score_column", "--remove_top", "--keep_bottom", "--t
              "--card_examples"}
 HUB = {"--push_to_hub", "--repo_id", "--private", "--revision", "--create_pr", "--overwrite", "--commit_message"}
 OUTPUT = {"--output_dir"}
+RESUME = {"--chunk_size", "--overwrite"}
 SAMPLING = {"--num_samples", "--seed"}
 COMMAND_OPTIONS = {
-    "score": DATA | SCORING | OUTPUT,
+    "score": DATA | SCORING | RESUME | OUTPUT,
     "filter": DATA | SCORING | SELECTION | OUTPUT,
     "publish": DATA | SCORING | SELECTION | HUB | OUTPUT,
     "validate": DATA | SCORING | SAMPLING | OUTPUT | {"--beta", "--learning_rate", "--optimizer", "--parameters",
