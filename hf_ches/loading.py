@@ -109,12 +109,13 @@ def load(settings: ModelSettings, identity: str, rank: int | None = None) -> Loa
     if os.getpid() != _IMPORT_PID and not torch.cuda.is_available():
         torch.set_num_threads(1)  # a forked CPU worker: one thread each, and no OpenMP deadlock
     if settings.model == IN_MEMORY:
-        key = identity
-        if key not in _MODELS:
+        if identity not in _MODELS:
             raise RuntimeError("this scorer wraps an in-memory model that is not in this process (a spawned "
                                "worker?); build the scorer from a model id or path to use spawned workers")
-        if settings.device:
-            _MODELS[key][0].to(settings.device)
+        key = f"{identity}|{settings.device}"
+        if key not in _LOADED and settings.device:  # moved once, on first use, not at every map batch
+            _MODELS[identity][0].to(settings.device)
+        _MODELS.setdefault(key, _MODELS[identity])
     else:
         device = choose_device(settings.device, rank)
         key = f"{identity}|{settings.revision}|{settings.dtype}|{device}|{settings.gguf_file}|{settings.chat_template}"
