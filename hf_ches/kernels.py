@@ -43,7 +43,7 @@ import torch
 
 from hf_ches.forward import trunk_of
 from hf_ches.loading import Loaded
-from hf_ches.pairs import PendingPairs
+from hf_ches.batching import PairBatch
 from hf_ches.transform import CHESScorer, ScorerConfig
 
 KERNEL_COLUMNS = {
@@ -252,7 +252,7 @@ class GradientKernelScorer(CHESScorer):
     config_class = KernelScorerConfig
     score_columns = KERNEL_COLUMNS
 
-    def _compute(self, pairs: PendingPairs, loaded: Loaded) -> dict[str, list]:
+    def _compute(self, batch: PairBatch, loaded: Loaded) -> dict[str, list]:
         cfg, names, model = self.config, self.config.scores, loaded.model
         named = select_parameters(model, cfg.parameters)
 
@@ -260,7 +260,7 @@ class GradientKernelScorer(CHESScorer):
             return [count_sketch(grads, cfg.projection_dim, cfg.seed)] if cfg.projection_dim else grads
 
         rows = []
-        for pair in pairs:
+        for pair in batch.pairs:
             if not pair.scorable:
                 rows.append(dict.fromkeys(self.columns(), math.nan))
                 continue

@@ -235,8 +235,8 @@ class CHESScorer:
         """Every output column of a map batch: the scores (NaN where a pair cannot be scored), the token counts,
         the boundary shift and, as configured, ``truncated`` and ``ches_flag``."""
         cfg, p = self.config, self.config.column_prefix
-        computed = self._compute(pairs, loaded)
-        batch = PairBatch(pairs)  # every pair is tokenized from here on
+        batch = PairBatch(pairs)
+        computed = self._compute(batch, loaded)  # every pair is tokenized from here on
         ok = batch.scorable()
         out = {p + name: np.where(ok, np.asarray(computed[name], dtype=np.float64), np.nan) for name in self.columns()}
         chosen, rejected = batch.completions()
@@ -249,16 +249,16 @@ class CHESScorer:
             out[p + "ches_flag"] = np.array([x.problem or "" for x in pairs], dtype=object)
         return out
 
-    def _compute(self, pairs: PendingPairs, loaded: loading.Loaded) -> dict[str, Any]:
+    def _compute(self, batch: PairBatch, loaded: loading.Loaded) -> dict[str, Any]:
         """Each of :meth:`columns`: one value per pair, in order, from one forward pass that computes what the
         asked scores need (:data:`hf_ches.scores.SCORES`)."""
         cfg, model, tokenizer, head = self.config, *loaded
-        batch, entries = PairBatch(pairs), [SCORES[name] for name in cfg.scores]
+        entries = [SCORES[name] for name in cfg.scores]
         token_budget = cfg.token_budget or default_token_budget(head.weight.device)
         ahead = tokenize_ahead(head.weight.device)
         encoded = encode(
             model, batch.sequences, batch.prompt_lens,
-            order=batch.runnable(pairs.sequence_order() if ahead else longest_first([len(s) for s in batch.sequences])),
+            order=batch.runnable(batch.pairs.sequence_order() if ahead else longest_first([len(s) for s in batch.sequences])),
             token_budget=token_budget, first_budget=max(1, token_budget // 4) if ahead else None,
             needs=frozenset().union(*(entry.needs for entry in entries)),
             pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
