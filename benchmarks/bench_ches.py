@@ -3,7 +3,9 @@
 Everything is measured in one run on the same preference pairs, with the same model in memory, after a warm-up:
 
 * ``map``       ``Dataset.map(CHESScorer(model, tokenizer), batched=True)``: CHES, ln-CHES and DPO log-probs,
-                tokenization and Arrow writing included;
+                tokenization and Arrow writing included; each pair's prompt computed once (prefix sharing, the
+                default where the model supports it);
+* ``unshared``  the same map with ``prefix_sharing=False``: chosen and rejected each run whole, prompt included;
 * ``limit``     the least work for those outputs, written out plainly below: the trunk over length-sorted
                 token-budget micro-batches of the pre-tokenized sequences, then the output embedding and
                 log-softmax at completion positions only, in chunks;
@@ -12,11 +14,20 @@ Everything is measured in one run on the same preference pairs, with the same mo
 * ``naive``     the paper's loop: one example at a time, full ``output_hidden_states`` and full logits, float32;
 * ``tokenize``  TRL tokenization of each map batch alone, on the host (the map overlaps most of it with the model).
 
-Targets: on CPU, map ≤ 1.15 × limit time and faster than naive; on a GPU, map ≥ 0.9 × limit throughput,
-CHES-only ≥ 0.9 × trunk throughput, ≥ 10× naive, peak memory far below full-vocabulary logits.
+``limit`` and ``trunk`` run every sequence whole (the padded limit), so with prefix sharing the map can beat them.
+It also counts the tokens each way computes: sequence tokens (``2P + C + R`` per pair) and the padded micro-batches
+of the unshared path, against ``P + C + R`` per pair and the rows of the shared one.
+
+Targets: on CPU, unshared map ≤ 1.15 × limit time and faster than naive; with prefix sharing, ≥ 1.35 × the
+unshared pairs/s on real data (HH-RLHF: long prompts) and ≥ 0.95 × on the shipped synthetic pairs (short prompts);
+on a GPU, map ≥ 0.9 × limit throughput (≥ 1.3 × with prefix sharing on HH-shaped data), CHES-only ≥ 0.9 × trunk
+throughput, ≥ 10× naive, peak memory far below full-vocabulary logits.
 
     python benchmarks/bench_ches.py                    # CPU: llama-shaped, hidden 256, vocab 16k, 256 pairs
+    python benchmarks/bench_ches.py --model smollm2 --data hh --pairs 200        # CPU: real model, real pairs
+    python benchmarks/bench_ches.py --model smollm2 --data shipped --pairs 133   # CPU: the shipped synthetic pairs
     python benchmarks/bench_ches.py --shape qwen2.5-0.5b --dtype bfloat16 --pairs 512   # GPU
+    python benchmarks/bench_ches.py --shape qwen2.5-0.5b --dtype bfloat16 --data hh-shaped --pairs 512   # GPU
 """
 
 from __future__ import annotations
@@ -37,8 +48,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from hf_ches import CHESScorer
 from hf_ches.transform import default_token_budget, tokenizer_threads
-from hf_ches.batching import completion_positions, longest_first, pack, pad_right
+from hf_ches.batching import PairBatch, completion_positions, longest_first, pack, pack_rows, pad_right
+from hf_ches.models import load_model_and_tokenizer
 from hf_ches.pairs import PendingPairs, TokenizedPair, read_rows, tokenize_pairs
+from hf_ches.shipped import load_hh_rlhf_sample, load_shipped_pairs
 from hf_ches.testing import build_tokenizer, synthetic_text
 
 SHAPES = {
@@ -68,6 +81,44 @@ def realistic_pairs(n: int, seed: int = 0) -> dict[str, list]:
         rows["chosen"].append(" " + synthetic_text(rng, words(250)))
         rows["rejected"].append(" " + synthetic_text(rng, words(250)))
     return rows
+
+
+def hh_shaped_pairs(n: int, seed: int = 0) -> dict[str, list]:
+    """HH-RLHF-like lengths for a random model's tokenizer: prompt ~124 tokens, answers ~41 and ~52 (the medians of
+    the shipped HH sample with SmolLM2's tokenizer are in its card)."""
+    rng = random.Random(seed)
+
+    def text(median_tokens: float) -> str:  # the test tokenizer makes ~1.6 tokens per word
+        return synthetic_text(rng, max(1, int(rng.lognormvariate(math.log(median_tokens / 1.6), 0.6))))
+
+    return {"prompt": [text(124) for _ in range(n)], "chosen": [" " + text(41) for _ in range(n)],
+            "rejected": [" " + text(52) for _ in range(n)]}
+
+
+def load_rows(data: str, n: int) -> dict[str, list]:
+    """``n`` preference rows: random text of UltraFeedback-like or HH-like lengths, the shipped HH-RLHF sample, or the
+    shipped synthetic pairs (standard format)."""
+    if data == "realistic":
+        return realistic_pairs(n)
+    if data == "hh-shaped":
+        return hh_shaped_pairs(n)
+    ds = load_hh_rlhf_sample() if data == "hh" else load_shipped_pairs("standard")
+    ds = ds.select(range(min(n, len(ds))))
+    return {column: ds[column] for column in ds.column_names if column in ("prompt", "chosen", "rejected")}
+
+
+def computed_tokens(pairs: Sequence[TokenizedPair], token_budget: int) -> dict[str, int]:
+    """Tokens through the trunk: real and padded (rows × width), whole sequences (the unshared path and the limit)
+    against prefix-shared pairs (:func:`hf_ches.batching.pack_rows`)."""
+    batch = PairBatch(pairs)
+    lengths = [len(s) for s in batch.sequences]
+    padded = sum(len(g) * max(lengths[i] for i in g) for g in pack(longest_first(lengths), lengths.__getitem__,
+                                                                    token_budget))
+    segments = list(batch.segment_lengths)
+    rows = pack_rows(longest_first(segments), segments.__getitem__, token_budget)
+    shared_padded = sum(len(r) * max(sum(segments[j] for j in row) for row in r) for r in rows)
+    return {"sequence_tokens": sum(lengths), "sequence_padded": padded, "shared_tokens": sum(segments),
+            "shared_padded": shared_padded}
 
 
 def sequences(pairs: Sequence[TokenizedPair]) -> tuple[list[list[int]], list[int]]:
@@ -173,7 +224,11 @@ def naive(model, seqs, prompt_lens) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="cpu-small", choices=sorted(SHAPES))
+    parser.add_argument("--shape", default="cpu-small", choices=sorted(SHAPES), help="a random model of this shape")
+    parser.add_argument("--model", default=None, choices=["smollm2"], help="a real model instead of --shape")
+    parser.add_argument("--data", default="realistic", choices=["realistic", "hh-shaped", "hh", "shipped"],
+                        help="random text of UltraFeedback-like or HH-like lengths, the shipped HH-RLHF sample, or "
+                             "the shipped synthetic pairs")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--pairs", type=int, default=256)
     parser.add_argument("--token_budget", type=int, default=None, help="default: CHESScorer's for the device")
@@ -186,10 +241,15 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.token_budget = args.token_budget or default_token_budget(device)
     torch.manual_seed(0)
-    config = SHAPES[args.shape]()
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype)).to(device).eval()
-    tokenizer = build_tokenizer()
-    rows = realistic_pairs(args.pairs)
+    if args.model:
+        model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
+        config = model.config
+    else:
+        config = SHAPES[args.shape]()
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype)).to(device).eval()
+        tokenizer = build_tokenizer()
+    rows = load_rows(args.data, args.pairs)
+    args.pairs = len(rows["chosen"])
     ds = Dataset.from_dict(rows)
     pairs = tokenize_pairs(read_rows(rows, range(args.pairs)), tokenizer)
     seqs, plens = sequences(pairs)
@@ -200,9 +260,11 @@ def main() -> None:
     naive_model = model if args.dtype == "float32" else AutoModelForCausalLM.from_config(config).to(device).eval()
 
     full = CHESScorer(model, tokenizer, token_budget=args.token_budget)
+    unshared = CHESScorer(model, tokenizer, token_budget=args.token_budget, prefix_sharing=False)
     ches_only = CHESScorer(model, tokenizer, scores=("ches", "ln_ches"), token_budget=args.token_budget)
     runs = {
         "map": lambda: ds.map(full, batched=True, batch_size=args.batch_size),
+        "unshared": lambda: ds.map(unshared, batched=True, batch_size=args.batch_size),
         "limit": lambda: limit(model, seqs, plens, args.token_budget, with_head=True),
         "ches-only": lambda: ds.map(ches_only, batched=True, batch_size=args.batch_size),
         "trunk": lambda: limit(model, seqs, plens, args.token_budget, with_head=False),
@@ -210,7 +272,7 @@ def main() -> None:
         "tokenize": lambda: tokenize(rows, tokenizer, args.batch_size),
     }
     runs["limit"]()  # warm-up: allocator, kernels, the scorers' one-time architecture check
-    full.load(), ches_only.load()
+    full.load(), unshared.load(), ches_only.load()
     naive(naive_model, naive_seqs[:2], naive_plens[:2])
     results: dict[str, dict] = {}
     for _ in range(args.repeats):  # interleaved, so a noisy moment does not favour one run
@@ -225,16 +287,23 @@ def main() -> None:
             results[name] = {"seconds": seconds, "pairs_per_s": n_pairs / seconds,
                              "tokens_per_s": n_tokens / seconds, "peak_mib": peak / 2**20}
     logits_mib = args.token_budget * config.vocab_size * 4 / 2**20  # float32 logits of one micro-batch
-    print(f"device={device} shape={args.shape} dtype={args.dtype} pairs={args.pairs} tokens={tokens} "
-          f"token_budget={args.token_budget} torch={torch.__version__} threads={torch.get_num_threads()}")
+    counts = computed_tokens(pairs, args.token_budget)
+    sharing = full.shares_prefixes(full.load())
+    print(f"device={device} model={args.model or args.shape} data={args.data} dtype={args.dtype} pairs={args.pairs} "
+          f"tokens={tokens} token_budget={args.token_budget} prefix_sharing={sharing} torch={torch.__version__} "
+          f"threads={torch.get_num_threads()}")
+    print("tokens through the trunk: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
     print(f"naive: {n_naive} pairs; best of {args.repeats} interleaved repeats for the others")
     print(f"{'run':<10} {'seconds':>8} {'pairs/s':>9} {'tokens/s':>10} {'peak MiB':>9}")
     for name, r in results.items():
         print(f"{name:<10} {r['seconds']:8.2f} {r['pairs_per_s']:9.1f} {r['tokens_per_s']:10.0f} {r['peak_mib']:9.1f}")
     tps = {k: v["tokens_per_s"] for k, v in results.items()}
     ratios = {
+        "shared_over_unshared_pairs_per_s": tps["map"] / tps["unshared"],
+        "unshared_time_over_limit_time": results["unshared"]["seconds"] / results["limit"]["seconds"],
         "map_time_over_limit_time": results["map"]["seconds"] / results["limit"]["seconds"],
         "map_throughput_over_limit": tps["map"] / tps["limit"],
+        "sequence_tokens_over_shared_tokens": counts["sequence_padded"] / counts["shared_padded"],
         "ches_only_throughput_over_trunk": tps["ches-only"] / tps["trunk"],
         "map_speedup_over_naive": tps["map"] / tps["naive"],
         "full_vocab_logits_mib_per_microbatch": logits_mib,
@@ -243,7 +312,8 @@ def main() -> None:
         print(f"{k:<38} {v:8.3f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "device": str(device), "results": results, "ratios": ratios}, f, indent=1)
+            json.dump({"args": vars(args), "device": str(device), "prefix_sharing": sharing, "tokens": counts,
+                       "results": results, "ratios": ratios}, f, indent=1)
 
 
 if __name__ == "__main__":

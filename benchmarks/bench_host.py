@@ -105,7 +105,9 @@ def main() -> None:
                          num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=4096)
     model = AutoModelForCausalLM.from_config(config).eval()
     hf_ches.transform.tokenize_ahead = lambda device: True  # schedule as on an accelerator, on this CPU
-    scorer = CHESScorer(model, tokenizer, scores=("ches", "ln_ches"), token_budget=args.token_budget)
+    # the plain pass (whole sequences), whose limit is written out below
+    scorer = CHESScorer(model, tokenizer, scores=("ches", "ln_ches"), token_budget=args.token_budget,
+                        prefix_sharing=False)
     scorer.load()  # checks the real trunk once; then the device stands in for it
     device = model.model = EmulatedDevice(config.hidden_size, args.tokens_per_s, args.launch_ms / 1e3,
                                           args.queue_depth, args.synchronous)

@@ -1,7 +1,7 @@
 """On an accelerator: CHESScorer on the device matches the per-example float64 CPU reference. Not a test.
 
 The unit tests run on CPU only (CI has no GPU); this script is the same check for a CUDA device, float32 models
-of each tiny architecture, batch size 64, shuffled rows:
+of each tiny architecture, batch size 64, shuffled rows, with and without prefix sharing:
 
     python benchmarks/check_device.py
 """
@@ -49,19 +49,27 @@ def main() -> None:
             rows = synthetic_pairs(args.rows, fmt) | {"id": list(range(args.rows))}
             pairs = tokenize_pairs(read_rows(rows, range(args.rows)), AutoTokenizer.from_pretrained(path))
             refs = [reference_pair(model64, p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in pairs]
-            scorer = CHESScorer(path, device=device, dtype="float32", token_budget=700)
-            scored = scorer.map(Dataset.from_dict(rows).shuffle(seed=1), batch_size=64)
-            for row in scored:
-                ref = refs[row["id"]]
-                for name in ("ches", "ln_ches"):
-                    err = abs(row[name] - ref[name]) / ref[f"{name}_scale"]
-                    worst[name] = max(worst.get(name, 0.0), err)
-                for name in ("chosen_logps", "rejected_logps"):
-                    err = abs(row[name] - ref[name]) / max(1.0, abs(ref[name]))
-                    worst["logps"] = max(worst.get("logps", 0.0), err)
+            for sharing in (True, False):
+                scorer = CHESScorer(path, device=device, dtype="float32", token_budget=700, prefix_sharing=sharing)
+                if scorer.shares_prefixes(scorer.load()) != sharing:
+                    print(f"{arch}: prefix sharing unsupported on {device}")
+                scored = scorer.map(Dataset.from_dict(rows).shuffle(seed=1), batch_size=64)
+                worst = worse(worst, scored, refs)
     print(f"device={device}: worst relative error vs float64 CPU reference: "
           + ", ".join(f"{k} {v:.2e}" for k, v in worst.items()))
     print("PASS" if max(worst.values()) <= 1e-5 else "FAIL (tolerance 1e-5)")
+
+
+def worse(worst: dict[str, float], scored: Dataset, refs: list[dict]) -> dict[str, float]:
+    """``worst`` updated with the relative errors of ``scored`` against ``refs`` (CHES by its terms' scale)."""
+    worst = dict(worst)
+    for row in scored:
+        ref = refs[row["id"]]
+        for name in ("ches", "ln_ches"):
+            worst[name] = max(worst.get(name, 0.0), abs(row[name] - ref[name]) / ref[f"{name}_scale"])
+        for name in ("chosen_logps", "rejected_logps"):
+            worst["logps"] = max(worst.get("logps", 0.0), abs(row[name] - ref[name]) / max(1.0, abs(ref[name])))
+    return worst
 
 
 if __name__ == "__main__":

@@ -19,5 +19,8 @@ python3 benchmarks/bench_ches.py --shape qwen2.5-0.5b --dtype bfloat16 --pairs 5
     --json "$OUT/bench_ches_gpu.json" 2>&1 | grep -v -i warn
 python3 benchmarks/bench_ches.py --shape qwen2.5-0.5b --dtype bfloat16 --pairs 512 --naive_pairs 8 --repeats 3 \
     --batch_size 512 --json "$OUT/bench_ches_gpu_512.json" 2>&1 | grep -v -i warn
+# prefix sharing on HH-RLHF-shaped pairs (long prompts): target map >= 1.3 x the padded limit's pairs/s
+python3 benchmarks/bench_ches.py --shape qwen2.5-0.5b --dtype bfloat16 --data hh-shaped --pairs 512 --naive_pairs 8 \
+    --repeats 3 --json "$OUT/bench_ches_gpu_hh.json" 2>&1 | grep -v -i warn
 python3 benchmarks/bench_host.py --repeats 2 2>&1 | grep -v -i warn  # this host's tokenizer against an emulated device
 python3 benchmarks/bench_kernel_cost.py --shape qwen2.5-0.5b --dtype bfloat16 --pairs 32 2>&1 | grep -v -i warn

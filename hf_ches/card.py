@@ -75,6 +75,7 @@ class RunInfo:
     device: str | None = None  # as loaded, e.g. "cpu" or "cuda:0"
     max_length: int | None = None
     boundary: str | None = None  # "trl" or "strict" (hf_ches.pairs.tokenize_pairs)
+    prefix_sharing: bool | None = None  # whether each prompt was computed once (hf_ches.forward.encode_shared)
     rule: SelectionRule = field(default_factory=SelectionRule)
     command: str | None = None
     hf_ches_version: str = __version__
@@ -132,7 +133,7 @@ def num_shifted(selection: Selection) -> int | None:
 
 # The `RunInfo` fields of the model that made the scores.
 SCORING_FIELDS = ("model", "model_revision", "model_commit", "model_fingerprint", "tokenizer", "chat_template_sha256",
-                  "dtype", "device", "max_length", "boundary")
+                  "dtype", "device", "max_length", "boundary", "prefix_sharing")
 
 
 def scoring_record(info: RunInfo) -> dict[str, Any]:
@@ -333,7 +334,8 @@ def _body(repo_id: str, info: RunInfo, selections: dict[str, Selection], layout:
         + (f", revision `{info.source_revision}`" if info.source_revision else ""),
         f"- model: {model}" + (f"; weights fingerprint `{info.model_fingerprint}`" if info.model_fingerprint else ""),
         f"- tokenizer: `{scoring['tokenizer']}`; chat template sha256: `{scoring['chat_template_sha256']}`",
-        f"- dtype: `{scoring['dtype']}`; max_length: `{scoring['max_length']}`",
+        f"- dtype: `{scoring['dtype']}`; max_length: `{scoring['max_length']}`; prefix sharing: "
+        f"`{scoring['prefix_sharing']}`",
         *_shift_lines(record),
         f"- hf-ches {info.hf_ches_version}; all parameters and statistics: [`{RUN_JSON_PATH}`]({RUN_JSON_PATH}) "
         "(also the `hf_ches` block of this card's YAML)",

@@ -91,7 +91,7 @@ def run_demo(scoring: ScoringArguments, selection: SelectionArguments, output: O
     total = time.perf_counter()
 
     with step(timings, f"fetch and load the model ({scoring.model_name_or_path}, {scoring.dtype})"):
-        model, _, _ = CHESScorer(scoring.model_name_or_path, **scoring.scorer_options()).load()  # shared below
+        model = CHESScorer(scoring.model_name_or_path, **scoring.scorer_options()).load().model  # shared below
         print(f"    {type(model).__name__}, {model.num_parameters() / 1e6:.1f}M parameters")
 
     backs = {}

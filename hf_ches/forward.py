@@ -3,7 +3,9 @@
 For a sequence of prompt length ``P`` and total length ``L``, the states at positions ``P-1 … L-2`` are the exact
 input of the output embedding (``model.get_output_embeddings()``) for the completion tokens ``P … L-1`` (EOS
 included). We run only the model *trunk* (everything before the output embedding) over length-sorted, right-padded
-micro-batches, gather those states once, and from the same gathered states
+micro-batches (:func:`encode`), or over rows of whole pairs that compute each prompt once for both answers
+(:func:`encode_shared`, where :func:`inspect_sharing` finds the model's attention takes that layout), gather those
+states once, and from the same gathered states
 
 * accumulate ``S = Σ_k h_k`` in float32 (CHES needs nothing else),
 * optionally apply the output embedding **only at completion positions, in chunks**, for the completion-token
@@ -28,13 +30,17 @@ checks on a short input that trunk + head reproduce the model's own logits and r
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence, Set
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from hf_ches.batching import completion_positions, longest_first, pack, pad_right
+from hf_ches.batching import PairBatch, SharedRows, completion_positions, longest_first, pack, pack_rows, pad_right
+from hf_ches.pairs import TokenizedPair
+
+logger = logging.getLogger(__name__)
 
 # What a caller may ask :func:`encode` for beyond the sums and token counts (the fields of :class:`Encoded`).
 NEEDS = frozenset({"logps", "last_hidden", "states"})
@@ -156,6 +162,87 @@ def inspect_model(model: torch.nn.Module) -> OutputHead:
     return head
 
 
+@dataclass(frozen=True)
+class SharedAttention:
+    """How a model takes the attention layout of prefix-shared rows (:func:`encode_shared`), as a 4D mask that
+    ``transformers`` passes to every attention layer as it is.
+
+    ``additive``: the eager implementation adds the mask to the attention scores, so it gets 0 where a token may
+    attend and the dtype's minimum elsewhere; ``None``: SDPA, which takes the boolean mask. ``layer_types``: models
+    whose layers differ (``config.layer_types``, e.g. Gemma 2's alternating sliding-window layers) get one mask per
+    type, in a dict. ``window``: the sliding window (``config.sliding_window``) of the ``"sliding_attention"`` layers,
+    or of every layer when there are no layer types (Mistral).
+
+    >>> segments, branch = torch.tensor([[0, 0, 0, 0, 1]]), torch.tensor([[0, 1, 2, 2, 0]])
+    >>> positions = torch.tensor([[0, 1, 1, 2, 0]])
+    >>> SharedAttention().mask(segments, branch, positions)[0, 0].int().tolist()
+    [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 0, 1, 1, 0], [0, 0, 0, 0, 1]]
+    >>> SharedAttention(window=2).mask(segments, branch, positions)[0, 0, 3].int().tolist()  # position 2 sees 1 and 2
+    [0, 0, 1, 1, 0]
+    """
+
+    additive: torch.dtype | None = None
+    layer_types: tuple[str, ...] = ()
+    window: int | None = None
+
+    def mask(self, segments: torch.Tensor, branch: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | dict:
+        """``[B, 1, T, T]`` from the layout of :class:`~hf_ches.batching.SharedRows`: query ``q`` sees key ``k`` when
+        both are in one segment, ``k`` is not after ``q``, and not (``q`` rejected and ``k`` chosen); in a
+        sliding-window layer, also ``position(q) - position(k) < window``."""
+        index = torch.arange(segments.shape[1], device=segments.device)
+        allowed = ((segments[:, :, None] == segments[:, None, :]) & (index[None, None, :] <= index[None, :, None])
+                   & ~((branch[:, :, None] == 2) & (branch[:, None, :] == 1)))[:, None]
+        kinds = set(self.layer_types) or {"sliding_attention" if self.window else "full_attention"}
+        masks = {kind: self._form(allowed if kind == "full_attention" or segments.shape[1] <= self.window
+                                  else allowed & (positions[:, :, None] - positions[:, None, :] < self.window)[:, None])
+                 for kind in kinds}
+        return masks if self.layer_types else masks.popitem()[1]
+
+    def _form(self, allowed: torch.Tensor) -> torch.Tensor:
+        if self.additive is None:
+            return allowed
+        return torch.zeros(allowed.shape, dtype=self.additive, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(self.additive).min)
+
+
+@torch.inference_mode()
+def inspect_sharing(model: torch.nn.Module, head: OutputHead) -> SharedAttention | None:
+    """How ``model`` takes prefix-shared rows, checked on two short pairs against :func:`encode`; ``None``, with one
+    info line saying why, when it cannot (then the scorer runs :func:`encode`).
+
+    The attention implementation must take a custom 4D mask (``sdpa`` or ``eager``; not ``flash_attention_2``) and
+    every layer must be of a type the mask covers (full or sliding-window attention).
+    """
+    config = model.config.get_text_config()
+    implementation = getattr(config, "_attn_implementation", None)
+    layer_types = tuple(getattr(config, "layer_types", None) or ())
+    if implementation not in ("sdpa", "eager"):
+        reason = f"its attention implementation {implementation!r} takes no custom mask (sdpa and eager do)"
+    elif set(layer_types) - {"full_attention", "sliding_attention"}:
+        reason = f"it has layers of types {sorted(set(layer_types))} (full and sliding-window attention are covered)"
+    else:
+        attention = SharedAttention(model.dtype if implementation == "eager" else None, layer_types,
+                                    getattr(config, "sliding_window", None))
+
+        def ids(*tokens: int) -> list[int]:
+            return [t % head.weight.shape[0] for t in tokens]
+
+        batch = PairBatch([TokenizedPair(0, ids(3, 4, 5), ids(6, 7, 8), ids(9, 10)),
+                           TokenizedPair(1, ids(4, 5), ids(11), ids(7, 3, 6))])
+        try:
+            shared = encode_shared(model, batch, attention, head=head).sums
+            plain = encode(model, batch.sequences, batch.prompt_lens, head=head).sums
+            moved = float((shared - plain).norm() / plain.norm())
+            tolerance = 1e-4 if model.dtype == torch.float32 else 3e-2
+            reason = None if moved < tolerance else f"a shared pass moves its states by {moved:.1e} (relative)"
+        except Exception as err:  # an architecture whose attention does not take the layout as given
+            reason = f"a shared pass fails: {type(err).__name__}: {err}"
+        if reason is None:
+            return attention
+    logger.info("prefix sharing is off for %s: %s; every sequence runs whole", type(model).__name__, reason)
+    return None
+
+
 def _to_device(device: torch.device, *arrays: np.ndarray) -> list[torch.Tensor]:
     """The integer ``arrays`` as ``int64`` tensors on ``device``, in one copy that does not block the host.
 
@@ -206,41 +293,108 @@ def encode(
         head: the checked output head (default: :func:`output_head` of ``model``, unchecked).
         head_chunk: completion positions per output-embedding chunk (memory: ``head_chunk × V`` floats).
     """
-    if not needs <= NEEDS:
-        raise ValueError(f"needs: expected a subset of {sorted(NEEDS)}, got {sorted(needs)}")
     head = head or output_head(model)
-    trunk, device = trunk_of(model), head.weight.device
     if order is None:
         order = longest_first([len(s) for s in sequences])
-    out = _Results(len(sequences), head.weight.shape[1], device, needs)
-    for group in pack(order, lambda i: len(sequences[i]), token_budget, first_budget):
-        batch = _MicroBatch.build([sequences[i] for i in group], [prompt_lens[i] for i in group], group, pad_id,
-                                  device)
-        # right padding and a causal model: real tokens never attend to padding, so no attention mask is needed
-        h = trunk(input_ids=batch.ids, use_cache=False).last_hidden_state  # [B, T, d]
+    groups = pack(order, lambda i: len(sequences[i]), token_budget, first_budget)
+    micro = (_MicroBatch.padded([sequences[i] for i in group], [prompt_lens[i] for i in group], group, pad_id,
+                                head.weight.device) for group in groups)
+    return _reduce(model, head, micro, len(sequences), needs, head_chunk)
+
+
+@torch.inference_mode()
+def encode_shared(
+    model: torch.nn.Module,
+    batch: PairBatch,
+    attention: SharedAttention,
+    *,
+    order: Iterable[int] | None = None,
+    token_budget: int = 16384,
+    first_budget: int | None = None,
+    needs: Set[str] = frozenset(),
+    pad_id: int = 0,
+    head: OutputHead | None = None,
+    head_chunk: int = 1024,
+) -> Encoded:
+    """:func:`encode` of ``batch.sequences``, computing each pair's prompt once (prefix sharing) and without padding
+    between pairs.
+
+    Each pair is one segment ``[prompt | chosen | rejected]`` (:meth:`~hf_ches.batching.PairBatch.shared_rows`):
+    the rejected tokens take the positions they have after the prompt and see the prompt but not the chosen tokens,
+    so every state equals the one of the pair's own sequence, to rounding, and a pass computes ``P + C + R`` tokens
+    where :func:`encode` computes ``2P + C + R`` plus padding. Segments are packed side by side in rows
+    (:func:`~hf_ches.batching.pack_rows`, under ``token_budget``), each seeing only itself. ``attention`` is the
+    model's :func:`inspect_sharing`. ``order``: pair indices (default: the runnable pairs, longest first); the
+    other arguments and the result are those of :func:`encode`, in ``batch``'s sequence layout.
+
+    >>> import tempfile
+    >>> from transformers import AutoModelForCausalLM
+    >>> from hf_ches.batching import PairBatch
+    >>> from hf_ches.pairs import TokenizedPair
+    >>> from hf_ches.testing import build_tiny_model
+    >>> model = AutoModelForCausalLM.from_pretrained(build_tiny_model(tempfile.mkdtemp()))
+    >>> batch = PairBatch([TokenizedPair(0, [1, 5], [6, 7], [9]), TokenizedPair(1, [1], [8], [4, 2])])
+    >>> shared = encode_shared(model, batch, inspect_sharing(model, output_head(model)), needs={"logps"})
+    >>> plain = encode(model, batch.sequences, batch.prompt_lens, needs={"logps"})
+    >>> shared.num_tokens.tolist(), torch.allclose(shared.sums, plain.sums, atol=1e-5)
+    ([2, 1, 1, 2], True)
+    """
+    head = head or output_head(model)
+    if order is None:
+        order = batch.runnable(longest_first(batch.segment_lengths))
+    rows = pack_rows(order, batch.segment_lengths.__getitem__, token_budget, first_budget)
+    micro = (_MicroBatch.shared(batch.shared_rows(r, pad_id), attention, head.weight.device) for r in rows)
+    return _reduce(model, head, micro, 2 * len(batch), needs, head_chunk)
+
+
+def _reduce(model: torch.nn.Module, head: OutputHead, micro_batches: Iterable[_MicroBatch], n: int, needs: Set[str],
+            head_chunk: int) -> Encoded:
+    """Run the trunk over each micro-batch and reduce its states into the results of ``n`` sequences."""
+    if not needs <= NEEDS:
+        raise ValueError(f"needs: expected a subset of {sorted(NEEDS)}, got {sorted(needs)}")
+    trunk = trunk_of(model)
+    out = _Results(n, head.weight.shape[1], head.weight.device, needs)
+    for batch in micro_batches:
+        h = trunk(input_ids=batch.ids, position_ids=batch.positions, attention_mask=batch.mask,
+                  use_cache=False).last_hidden_state  # [B, T, d]
         out.add(batch, h, head, head_chunk)
     return out.encoded()
 
 
 @dataclass(frozen=True)
 class _MicroBatch:
-    """One padded micro-batch on the device, with where each sequence's completion-predicting states are."""
+    """One micro-batch on the device, with where each sequence's completion-predicting states are."""
 
-    ids: torch.Tensor  # [B, T] right-padded token ids
-    rows: torch.Tensor  # [M]: row of each completion-predicting position P-1 … L-2, row by row
-    cols: torch.Tensor  # [M]: its column; the state there predicts ids[rows, cols + 1]
-    group: torch.Tensor  # [B]: the sequence index of each row
-    ends: torch.Tensor  # [B]: the column of each row's last completion-predicting state (L - 2)
-    members: list[int]  # the sequence index of each row, on the host (reading ``group`` back would wait)
-    counts: list[int]  # completion tokens per row, on the host
+    ids: torch.Tensor  # [B, T] token ids
+    positions: torch.Tensor | None  # [B, T] position ids (None: 0 … T-1 in every row)
+    mask: torch.Tensor | dict | None  # the attention layout (None: causal, which right padding needs no more than)
+    rows: torch.Tensor  # [M]: row of each completion-predicting state, sequence by sequence
+    cols: torch.Tensor  # [M]: its column
+    targets: torch.Tensor  # [M]: the token it predicts
+    seq: torch.Tensor  # [M]: the sequence it belongs to
+    ends: torch.Tensor  # [S]: the index in M of each sequence's last state (it predicts the last completion token)
+    members: list[int]  # the sequence of each block of M, on the host (reading ``seq`` back would wait)
+    counts: list[int]  # completion tokens per block, on the host
 
     @classmethod
-    def build(cls, batch: list, prompts: list[int], group: list[int], pad_id: int, device) -> "_MicroBatch":
+    def padded(cls, batch: list, prompts: list[int], group: list[int], pad_id: int, device) -> "_MicroBatch":
+        """One sequence per row, right-padded: real tokens never attend to padding, so no attention mask is needed."""
         lengths, prompts_np = np.array([len(s) for s in batch]), np.array(prompts)
+        ids = pad_right(batch, pad_id)
         rows, cols = completion_positions(lengths, prompts_np)
-        ids, rows, cols, group_d, ends = _to_device(device, pad_right(batch, pad_id), rows, cols, np.array(group),
-                                                    lengths - 2)
-        return cls(ids, rows, cols, group_d, ends, group, (lengths - prompts_np).tolist())
+        counts = (lengths - prompts_np).tolist()
+        ids, rows_d, cols_d, targets, seq, ends = _to_device(
+            device, ids, rows, cols, ids[rows, cols + 1], np.array(group)[rows], np.cumsum(counts) - 1)
+        return cls(ids, None, None, rows_d, cols_d, targets, seq, ends, group, counts)
+
+    @classmethod
+    def shared(cls, packed: SharedRows, attention: SharedAttention, device) -> "_MicroBatch":
+        """Pairs as prefix-shared segments (:meth:`hf_ches.batching.PairBatch.shared_rows`)."""
+        ids, positions, segments, branch, rows, cols, targets, seq, ends = _to_device(
+            device, packed.ids, packed.positions, packed.segments, packed.branch, packed.rows, packed.cols,
+            packed.targets, np.repeat(packed.sequences, packed.counts), np.cumsum(packed.counts) - 1)
+        mask = attention.mask(segments, branch, positions)
+        return cls(ids, positions, mask, rows, cols, targets, seq, ends, packed.sequences, packed.counts)
 
 
 class _Results:
@@ -258,19 +412,18 @@ class _Results:
     def add(self, batch: _MicroBatch, h: torch.Tensor, head: OutputHead, head_chunk: int) -> None:
         """Reduce the trunk's states ``h`` ``[B, T, d]`` of ``batch`` into its sequences' results."""
         self.num_tokens[batch.members] = torch.tensor(batch.counts)
-        sel = h[batch.rows, batch.cols]  # [M, d]: the completion-predicting states of every row, flattened
-        seq_ids = batch.group[batch.rows]  # [M]: the sequence each state belongs to
-        self.sums.index_add_(0, seq_ids, sel.float())
+        sel = h[batch.rows, batch.cols]  # [M, d]: the completion-predicting states of every sequence, flattened
+        self.sums.index_add_(0, batch.seq, sel.float())
         if self.needs & {"logps", "states"}:
-            token_logps, token_lse = head.token_logps(sel, batch.ids[batch.rows, batch.cols + 1], head_chunk)
+            token_logps, token_lse = head.token_logps(sel, batch.targets, head_chunk)
             if self.logps is not None:
-                self.logps.index_add_(0, seq_ids, token_logps.double())
+                self.logps.index_add_(0, batch.seq, token_logps.double())
             if "states" in self.needs:
                 keep = torch.promote_types(sel.dtype, torch.float32)
                 for i, h_i, lse_i in zip(batch.members, sel.split(batch.counts), token_lse.split(batch.counts)):
                     self.states[i], self.lse[i] = h_i.to("cpu", keep), lse_i.cpu()  # [n_i, d], [n_i]
         if self.last is not None:
-            self.last[batch.group] = h[torch.arange(len(batch.counts), device=h.device), batch.ends].float()
+            self.last[batch.seq[batch.ends]] = sel[batch.ends].float()
 
     def encoded(self) -> Encoded:
         states = "states" in self.needs

@@ -17,8 +17,10 @@ gets the model from here:
 >>> path = build_tiny_model(tempfile.mkdtemp())
 >>> config = ScorerConfig(model=path)
 >>> loaded = load(config, identify(path, None, config))
->>> loaded.model.training, type(loaded.head).__name__, load(config, identify(path, None, config)) is loaded
+>>> loaded.model.training, type(loaded.head).__name__, loaded.sharing is not None
 (False, 'OutputHead', True)
+>>> load(config, identify(path, None, config)) is loaded
+True
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 
-from hf_ches.forward import OutputHead, inspect_model
+from hf_ches.forward import OutputHead, SharedAttention, inspect_model, inspect_sharing
 
 IN_MEMORY = "<in-memory>"  # the ``model`` setting of a scorer built from a model object
 
@@ -53,11 +55,13 @@ class ModelSettings(Protocol):
 
 
 class Loaded(NamedTuple):
-    """A model ready to score: in eval mode, with its tokenizer and the output head :func:`inspect_model` checked."""
+    """A model ready to score: in eval mode, with its tokenizer, the output head :func:`inspect_model` checked and
+    how it takes prefix-shared rows (:func:`inspect_sharing`; ``None`` when it cannot)."""
 
     model: torch.nn.Module
     tokenizer: Any
     head: OutputHead
+    sharing: SharedAttention | None
 
 
 def in_memory_identity(model: torch.nn.Module, tokenizer: Any) -> str:
@@ -128,5 +132,6 @@ def load(settings: ModelSettings, identity: str, rank: int | None = None) -> Loa
             )
     if key not in _LOADED:
         model, tokenizer = _MODELS[key]
-        _LOADED[key] = Loaded(model.eval(), tokenizer, inspect_model(model))
+        head = inspect_model(model.eval())
+        _LOADED[key] = Loaded(model, tokenizer, head, inspect_sharing(model, head))
     return _LOADED[key]

@@ -330,7 +330,7 @@ class PendingPairs(Sequence[TokenizedPair]):
     def __init__(self, rows: list[Row], tokenizer, max_length: int | None = None, on_invalid: OnInvalid = "raise",
                  threads: int = 1, slice_rows: int = 8, boundary: Boundary = "trl"):
         self._sizes = [row.sizes() for row in rows]
-        order = sorted(range(len(rows)), key=lambda i: (-max(self._sizes[i]), i))
+        self._order = order = sorted(range(len(rows)), key=lambda i: (-max(self._sizes[i]), i))
         self._where: list = [None] * len(rows)  # row -> (future of its slice, position in the slice)
         tokenizer("")  # a call may reset the backend's truncation/padding state; the threads must only read it
         pool = ThreadPoolExecutor(max_workers=threads)
@@ -355,3 +355,8 @@ class PendingPairs(Sequence[TokenizedPair]):
         """
         sizes = [size for column in zip(*self._sizes) for size in column]  # chosen sizes, then rejected sizes
         return sorted(range(len(sizes)), key=lambda j: (-sizes[j], j))
+
+    def pair_order(self) -> list[int]:
+        """The pairs in the order they are tokenized: longest first by characters (the prefix-shared forward packs
+        whole pairs in this order)."""
+        return self._order

@@ -226,7 +226,8 @@ def score_splits(scoring: ScoringArguments, dataset: DatasetDict, resume: Resume
 
     model_id, revision = scoring.model_name_or_path, scoring.model_revision
     scorer = CHESScorer(model_id, **scoring.scorer_options())
-    model, tokenizer, _ = scorer.load()  # once here: provenance, and the map of the main process reuses it
+    loaded = scorer.load()  # once here: provenance, and the map of the main process reuses it
+    model, tokenizer = loaded.model, loaded.tokenizer
     scored = DatasetDict({split: scorer.map(ds, **scoring.map_options(f"Scoring {split}")) if resume is None else
                           score_in_chunks(scorer, ds, Path(folder, CHUNKS_DIR, split), chunk_size=resume.chunk_size,
                                           overwrite=resume.overwrite, **scoring.map_options(f"Scoring {split}"))
@@ -237,6 +238,7 @@ def score_splits(scoring: ScoringArguments, dataset: DatasetDict, resume: Resume
         "model_fingerprint": scorer.identity, "tokenizer": tokenizer.name_or_path or model_id,
         "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if template else None,
         **loaded_as(model), "max_length": scoring.max_length, "boundary": scoring.boundary,
+        "prefix_sharing": scorer.shares_prefixes(loaded),
     }
 
 

@@ -104,6 +104,10 @@ class ScoringArguments:
         "choices": ["raise", "flag"]})
     token_budget: int | None = field(default=None, metadata={
         "help": "Most rows x padded length per forward micro-batch; when not given: 16384 on a GPU, 2048 on CPU."})
+    prefix_sharing: bool = field(default=True, metadata={
+        "help": "Compute each pair's prompt once, in one forward pass with both answers, where the model's attention "
+                "takes that layout (sdpa, eager); --no_prefix_sharing runs each sequence whole. The scores agree to "
+                "rounding either way."})
     batch_size: int = field(default=256, metadata={
         "help": "Rows per datasets.map batch while scoring; the rows of a batch are packed together, so larger "
                 "batches waste less padding."})
@@ -121,7 +125,8 @@ class ScoringArguments:
     def scorer_options(self) -> dict[str, Any]:
         """The keyword arguments of `CHESScorer` / `LogProbScorer` that these options set."""
         return dict(revision=self.model_revision, dtype=self.dtype, device=self.device, max_length=self.max_length,
-                    token_budget=self.token_budget, on_invalid=self.on_invalid, boundary=self.boundary)
+                    token_budget=self.token_budget, on_invalid=self.on_invalid, boundary=self.boundary,
+                    prefix_sharing=self.prefix_sharing)
 
     def map_options(self, desc: str) -> dict[str, Any]:
         """The keyword arguments of ``scorer.map``: batches, processes (each on its own rank) and the bar's text."""

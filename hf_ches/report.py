@@ -211,7 +211,7 @@ def model_info(scorer: Any) -> dict:
     config = scorer.config
     return {"name_or_path": config.model, "revision": config.revision,
             "commit": model_commit(config.model, config.revision), **loaded_as(scorer.load().model),
-            "fingerprint": scorer.identity}
+            "fingerprint": scorer.identity, "prefix_sharing": scorer.shares_prefixes(scorer.load())}
 
 
 def report_source(report: dict) -> tuple[str, str | None]:

@@ -18,7 +18,9 @@ Where each score is computed: :data:`hf_ches.scores.SCORES`, which :meth:`CHESSc
 
 from __future__ import annotations
 
+import functools
 import logging
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -27,7 +29,7 @@ import torch
 
 from hf_ches import loading
 from hf_ches.batching import PairBatch, longest_first
-from hf_ches.forward import encode
+from hf_ches.forward import encode, encode_shared
 from hf_ches.pairs import SHIFT_COLUMN, Boundary, OnInvalid, PairError, PendingPairs, read_rows, tokenize_pairs
 from hf_ches.scores import SCORES, ScoreInputs
 
@@ -63,11 +65,33 @@ class ScorerConfig:
         object.__setattr__(self, "dtype", None if self.dtype is None else str(self.dtype).removeprefix("torch."))
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """How the scorer computes, not what: options whose outputs agree to rounding. They travel with the scorer to
+    ``num_proc`` workers but stay out of its ``datasets`` fingerprint (:func:`_hash_run_options_alike`), so a cached
+    map is reused whichever is set."""
+
+    prefix_sharing: bool = True  # each pair's prompt computed once (hf_ches.forward.encode_shared), where supported
+
+
+@functools.cache
+def _hash_run_options_alike() -> None:
+    """Make ``datasets``' fingerprint hashing see every :class:`RunOptions` as the same value.
+
+    ``datasets`` hashes a transform by pickling it with its own pickler (``datasets.utils._dill.Pickler``), whose
+    reducer table ``pklregister`` extends, as ``datasets`` itself does for tokenizers; worker processes unpickle with
+    ``multiprocess``'s pickler, which keeps the values.
+    """
+    from datasets.utils._dill import pklregister
+
+    pklregister(RunOptions)(lambda pickler, obj: pickler.save_reduce(RunOptions, (), obj=obj))
+
+
 def default_token_budget(device: torch.device) -> int:
     """Tokens per micro-batch when ``token_budget`` is not set: 2048 on a CPU, 16384 elsewhere.
 
     A CPU is fastest with micro-batches whose activations stay in its caches; a GPU needs big ones to be busy
-    (``docs/speed.md`` §2.1).
+    (``docs/speed.md`` §2.2).
     """
     return 2048 if device.type == "cpu" else 16384
 
@@ -104,6 +128,10 @@ class CHESScorer:
             (the exact output-embedding eNTK displacement, see :mod:`hf_ches.scores`), ``"edit_distance"``,
             ``"last_hidden_ip"``. Only ``logps`` and ``entk_w`` apply the output embedding.
         fingerprint: names the weights of an in-memory model, replacing its sampled identity.
+        prefix_sharing: compute each pair's prompt once, in one pass with both answers
+            (:func:`hf_ches.forward.encode_shared`), where the model's attention takes the layout
+            (:func:`hf_ches.forward.inspect_sharing`; otherwise each sequence runs whole). The outputs agree to
+            rounding either way, so it is not part of the ``datasets`` fingerprint (:class:`RunOptions`).
         Other keyword arguments are the fields of :class:`ScorerConfig`.
 
     Columns added (``column_prefix`` before each): ``ches``, ``ln_ches`` (float64), ``chosen_logps``,
@@ -119,7 +147,8 @@ class CHESScorer:
     config_class: type = ScorerConfig
     score_columns: dict[str, tuple[str, ...]] = {name: score.columns for name, score in SCORES.items()}
 
-    def __init__(self, model: str | torch.nn.Module, tokenizer: Any = None, *, fingerprint: str | None = None, **options):
+    def __init__(self, model: str | torch.nn.Module, tokenizer: Any = None, *, fingerprint: str | None = None,
+                 prefix_sharing: bool = True, **options):
         unknown = set(options) - set(self.config_class.__dataclass_fields__) - {"model"}
         if unknown:
             raise TypeError(f"unknown {type(self).__name__} options {sorted(unknown)}")
@@ -133,18 +162,25 @@ class CHESScorer:
         if not names or any(name not in self.score_columns for name in names):
             raise ValueError(f"scores must be a non-empty subset of {tuple(self.score_columns)}, got {names}")
         self.identity = loading.identify(model, tokenizer, self.config, fingerprint)
+        self.run = RunOptions(prefix_sharing)
 
     # --- pickling: settings and identity only (fast, process-independent hashing; workers load the model) ---
     def __getstate__(self) -> dict:
         from hf_ches import __version__
 
-        return {"config": self.config, "identity": self.identity, "version": __version__}
+        if "datasets" in sys.modules:  # only datasets hashes: then it must not see the run options
+            _hash_run_options_alike()
+        return {"config": self.config, "identity": self.identity, "version": __version__, "run": self.run}
 
     def __setstate__(self, state: dict) -> None:
-        self.config, self.identity = state["config"], state["identity"]
+        self.config, self.identity, self.run = state["config"], state["identity"], state["run"]
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({asdict(self.config)})"
+        return f"{type(self).__name__}({asdict(self.config) | asdict(self.run)})"
+
+    def shares_prefixes(self, loaded: loading.Loaded) -> bool:
+        """Whether this scorer computes each prompt once with ``loaded``'s model (asked for, and supported)."""
+        return self.run.prefix_sharing and loaded.sharing is not None
 
     def load(self, rank: int | None = None) -> loading.Loaded:
         """The model, tokenizer and checked output head, loaded once per process (:func:`hf_ches.loading.load`)."""
@@ -252,18 +288,22 @@ class CHESScorer:
     def _compute(self, batch: PairBatch, loaded: loading.Loaded) -> dict[str, Any]:
         """Each of :meth:`columns`: one value per pair, in order, from one forward pass that computes what the
         asked scores need (:data:`hf_ches.scores.SCORES`)."""
-        cfg, model, tokenizer, head = self.config, *loaded
+        cfg, (model, tokenizer, head, sharing) = self.config, loaded
         entries = [SCORES[name] for name in cfg.scores]
         token_budget = cfg.token_budget or default_token_budget(head.weight.device)
         ahead = tokenize_ahead(head.weight.device)
-        encoded = encode(
-            model, batch.sequences, batch.prompt_lens,
-            order=batch.runnable(batch.pairs.sequence_order() if ahead else longest_first([len(s) for s in batch.sequences])),
+        options = dict(
             token_budget=token_budget, first_budget=max(1, token_budget // 4) if ahead else None,
             needs=frozenset().union(*(entry.needs for entry in entries)),
-            pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-            head=head, head_chunk=cfg.head_chunk,
+            pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, head=head,
+            head_chunk=cfg.head_chunk,
         )
+        if self.shares_prefixes(loaded):  # whole pairs, longest first
+            order = batch.pairs.pair_order() if ahead else longest_first(batch.segment_lengths)
+            encoded = encode_shared(model, batch, sharing, order=batch.runnable(order), **options)
+        else:  # sequences, longest first
+            order = batch.pairs.sequence_order() if ahead else longest_first([len(s) for s in batch.sequences])
+            encoded = encode(model, batch.sequences, batch.prompt_lens, order=batch.runnable(order), **options)
         inputs = ScoreInputs(batch, encoded, head, cfg.head_chunk)
         return {column: values for entry in entries for column, values in zip(entry.columns, entry.compute(inputs))}
 

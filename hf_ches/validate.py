@@ -303,7 +303,7 @@ def forward_columns(sample: Any, model: torch.nn.Module, tokenizer: Any, scoring
     (enable_progress_bars if options.progress else disable_progress_bars)()
     if forward_scores:
         settings = {k: v for k, v in scoring.scorer_options().items()
-                    if k in ("max_length", "token_budget", "on_invalid", "boundary")}  # the model is loaded already
+                    if k in ("max_length", "token_budget", "on_invalid", "boundary", "prefix_sharing")}  # model loaded
         scorer = CHESScorer(model, tokenizer, scores=forward_scores, **settings)
         scored = scorer.map(sample.select_columns([c for c in ("prompt", "chosen", "rejected")
                                                   if c in sample.column_names]), **scoring.map_options("Scoring"))

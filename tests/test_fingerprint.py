@@ -1,4 +1,5 @@
-"""Stable datasets fingerprints, cache reuse across runs, and identical scores with num_proc=2 / with_rank=True."""
+"""Stable datasets fingerprints, cache reuse across runs (whatever the run options), and identical scores with
+num_proc=2 / with_rank=True."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def test_second_run_loads_from_cache(tiny_model, tmp_path, monkeypatch):
     Dataset.from_dict(synthetic_pairs(12)).save_to_disk(tmp_path / "ds")
     ds = load_from_disk(tmp_path / "ds")
     first = CHESScorer(tiny_model).map(ds, batch_size=4)
-    again = CHESScorer(tiny_model)  # a fresh scorer with the same settings, as in a new run
+    again = CHESScorer(tiny_model, prefix_sharing=False)  # a fresh scorer, as in a new run; how it computes differs
 
     def no_model(*args):
         raise AssertionError("the scorer ran: the result did not come from the cache file")
@@ -65,6 +66,16 @@ def test_second_run_loads_from_cache(tiny_model, tmp_path, monkeypatch):
     second = again.map(load_from_disk(tmp_path / "ds"), batch_size=4)
     assert second.cache_files == first.cache_files
     assert second["ches"] == first["ches"]
+
+
+def test_run_options_reach_workers_but_not_the_fingerprint(tiny_model):
+    """prefix_sharing changes how, not what: datasets' hash ignores it; the pickle a num_proc worker gets keeps it."""
+    import dill
+
+    off = CHESScorer(tiny_model, prefix_sharing=False)
+    assert Hasher.hash(off) == Hasher.hash(CHESScorer(tiny_model))
+    assert dill.loads(dill.dumps(off)).run.prefix_sharing is False  # multiprocess pickles with dill
+    assert pickle.loads(pickle.dumps(off)).run.prefix_sharing is False
 
 
 def test_num_proc_2_with_rank_gives_identical_scores(tiny_model, tmp_path):
