@@ -21,6 +21,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -313,17 +315,10 @@ def load_model_and_tokenizer(
     is_default = name_or_path == DEFAULT_MODEL
     path, gguf_file = resolve_model_path(name_or_path, gguf_file)
     kwargs = {"revision": revision, "gguf_file": gguf_file, "trust_remote_code": trust_remote_code}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    tokenizer = _load_tokenizer(path, kwargs, chat_template)
+    with _reading(path, gguf_file):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, device), **kwargs)
-    except (ValueError, struct.error) as err:  # what the GGUF reader raises on a truncated or corrupted file
-        if gguf_file is None:
-            raise
-        raise ModelFetchError(f"could not read GGUF file {gguf_file} in {path} (truncated or corrupted? "
-                              f"download it again): {err}") from err
     model.eval().to(device)
-    if chat_template is not None:
-        tokenizer.chat_template = chat_template
     if is_default:
         found = (model.config.model_type, model.config.vocab_size, len(tokenizer), model.num_parameters())
         if found != SMOLLM2_SHAPE:
@@ -331,6 +326,42 @@ def load_model_and_tokenizer(
                                   f"{found}, expected {SMOLLM2_SHAPE}; this transformers version reads the GGUF "
                                   "file differently.")
     return model, tokenizer
+
+
+def load_tokenizer(name_or_path: str, *, revision: str | None = None, gguf_file: str | None = None,
+                   chat_template: str | None = None, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer `load_model_and_tokenizer` returns with the model, without the model: all that provenance and
+    a decoded example need.
+
+    >>> import tempfile
+    >>> from hf_ches.testing import build_tiny_model
+    >>> load_tokenizer(build_tiny_model(tempfile.mkdtemp()), chat_template="{{ 1 }}").chat_template
+    '{{ 1 }}'
+    """
+    path, gguf_file = resolve_model_path(name_or_path, gguf_file)
+    return _load_tokenizer(path, {"revision": revision, "gguf_file": gguf_file,
+                                  "trust_remote_code": trust_remote_code}, chat_template)
+
+
+def _load_tokenizer(path: str, kwargs: dict, chat_template: str | None) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained`` of a resolved path (`resolve_model_path`), with ``chat_template`` set."""
+    with _reading(path, kwargs["gguf_file"]):
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+@contextmanager
+def _reading(path: str, gguf_file: str | None) -> Iterator[None]:
+    """What the GGUF reader raises on a truncated or corrupted file, as a `ModelFetchError` that says so."""
+    try:
+        yield
+    except (ValueError, struct.error) as err:
+        if gguf_file is None:
+            raise
+        raise ModelFetchError(f"could not read GGUF file {gguf_file} in {path} (truncated or corrupted? "
+                              f"download it again): {err}") from err
 
 
 def model_fingerprint(name_or_path: str, revision: str | None = None, gguf_file: str | None = None) -> str:
