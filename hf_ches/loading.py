@@ -99,12 +99,18 @@ def identify(model: str | torch.nn.Module, tokenizer: Any, settings: ModelSettin
 
 
 def choose_device(device: str | None, rank: int | None) -> torch.device:
-    """``device`` when set; else ``cuda:rank % n_gpus`` when CUDA is available (rank 0 without ``with_rank``),
-    else the CPU."""
+    """``device`` when set; else ``cuda:rank % n_gpus`` when CUDA is available, else the CPU. ``rank``: the map
+    worker's with ``with_rank``; when None, the launcher's ``LOCAL_RANK`` (``torchrun``, ``accelerate launch``: this
+    process's rank on its node), else 0.
+
+    >>> choose_device("cuda:1", None), choose_device("cpu", 3)
+    (device(type='cuda', index=1), device(type='cpu'))
+    """
     if device:
         return torch.device(device)
     if torch.cuda.is_available():
-        return torch.device(f"cuda:{(rank or 0) % torch.cuda.device_count()}")
+        rank = int(os.environ.get("LOCAL_RANK", "0")) if rank is None else rank
+        return torch.device(f"cuda:{rank % torch.cuda.device_count()}")
     return torch.device("cpu")
 
 
