@@ -58,7 +58,7 @@ from hf_ches.card import (
     scoring_record,
 )
 from hf_ches.filtering import Selection
-from hf_ches.runner import MANIFEST
+from hf_ches.runner import MANIFEST, progress_bars_off
 
 logger = logging.getLogger(__name__)
 
@@ -161,20 +161,16 @@ def quiet_writes() -> Iterator[None]:
     parquet from Arrow format", "Uploading the dataset shards"), huggingface_hub's per-file upload bars and
     datasets' warning "Setting num_proc from 1 back to 1", given for every one-shard split, are off. Everything is
     restored afterwards, so a caller's own settings stand."""
-    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
     from huggingface_hub.utils import disable_progress_bars as hub_bars_off
 
     datasets_logger = logging.getLogger("datasets")
-    level, bars_were_on = datasets_logger.level, not are_progress_bars_disabled()
+    level = datasets_logger.level
     datasets_logger.setLevel(logging.ERROR)
-    disable_progress_bars()
     try:
-        with hub_bars_off():
+        with progress_bars_off(), hub_bars_off():
             yield
     finally:
         datasets_logger.setLevel(level)
-        if bars_were_on:
-            enable_progress_bars()
 
 
 # ---- dry run ------------------------------------------------------------------------------------------------------
@@ -232,13 +228,32 @@ def write_local(folder: str | Path, files: Mapping[str, bytes | Dataset], *, mar
 def write_scored(dataset: DatasetDict, info: RunInfo, folder: str | Path) -> None:
     """`hf-ches score`'s output: ``save_to_disk`` of the scored splits, and beside them ``RUN_JSON_PATH`` with
     `scoring_record` (and the command), so that a later filter of this folder keeps the scores' provenance. The
-    finished chunks (`CHUNKS_DIR`) stay, so that the same command run again scores nothing."""
+    finished chunks (`CHUNKS_DIR`) stay, so that the same command run again scores nothing (and, `holds_save`,
+    writes nothing)."""
     folder = Path(folder)
     _prepare_folder(folder, SCORE_MARKERS, PUBLICATION_PATHS)
     dataset.save_to_disk(str(folder))
     (folder / RUN_JSON_PATH).parent.mkdir(parents=True, exist_ok=True)
     record = scoring_record(info) | {"command": info.command}
     (folder / RUN_JSON_PATH).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def holds_save(folder: str | Path, dataset: DatasetDict) -> bool:
+    """Whether ``folder`` holds ``dataset`` as `write_scored` saved it: its ``RUN_JSON_PATH`` (written last, so the
+    save finished) and the same splits with the same ``datasets`` fingerprints (a dataset read from chunk files has
+    the fingerprint of those files and their modification times, so rescored chunks make another one).
+
+    >>> holds_save("no-such-folder", DatasetDict())
+    False
+    """
+    folder = Path(folder)
+    try:
+        splits = json.loads((folder / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+        saved = {split: json.loads((folder / split / "state.json").read_text(encoding="utf-8"))["_fingerprint"]
+                 for split in splits}
+    except (OSError, ValueError, KeyError):
+        return False
+    return (folder / RUN_JSON_PATH).is_file() and saved == {split: ds._fingerprint for split, ds in dataset.items()}
 
 
 # ---- push ---------------------------------------------------------------------------------------------------------

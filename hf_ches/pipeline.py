@@ -7,10 +7,14 @@ Stages:
 * ``score`` (data, scoring, resume, output): load the pairs, add the CHES columns ``--chunk_size`` rows at a time,
   keeping the finished chunks under ``--output_dir``/chunks (`hf_ches.runner`: the same command run again resumes),
   and ``save_to_disk`` the splits to ``--output_dir`` (which ``--dataset_name`` reads back);
-* ``filter`` (data, scoring, selection, output): load (and score, if ``--model_name_or_path`` is given), select,
-  write the repo's files under ``--output_dir`` (the dry run: the same files the push creates);
-* ``publish`` (data, scoring, selection, Hub, output): the same, then push to ``--repo_id`` with
+* ``filter`` (data, scoring, selection, resume, output): load (and score, if ``--model_name_or_path`` is given, in
+  chunks kept in the datasets cache), select, write the repo's files under ``--output_dir`` (the dry run: the same
+  files the push creates);
+* ``publish`` (data, scoring, selection, resume, Hub, output): the same, then push to ``--repo_id`` with
   ``--push_to_hub`` (or write ``--output_dir``).
+
+Under a launcher (``torchrun``, ``accelerate launch``) every rank runs the same command: the ranks share the
+chunks (`hf_ches.runner.score_in_chunks`), then rank 0 alone saves, writes and pushes; the others return.
 
 Everything that can be checked without the network (the rule, the repo id, the token's presence, the folders, the
 splits and columns once the data is loaded) is checked first; then, still before the model is loaded, the Hub:
@@ -49,6 +53,7 @@ from hf_ches.hub import (
     build_publication,
     check_output_dir,
     check_target,
+    holds_save,
     publish,
     write_local,
     write_scored,
@@ -66,6 +71,7 @@ from hf_ches.recipes import (
     command_line,
     run_recipe,
 )
+from hf_ches.runner import is_main_process
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +93,8 @@ SCORE = Recipe("score", (DataArguments, ScoringArguments, ResumeArguments, Outpu
 hf-ches score: load the pairs, add the CHES columns and save_to_disk them to --output_dir (which --dataset_name
 reads back, for filter or publish). The pairs are scored --chunk_size rows at a time and each finished chunk is kept
 under --output_dir/chunks/<split>: after an interruption, the same command scores only the missing chunks.""")
-FILTER = Recipe("filter", (DataArguments, ScoringArguments, SelectionArguments, OutputArguments), required=(
-    "output_dir",), description=DESCRIPTION + """
+FILTER = Recipe("filter", (DataArguments, ScoringArguments, SelectionArguments, ResumeArguments, OutputArguments),
+                required=("output_dir",), description=DESCRIPTION + """
 
 hf-ches filter: load (and score, with --model_name_or_path), select, and write the repo's files to --output_dir:
 the dry run of publish, nothing leaves the machine.""")
@@ -100,8 +106,8 @@ def _push_or_dry_run(groups: dict[type, Any]) -> None:
         raise ValueError("pass either --push_to_hub with --repo_id, or --output_dir for a dry run")
 
 
-PUBLISH = Recipe("publish", (DataArguments, ScoringArguments, SelectionArguments, HubArguments, OutputArguments),
-                 check=_push_or_dry_run, description=DESCRIPTION + """
+PUBLISH = Recipe("publish", (DataArguments, ScoringArguments, SelectionArguments, ResumeArguments, HubArguments,
+                             OutputArguments), check=_push_or_dry_run, description=DESCRIPTION + """
 
 hf-ches publish (and hub_scripts/ches_filter.py): load (and score, with --model_name_or_path), select, and push
 to --repo_id with --push_to_hub, or write the same files to --output_dir.""")
@@ -217,27 +223,30 @@ def source_metadata(args: DataArguments, dataset: DatasetDict) -> dict[str, Any]
     return found
 
 
-def score_splits(scoring: ScoringArguments, dataset: DatasetDict, resume: ResumeArguments | None = None,
-                 folder: str | None = None) -> tuple[DatasetDict, dict[str, Any]]:
-    """Add the CHES columns to every split, in chunks under ``folder``/chunks/<split> when ``resume`` is given
-    (`hf_ches.runner`); returns the scored splits and the model fields of `RunInfo`."""
+def score_splits(scorer: Any, scoring: ScoringArguments, dataset: DatasetDict, resume: ResumeArguments,
+                 chunks_dir: str | Path | None = None) -> DatasetDict:
+    """Add ``scorer``'s columns to every split, in chunks (`hf_ches.runner`) under ``chunks_dir``/<split>, or in
+    the datasets cache when ``chunks_dir`` is None; under a launcher, every rank scores its share."""
     from hf_ches.runner import score_in_chunks
-    from hf_ches.transform import CHESScorer
 
+    return DatasetDict({split: score_in_chunks(scorer, ds, Path(chunks_dir, split) if chunks_dir else None,
+                                               chunk_size=resume.chunk_size, overwrite=resume.overwrite_chunks,
+                                               **scoring.map_options(f"Scoring {split}"))
+                        for split, ds in dataset.items()})
+
+
+def scoring_provenance(scorer: Any, scoring: ScoringArguments) -> dict[str, Any]:
+    """The model fields of `RunInfo`: the model's identity and commit, its tokenizer and chat template, the dtype
+    and device it was loaded with (rank 0's under a launcher) and whether it shared prefixes (which takes the loaded
+    model: loaded once per process, so a process that scored here loads nothing more)."""
     model_id, revision = scoring.model_name_or_path, scoring.model_revision
-    scorer = CHESScorer(model_id, **scoring.scorer_options())
-    loaded = scorer.load()  # once here: provenance, and the map of the main process reuses it
-    model, tokenizer = loaded.model, loaded.tokenizer
-    scored = DatasetDict({split: scorer.map(ds, **scoring.map_options(f"Scoring {split}")) if resume is None else
-                          score_in_chunks(scorer, ds, Path(folder, CHUNKS_DIR, split), chunk_size=resume.chunk_size,
-                                          overwrite=resume.overwrite, **scoring.map_options(f"Scoring {split}"))
-                          for split, ds in dataset.items()})
-    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
-    return scored, {
+    loaded = scorer.load()
+    template = loaded.tokenizer.chat_template if isinstance(loaded.tokenizer.chat_template, str) else None
+    return {
         "model": model_id, "model_revision": revision, "model_commit": model_commit(model_id, revision),
-        "model_fingerprint": scorer.identity, "tokenizer": tokenizer.name_or_path or model_id,
+        "model_fingerprint": scorer.identity, "tokenizer": loaded.tokenizer.name_or_path or model_id,
         "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if template else None,
-        **loaded_as(model), "max_length": scoring.max_length, "boundary": scoring.boundary,
+        **loaded_as(loaded.model), "max_length": scoring.max_length, "boundary": scoring.boundary,
         "prefix_sharing": scorer.shares_prefixes(loaded),
     }
 
@@ -278,21 +287,29 @@ def run(data: DataArguments, scoring: ScoringArguments | None = None, selection:
         raise ValueError(f"stage: expected one of {list(RECIPES)}, got {stage!r}")
     recipe = RECIPES[stage]
     groups = check_arguments(recipe, [g for g in (data, scoring, selection, hub, output, resume) if g is not None])
-    scoring, output, resume = groups[ScoringArguments], groups[OutputArguments], groups.get(ResumeArguments)
+    scoring, output, resume = groups[ScoringArguments], groups[OutputArguments], groups[ResumeArguments]
     selection, hub = groups.get(SelectionArguments), groups.get(HubArguments, HubArguments())
     rule = selection.rule() if selection else SelectionRule()
     if output.output_dir:
-        check_output_dir(output.output_dir, SCORE_MARKERS if resume else RUN_JSON_PATH)  # before the slow steps
+        check_output_dir(output.output_dir, SCORE_MARKERS if stage == "score" else RUN_JSON_PATH)  # before slow steps
     dataset = load_source(data)
     for split, ds in dataset.items():
         check_selectable(ds, rule, split, require_score=scoring.model_name_or_path is None)
     if hub.push_to_hub:  # the Hub checks, after the local ones and before the model is loaded
         hub = groups[HubArguments] = check_target_repo(data, hub)
     if scoring.model_name_or_path:
+        from hf_ches.transform import CHESScorer
+
         check_model(scoring.model_name_or_path, scoring.model_revision, data.token)
-        dataset, model_fields = score_splits(scoring, dataset, resume, output.output_dir)
-    else:
-        model_fields = inherited_scoring(data)
+        scorer = CHESScorer(scoring.model_name_or_path, **scoring.scorer_options())
+        dataset = score_splits(scorer, scoring, dataset, resume,
+                               Path(output.output_dir, CHUNKS_DIR) if stage == "score" else None)
+    if not is_main_process():  # under a launcher, rank 0 alone writes and pushes
+        return RunResult(scored=dataset, selections={}, files=[])
+    if selection is None and holds_save(output.output_dir, dataset):  # a finished score: nothing to load or write
+        logger.info("%s holds these scored splits %s already", output.output_dir, list(dataset))
+        return RunResult(scored=dataset, selections={}, files=[output.output_dir])
+    model_fields = scoring_provenance(scorer, scoring) if scoring.model_name_or_path else inherited_scoring(data)
     source = dict(source_dataset=data.dataset_name, source_config=data.dataset_config,
                   command=command_line(recipe, list(groups.values())), **source_metadata(data, dataset),
                   **model_fields)

@@ -10,7 +10,8 @@ the dataclass groups it needs, parsed together by one ``HfArgumentParser`` as TR
 * `HubArguments`: where and how to push;
 * `OutputArguments`: the local folder;
 * `SamplingArguments`: a seeded sample of rows (the report script and ``validate``);
-* `ResumeArguments`: ``score``'s chunks, kept so that an interrupted run resumes (`hf_ches.runner`);
+* `ResumeArguments`: the chunks of a command that scores, kept so that an interrupted run resumes
+  (`hf_ches.runner`);
 
 plus a command's own group (``ReportArguments``, ``ValidateArguments``). Every option is defined once, with its
 help text, in one group; a command has only the options of its groups, so an option of another command is
@@ -30,6 +31,7 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any
 
 from hf_ches.filtering import DEFAULT_REMOVE_TOP, DEFAULT_SCORE_COLUMN, PRESETS, SelectionRule
+from hf_ches.runner import DEFAULT_CHUNK_SIZE, is_main_process
 
 DTYPES = ["float32", "bfloat16", "float16"]
 
@@ -245,19 +247,26 @@ class SamplingArguments:
 
 @dataclass(frozen=True)
 class ResumeArguments:
-    """``hf-ches score`` scores ``--chunk_size`` rows at a time and keeps each finished chunk under
-    ``--output_dir``/chunks/<split> (`hf_ches.runner`), so that the same command run again scores only what is
-    missing."""
+    """How a command that scores keeps its progress (`hf_ches.runner`): ``--chunk_size`` rows at a time, each
+    finished chunk kept, so that the same command run again (after an interruption, or under ``torchrun`` with
+    another number of processes) scores only the missing chunks. ``score`` keeps them under
+    ``--output_dir``/chunks/<split>, beside the scored rows it saves; ``filter``, ``publish`` and the report, whose
+    outputs are not the scored rows, in the datasets cache, in a folder named by what the chunks are scored from
+    (as ``Dataset.map`` names its cache files).
+
+    ``--overwrite_chunks`` is not ``--overwrite``, which `HubArguments` has: that one replaces what a Hub repo holds.
+    """
 
     _argument_group_name = "resume arguments"
 
-    chunk_size: int = field(default=4096, metadata={
-        "help": "Rows per chunk: each finished chunk is kept under --output_dir/chunks/<split>, and the same command "
-                "run again after an interruption scores only the missing chunks. Keep it a multiple of --batch_size "
-                "so that the scores equal those of one unchunked map."})
-    overwrite: bool = field(default=False, metadata={
-        "help": "Discard chunks under --output_dir scored from another dataset, model or scoring option or "
-                "--chunk_size, and score afresh (otherwise such a run is refused)."})
+    chunk_size: int = field(default=DEFAULT_CHUNK_SIZE, metadata={
+        "help": "Rows per chunk: each finished chunk is kept (score: under --output_dir/chunks/<split>; filter, "
+                "publish, the report: in the datasets cache), and the same command run again after an interruption "
+                "scores only the missing chunks. Keep it a multiple of --batch_size so that the scores equal those "
+                "of one unchunked map."})
+    overwrite_chunks: bool = field(default=False, metadata={
+        "help": "Discard the kept chunks and score afresh (score: chunks under --output_dir scored from another "
+                "dataset, model, scoring option or --chunk_size are refused without it)."})
 
     def __post_init__(self) -> None:
         _at_least("chunk_size", self.chunk_size, 1)
@@ -360,7 +369,7 @@ def run_recipe(recipe: Recipe, function: Callable[..., Any], argv: Sequence[str]
     from hf_ches.hub import PublishError
 
     parser, groups = parse_arguments(recipe, argv, prog)
-    command_logging()
+    command_logging(quiet=not is_main_process())
     try:
         return function(*groups)
     except (ValueError, PublishError) as error:
@@ -408,16 +417,24 @@ class _Stderr(logging.StreamHandler):
         pass
 
 
-def command_logging() -> None:
+def command_logging(quiet: bool = False) -> None:
     """What a command prints besides its progress bars and report: hf-ches' own messages, once each, as ``LEVEL
-    name: message`` on stderr, and from the libraries (`LIBRARIES`) only errors. datasets' logger has a handler of
-    its own and also passes its records on to the root's, so a root handler (``logging.basicConfig``) printed each
-    of its warnings twice; hf-ches adds none there, and its records still reach the root for whoever listens."""
+    name: message`` on stderr (``quiet``: errors only, and no progress bars, as on every rank of a launcher but rank
+    0, which speaks for them all), and from the libraries (`LIBRARIES`) only errors. datasets' logger has a handler
+    of its own and also passes its records on to the root's, so a root handler (``logging.basicConfig``) printed
+    each of its warnings twice; hf-ches adds none there, and its records still reach the root for whoever listens."""
     package = logging.getLogger("hf_ches")
     if not any(isinstance(handler, _Stderr) for handler in package.handlers):
         handler = _Stderr()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         package.addHandler(handler)
-    package.setLevel(logging.INFO)
+    package.setLevel(logging.ERROR if quiet else logging.INFO)
     for name in LIBRARIES:
         logging.getLogger(name).setLevel(logging.ERROR)
+    if quiet:
+        from datasets.utils import disable_progress_bars
+        from huggingface_hub.utils import disable_progress_bars as disable_hub_bars
+        from transformers.utils.logging import disable_progress_bar as disable_transformers_bars
+
+        for disable in (disable_progress_bars, disable_hub_bars, disable_transformers_bars):
+            disable()

@@ -1,12 +1,15 @@
 """Chunked, resumable scoring: a `CHESScorer` map over a `Dataset`, ``chunk_size`` rows at a time, each finished
-chunk kept in a folder, so that an interrupted run resumes where it stopped.
+chunk kept in a folder, so that an interrupted run resumes where it stopped; and the same chunks shared out among
+the processes of a launcher (``torchrun``, ``accelerate launch``), on one node or several.
 
 The folder holds ``manifest.json`` (what the chunks were scored from: the dataset's and the scorer's ``datasets``
 fingerprints, the chunk size and the row count) and one Arrow file per finished chunk, ``chunk-00000-of-00003.arrow``
 and so on; every file is written under a temporary name in the folder, then renamed (``os.replace``), so a file
 that has its name is complete. A rerun scores only the chunks that have no file; one with another dataset, scorer or
-chunk size is refused unless ``overwrite=True``. The scorer stays a pure ``datasets.map`` transform: each chunk is
-``scorer.map`` of rows ``a:b`` with ``fn_kwargs={"index_offset": a}``, so errors name dataset row indices.
+chunk size is refused unless ``overwrite=True``. Without a folder, the chunks go to the datasets cache, in a folder
+named by the manifest (`cache_folder`), as ``Dataset.map`` names its cache files by fingerprint. The scorer stays a
+pure ``datasets.map`` transform: each chunk is ``scorer.map`` of rows ``a:b`` with ``fn_kwargs={"index_offset":
+a}``, so errors name dataset row indices.
 
 >>> import tempfile
 >>> from datasets import Dataset
@@ -18,7 +21,15 @@ chunk size is refused unless ``overwrite=True``. The scorer stays a pure ``datas
 >>> len(scored), sorted(p.name for p in Path(folder).iterdir())[:2]
 (5, ['chunk-00000-of-00003.arrow', 'chunk-00001-of-00003.arrow'])
 
-Multi-process or multi-node scoring of the chunks (``torchrun`` ranks) is not done yet.
+Several processes: when the launcher's environment says ``WORLD_SIZE`` > 1, `ranks` starts torch.distributed's
+process group (`init_process_group`: nccl on a GPU, gloo on a CPU) unless it is up already. Then rank 0 prepares the
+folder and lists the missing chunks, every rank gets that one list (so no chunk is written before all agree on
+it), checks that the folder holds its own manifest (the folder must be one that every rank reaches: on several
+nodes, a shared filesystem), and scores ``missing[rank::world_size]``, its model on ``cuda:LOCAL_RANK``
+(`hf_ches.loading.choose_device`). A barrier waits for every rank; then each returns the whole result, read from
+the chunk files, and only rank 0 (`is_main_process`) should save or push it. Rank 0 shows one progress bar, over the
+finished chunks of all ranks; the other ranks show none. The chunks depend on ``chunk_size`` alone, never on the
+number of processes, so the rows and their scores are those of one process.
 """
 
 from __future__ import annotations
@@ -26,6 +37,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +53,12 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 DEFAULT_CHUNK_SIZE = 4096
+CACHE_DIR_NAME = "hf_ches_chunks"  # in the datasets cache: the chunks of a run that names no folder
+# A barrier waits while the other ranks score their whole share of the chunks: hours on a large dataset.
+PROCESS_GROUP_TIMEOUT = timedelta(hours=24)
+# After the barrier every chunk exists, but a network filesystem may show another node's file a little later.
+VISIBLE_WITHIN_S = 120.0
+POLL_S = 2.0  # how often rank 0 counts the finished chunks for its progress bar
 
 
 def chunk_names(num_rows: int, chunk_size: int) -> list[str]:
@@ -55,6 +77,20 @@ def build_manifest(scorer: Any, dataset: Dataset, chunk_size: int) -> dict[str, 
             "chunk_size": chunk_size, "num_rows": len(dataset)}
 
 
+def cache_folder(manifest: dict[str, Any]) -> Path:
+    """The chunk folder of a run that names none: in the datasets cache (``HF_DATASETS_CACHE``), named by the
+    manifest, so that the same inputs find their chunks again and other inputs never meet them.
+
+    >>> folder = cache_folder({"dataset_fingerprint": "f", "scorer_fingerprint": "s", "chunk_size": 2, "num_rows": 5})
+    >>> folder.parent.name, folder == cache_folder({"dataset_fingerprint": "f", "scorer_fingerprint": "s",
+    ...                                             "chunk_size": 2, "num_rows": 5})
+    ('hf_ches_chunks', True)
+    """
+    from datasets import config
+
+    return Path(config.HF_DATASETS_CACHE, CACHE_DIR_NAME, Hasher.hash(manifest))
+
+
 def _write_atomically(path: Path, write: Any) -> None:
     """``write(temporary_path)``, then rename it to ``path``: a reader never sees a half-written file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -65,27 +101,41 @@ def _write_atomically(path: Path, write: Any) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _clear(folder: Path) -> None:
-    """Remove what a runner wrote in ``folder`` (chunks, manifest, temporary files), nothing else."""
-    for pattern in ("chunk-*.arrow", MANIFEST, ".chunk-*.tmp-*", f".{MANIFEST}.tmp-*"):
+TEMPORARY = (".chunk-*.tmp-*", f".{MANIFEST}.tmp-*")  # `_write_atomically`'s files before their rename
+
+
+def _remove(folder: Path, patterns: tuple[str, ...]) -> None:
+    for pattern in patterns:
         for path in folder.glob(pattern):
             path.unlink()
 
 
+def changes(then: dict[str, Any], now: dict[str, Any]) -> str | None:
+    """The manifest entries that differ, as a message part; None when there are none.
+
+    >>> changes({"chunk_size": 4, "num_rows": 9}, {"chunk_size": 8, "num_rows": 9})
+    'chunk_size (4 then, 8 now)'
+    """
+    changed = [key for key in now if then.get(key) != now[key]]
+    if not changed:
+        return None
+    return ", ".join(changed) + f" ({', '.join(f'{then.get(k)!r} then, {now[k]!r} now' for k in changed)})"
+
+
 def prepare_folder(folder: Path, manifest: dict[str, Any], overwrite: bool) -> None:
-    """Create ``folder`` with ``manifest``, or check that its earlier manifest is the same (``overwrite``: clear it
-    instead). Raises ValueError naming what changed."""
+    """Create ``folder`` with ``manifest``, or check that its earlier manifest is the same and remove the files a
+    killed run left half-written (``overwrite``: clear what a runner wrote there instead: chunks, manifest and
+    temporary files, nothing else). Raises ValueError naming what changed."""
     path = folder / MANIFEST
     if path.is_file() and not overwrite:
-        earlier = json.loads(path.read_text(encoding="utf-8"))
-        changed = [key for key in manifest if earlier.get(key) != manifest[key]]
+        changed = changes(json.loads(path.read_text(encoding="utf-8")), manifest)
         if changed:
-            raise ValueError(f"{folder} holds chunks scored with another {', '.join(changed)} "
-                             f"({', '.join(f'{k}: {earlier.get(k)!r} then, {manifest[k]!r} now' for k in changed)}); "
-                             "pass overwrite=True (--overwrite) to score afresh, or choose another folder")
+            raise ValueError(f"{folder} holds chunks scored with another {changed}; pass overwrite=True "
+                             "(--overwrite_chunks) to score afresh, or choose another folder")
+        _remove(folder, TEMPORARY)
         return
     folder.mkdir(parents=True, exist_ok=True)
-    _clear(folder)
+    _remove(folder, ("chunk-*.arrow", MANIFEST, *TEMPORARY))
     _write_atomically(path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8"))
 
 
@@ -102,27 +152,183 @@ def score_chunk(scorer: Any, dataset: Dataset, rows: range, path: Path, map_kwar
     _write_atomically(path, lambda tmp: _write_arrow(scored, tmp))
 
 
-def score_in_chunks(scorer: Any, dataset: Dataset, folder: str | Path, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                    overwrite: bool = False, **map_kwargs: Any) -> Dataset:
-    """``scorer.map(dataset, **map_kwargs)``, scored ``chunk_size`` rows at a time into ``folder`` (module
-    docstring): only the chunks without a file are scored, and a finished folder returns without loading the
-    model. The rows come back in input order with the columns and features of ``scorer.map``; the values are the
-    same when ``batch_size`` divides ``chunk_size`` (the map batches are then the same rows)."""
+# ---- processes ----------------------------------------------------------------------------------------------------
+def init_process_group() -> None:
+    """Start torch.distributed's default process group from the launcher's environment (``env://``): nccl with
+    this rank's GPU (the one its model goes to, ``cuda:LOCAL_RANK``) when there is one, else gloo; with
+    `PROCESS_GROUP_TIMEOUT`, since a barrier waits while the other ranks score."""
+    import torch
+    import torch.distributed as dist
+
+    from hf_ches.loading import choose_device
+
+    if torch.cuda.is_available():
+        device = choose_device(None, None)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", timeout=PROCESS_GROUP_TIMEOUT, device_id=device)
+    else:
+        dist.init_process_group("gloo", timeout=PROCESS_GROUP_TIMEOUT)
+
+
+def ranks() -> tuple[int, int]:
+    """``(rank, world_size)`` of this process: torch.distributed's when its process group is up; else, when the
+    launcher's environment says ``WORLD_SIZE`` > 1 (``torchrun``, ``accelerate launch``), after starting it
+    (`init_process_group`); else ``(0, 1)``, a process on its own.
+
+    >>> ranks()
+    (0, 1)
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return 0, 1
+        init_process_group()
+    return dist.get_rank(), dist.get_world_size()
+
+
+def is_main_process() -> bool:
+    """Whether this process writes and pushes what the processes computed together: rank 0, or a process on its
+    own (accelerate's ``is_main_process``).
+
+    >>> is_main_process()
+    True
+    """
+    return ranks()[0] == 0
+
+
+def _from_rank_0(value: Any, world_size: int) -> Any:
+    """Rank 0's ``value``, on every rank."""
+    if world_size == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _wait_for(paths: list[Path], what: str) -> None:
+    """Return once every path is a file; raise ValueError after `VISIBLE_WITHIN_S` without one (only a folder that
+    is not shared by every rank shows a file that late)."""
+    deadline = time.monotonic() + VISIBLE_WITHIN_S
+    while missing := [path for path in paths if not path.is_file()]:
+        if time.monotonic() > deadline:
+            raise ValueError(f"{missing[0]} is missing after {what}: the chunk folder must be one folder that every "
+                             "rank reaches (on several nodes, a shared filesystem)")
+        time.sleep(0.5)
+
+
+def plan(folder: Path, manifest: dict[str, Any], names: list[str], overwrite: bool) -> list[int]:
+    """The chunks still to score, the same list on every rank: rank 0 prepares ``folder`` (`prepare_folder`) and
+    lists the chunks without a file, every rank gets that list (or rank 0's error, raised everywhere), and each of
+    the other ranks checks that the folder's manifest is its own."""
+    rank, world_size = ranks()
+    found: list[int] | Exception | None = None
+    if rank == 0:
+        try:
+            prepare_folder(folder, manifest, overwrite)
+            found = [i for i, name in enumerate(names) if not (folder / name).is_file()]
+        except (ValueError, OSError) as error:
+            found = error
+    found = _from_rank_0(found, world_size)
+    if isinstance(found, Exception):
+        raise found
+    if rank != 0:
+        _wait_for([folder / MANIFEST], "rank 0 wrote it")
+        changed = changes(json.loads((folder / MANIFEST).read_text(encoding="utf-8")), manifest)
+        if changed:
+            raise ValueError(f"rank {rank} would score other inputs than rank 0 in {folder}: {changed}; every rank "
+                             "must read the same dataset with the same scorer")
+    return found
+
+
+@contextmanager
+def progress_bars_off() -> Iterator[bool]:
+    """datasets' progress bars off for the block, then as they were; yields whether they were on."""
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    were_on = not are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield were_on
+    finally:
+        if were_on:
+            enable_progress_bars()
+
+
+@contextmanager
+def _progress(paths: list[Path], sizes: list[int], desc: str) -> Iterator[None]:
+    """One process: datasets' bar of each chunk's map. Several: none of those; on rank 0, one bar over the rows of
+    the chunk files that exist, counted every `POLL_S` seconds, so that it shows the rate and the time left of all
+    ranks together."""
+    from tqdm.auto import tqdm
+
+    rank, world_size = ranks()
+    if world_size == 1:
+        yield
+        return
+    with progress_bars_off() as show:
+        if rank != 0 or not show:
+            yield
+            return
+
+        def done() -> int:
+            return sum(size for path, size in zip(paths, sizes) if path.is_file())
+
+        bar = tqdm(total=sum(sizes), initial=done(), desc=f"{desc} ({world_size} processes)", unit=" examples")
+        stop = threading.Event()
+
+        def poll() -> None:
+            while not stop.wait(POLL_S):
+                bar.update(done() - bar.n)
+
+        thread = threading.Thread(target=poll, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            bar.update(done() - bar.n)
+            bar.close()
+
+
+def score_in_chunks(scorer: Any, dataset: Dataset, folder: str | Path | None = None, *,
+                    chunk_size: int = DEFAULT_CHUNK_SIZE, overwrite: bool = False, **map_kwargs: Any) -> Dataset:
+    """``scorer.map(dataset, **map_kwargs)``, scored ``chunk_size`` rows at a time into ``folder`` (the datasets
+    cache when None: `cache_folder`), by every process of a launcher (module docstring): only the chunks without a
+    file are scored, and a finished folder returns without loading the model. The rows come back in input order,
+    on every rank, with the columns and features of ``scorer.map``; the values are the same when ``batch_size``
+    divides ``chunk_size`` (the map batches are then the same rows)."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size: expected an integer >= 1, found {chunk_size!r}")
     if len(dataset) == 0:
         return scorer.map(dataset, **map_kwargs)  # raises: an empty dataset has nothing to score
-    folder = Path(folder)
-    prepare_folder(folder, build_manifest(scorer, dataset, chunk_size), overwrite)
+    manifest = build_manifest(scorer, dataset, chunk_size)
+    folder = Path(folder) if folder is not None else cache_folder(manifest)
     names = chunk_names(len(dataset), chunk_size)
-    missing = [i for i, name in enumerate(names) if not (folder / name).is_file()]
-    logger.info("%s: %d of %d chunks of %d rows to score", folder, len(missing), len(names), chunk_size)
+    rank, world_size = ranks()
+    if world_size > 1 and (map_kwargs.get("num_proc") or 1) > 1:
+        raise ValueError("num_proc (--dataset_num_proc): under a launcher each rank scores in one process (on its "
+                         "own GPU); leave it unset")
+    missing = plan(folder, manifest, names, overwrite)
+    if rank == 0:
+        logger.info("%s: %d of %d chunks of %d rows to score%s", folder, len(missing), len(names), chunk_size,
+                    f", by {world_size} processes" if world_size > 1 else "")
     desc = map_kwargs.pop("desc", "Scoring preference pairs")
-    for i in missing:
-        rows = range(i * chunk_size, min((i + 1) * chunk_size, len(dataset)))
-        chunk_desc = f"{desc}, chunk {i + 1}/{len(names)}"
-        score_chunk(scorer, dataset, rows, folder / names[i], map_kwargs | {"desc": chunk_desc})
-    scored = concatenate_datasets([Dataset.from_file(str(folder / name)) for name in names])
-    if missing:  # once for the run, as scorer.map does (a finished folder loads no model)
+    rows = [range(i * chunk_size, min((i + 1) * chunk_size, len(dataset))) for i in range(len(names))]
+    paths = [folder / name for name in names]
+    with _progress(paths, [len(r) for r in rows], desc):
+        for i in missing[rank::world_size]:  # disjoint shares, whichever chunks are missing
+            chunk_desc = f"{desc}, chunk {i + 1}/{len(names)}"
+            score_chunk(scorer, dataset, rows[i], paths[i], map_kwargs | {"desc": chunk_desc})
+        if world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+    _wait_for(paths, "every rank scored its chunks")
+    scored = concatenate_datasets([Dataset.from_file(str(path)) for path in paths])
+    if missing and rank == 0:  # once for the run, as scorer.map does (a finished folder loads no model)
         scorer.warn_shifted(dataset, scored)
     return scored

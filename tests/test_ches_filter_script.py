@@ -388,18 +388,18 @@ SELECTION = {"--preset", "--score_column", "--remove_top", "--keep_bottom", "--t
              "--card_examples"}
 HUB = {"--push_to_hub", "--repo_id", "--private", "--revision", "--create_pr", "--overwrite", "--commit_message"}
 OUTPUT = {"--output_dir"}
-RESUME = {"--chunk_size", "--overwrite"}
+RESUME = {"--chunk_size", "--overwrite_chunks"}
 SAMPLING = {"--num_samples", "--seed"}
 COMMAND_OPTIONS = {
     "score": DATA | SCORING | RESUME | OUTPUT,
-    "filter": DATA | SCORING | SELECTION | OUTPUT,
-    "publish": DATA | SCORING | SELECTION | HUB | OUTPUT,
+    "filter": DATA | SCORING | SELECTION | RESUME | OUTPUT,
+    "publish": DATA | SCORING | SELECTION | RESUME | HUB | OUTPUT,
     "validate": DATA | SCORING | SAMPLING | OUTPUT | {"--beta", "--learning_rate", "--optimizer", "--parameters",
                                                       "--scores", "--n_resamples", "--confidence_level",
                                                       "--progress", "--no_progress"},
     "demo": SCORING | SELECTION | OUTPUT,
 }
-REPORT_OPTIONS = DATA | SCORING | SAMPLING | HUB | OUTPUT | {"--ref_model_name_or_path", "--ref_model_revision",
+REPORT_OPTIONS = DATA | SCORING | SAMPLING | RESUME | HUB | OUTPUT | {"--ref_model_name_or_path", "--ref_model_revision",
                                                             "--preference_column", "--beta", "--config_name"}
 RAW_RST = re.compile(r"``|:(func|mod|class|meth|attr):`")
 

@@ -1,18 +1,26 @@
-"""hf_ches.runner: chunked scoring equals one map, resumes only the missing chunks, refuses changed inputs."""
+"""hf_ches.runner: chunked scoring equals one map, resumes only the missing chunks, refuses changed inputs, and
+under torchrun shares the chunks among the ranks with the result of one process."""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
-from datasets import Dataset
+from datasets import Dataset, DatasetDict, load_from_disk
 
-from hf_ches import CHESScorer, loading, runner, transform
+from hf_ches import CHESScorer, cli, loading, runner, transform
 from hf_ches.pairs import PairError
 from hf_ches.testing import synthetic_pairs
 
 ROWS, CHUNK = 13, 5  # 5 does not divide 13: the last chunk has 3 rows
+ROOT = Path(__file__).resolve().parents[1]
+ENV = os.environ | {"PYTHONPATH": str(ROOT), "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
 
 
 @pytest.fixture()
@@ -83,7 +91,7 @@ def test_changed_input_is_refused(tiny_model, dataset, tmp_path, calls, change):
     chunk_size = CHUNK + 1 if change == "chunk_size" else CHUNK
     word = {"max_length": "scorer_fingerprint", "chunk_size": "chunk_size", "dataset": "dataset_fingerprint"}[change]
     calls.clear()
-    with pytest.raises(ValueError, match=f"another {word}.*overwrite=True \\(--overwrite\\)"):
+    with pytest.raises(ValueError, match=f"another {word}.*overwrite=True \\(--overwrite_chunks\\)"):
         runner.score_in_chunks(scorer, data, tmp_path, chunk_size=chunk_size)
     assert calls == []
     fresh = runner.score_in_chunks(scorer, data, tmp_path, chunk_size=chunk_size, overwrite=True)
@@ -113,11 +121,7 @@ def test_error_in_a_later_chunk_names_the_dataset_row(tiny_model, tmp_path):
     assert [p.name for p in tmp_path.glob("chunk-*")] == runner.chunk_names(ROWS, CHUNK)[:1]
 
 
-def test_cli_score_twice_scores_nothing_the_second_time(tiny_model, tmp_path, calls, capsys):
-    from datasets import DatasetDict, load_from_disk
-
-    from hf_ches import cli
-
+def test_cli_score_twice_scores_nothing_the_second_time(tiny_model, tmp_path, calls, capsys, monkeypatch):
     source, out = str(tmp_path / "source"), str(tmp_path / "scored")
     DatasetDict({"train": Dataset.from_dict(synthetic_pairs(ROWS, seed=3)),
                  "test": Dataset.from_dict(synthetic_pairs(4, seed=4))}).save_to_disk(source)
@@ -128,9 +132,17 @@ def test_cli_score_twice_scores_nothing_the_second_time(tiny_model, tmp_path, ca
         runner.chunk_names(ROWS, CHUNK)
     first, scored_rows = load_from_disk(out), sum(len(batch) for batch in calls)
     assert scored_rows == ROWS + 4
+    saved = {path: path.stat().st_mtime_ns for path in (tmp_path / "scored").rglob("*") if path.is_file()}
     calls.clear()
-    assert cli.main(argv) == 0
-    assert calls == []
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a finished output dir loaded the model")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loading, "load", no_load)
+        assert cli.main(argv) == 0
+    assert calls == [] and "holds these scored splits ['train', 'test'] already" in capsys.readouterr().err
+    assert {path: path.stat().st_mtime_ns for path in saved} == saved  # nothing written again
     second = load_from_disk(out)
     for split in ("train", "test"):
         assert_same(second[split], first[split])
@@ -138,7 +150,7 @@ def test_cli_score_twice_scores_nothing_the_second_time(tiny_model, tmp_path, ca
         cli.main([*argv, "--max_length", "512"])
     assert refused.value.code == 1 and calls == []
     assert "another scorer_fingerprint" in capsys.readouterr().err
-    assert cli.main([*argv, "--max_length", "512", "--overwrite"]) == 0
+    assert cli.main([*argv, "--max_length", "512", "--overwrite_chunks"]) == 0
     assert "truncated" in load_from_disk(out)["train"].column_names
 
 
@@ -152,3 +164,124 @@ def test_shifted_rows_warn_once_per_run(tiny_model, tmp_path, caplog):
     assert [scored["prompt_tokens_shifted"][i] > 0 for i in (0, 3, 5)] == [True] * 3
     warnings = [r.getMessage() for r in caplog.records if "prompt tokens move into the completion" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].startswith("3 of 6 rows"), warnings
+
+
+def test_shifted_rows_warning_loads_the_tokenizer_only(tiny_model, tmp_path, monkeypatch, caplog):
+    rows = synthetic_pairs(2, seed=1)
+    rows["prompt"][1], rows["chosen"][1] = "the answ", "er is good"
+    scored = CHESScorer(tiny_model).map(Dataset.from_dict(rows), warn=False)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the warning loaded the model")
+
+    monkeypatch.setattr(loading, "load", no_load)
+    with caplog.at_level("WARNING", logger="hf_ches.transform"):
+        CHESScorer(tiny_model).warn_shifted(Dataset.from_dict(rows), scored)
+    assert "Row 1: 2 prompt token(s) moved" in caplog.text
+
+
+def test_filter_keeps_its_chunks_in_the_datasets_cache(tiny_model, tmp_path, calls):
+    """filter and publish score in chunks too; with no folder of scored rows to keep them in, they go to the
+    datasets cache, named by what they are scored from: the same command again scores nothing."""
+    from datasets import config
+
+    source = str(tmp_path / "source")
+    Dataset.from_dict(synthetic_pairs(ROWS, seed=5)).save_to_disk(source)
+    argv = ["filter", "--dataset_name", source, "--model_name_or_path", tiny_model, "--output_dir",
+            str(tmp_path / "out"), "--chunk_size", str(CHUNK)]
+    assert cli.main(argv) == 0 and sum(len(batch) for batch in calls) == ROWS
+    manifests = list(Path(config.HF_DATASETS_CACHE, runner.CACHE_DIR_NAME).glob(f"*/{runner.MANIFEST}"))
+    assert any(len(list(m.parent.glob("chunk-*.arrow"))) == 3 for m in manifests), manifests
+    first = (tmp_path / "out" / "scored" / "train-00000-of-00001.parquet").read_bytes()
+    calls.clear()
+    assert cli.main(argv) == 0 and calls == []
+    assert (tmp_path / "out" / "scored" / "train-00000-of-00001.parquet").read_bytes() == first
+
+
+def test_a_rank_scores_its_share_of_the_missing_chunks(tiny_model, dataset, tmp_path, calls, monkeypatch):
+    """Rank 1 of 2, resuming: it takes every second chunk of rank 0's missing list, whichever chunks those are,
+    then waits for the others' files; a folder it never sees them in is not shared by every rank."""
+    import torch.distributed
+
+    scorer = CHESScorer(tiny_model)
+    runner.score_in_chunks(scorer, dataset, tmp_path, chunk_size=CHUNK)
+    names = runner.chunk_names(ROWS, CHUNK)
+    for name in names[1:]:
+        (tmp_path / name).unlink()
+    monkeypatch.setattr(runner, "ranks", lambda: (1, 2))
+    monkeypatch.setattr(runner, "_from_rank_0", lambda value, world_size: [1, 2])  # what rank 0 found missing
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: None)
+    monkeypatch.setattr(runner, "VISIBLE_WITHIN_S", 0.0)
+    calls.clear()
+    with pytest.raises(ValueError, match=f"{names[1]} is missing after every rank scored its chunks: the chunk "
+                                         "folder must be one folder that every rank reaches"):
+        runner.score_in_chunks(scorer, dataset, tmp_path, chunk_size=CHUNK)
+    assert calls == [list(range(10, ROWS))]
+    assert sorted(p.name for p in tmp_path.glob("chunk-*")) == [names[0], names[2]]
+
+
+def test_other_ranks_write_nothing(tiny_model, tmp_path, monkeypatch):
+    """Under a launcher only rank 0 writes: filter's files, validate's files."""
+    from hf_ches import pipeline, validate
+    from hf_ches.recipes import DataArguments, OutputArguments, ScoringArguments
+
+    source = str(tmp_path / "scored")
+    Dataset.from_dict(synthetic_pairs(4) | {"ln_ches": [0.1, 0.2, 0.3, 0.4]}).save_to_disk(source)
+    monkeypatch.setattr(runner, "ranks", lambda: (1, 2))
+    result = pipeline.run(DataArguments(source), output=OutputArguments(str(tmp_path / "filtered")), stage="filter")
+    assert result.files == [] and len(result.scored["train"]) == 4
+    assert validate.run(DataArguments(source), ScoringArguments(tiny_model),
+                        output=OutputArguments(str(tmp_path / "validated"))) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scored"]
+
+
+def torchrun(*argv: str) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node 2 -m hf_ches ARGV`` (gloo on this CPU), its output captured."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "hf_ches", *argv], env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def assert_same_saves(got: str, want: str) -> None:
+    got_splits, want_splits = load_from_disk(got), load_from_disk(want)
+    assert list(got_splits) == list(want_splits)
+    for split in want_splits:
+        assert_same(got_splits[split], want_splits[split])
+
+
+def test_torchrun_resumes_a_killed_run_and_equals_one_process(tiny_model, tmp_path):
+    """One process killed by a real SIGKILL after its first chunks; ``torchrun --nproc_per_node 2`` then scores only
+    the missing chunks (of train; all of test, split between the ranks), leaves the others as they were, and saves,
+    from rank 0 alone, bit for bit what one uninterrupted process saves. (One test for both: a torchrun start costs
+    seconds of imports per rank.)"""
+    source, out, rows = str(tmp_path / "source"), str(tmp_path / "out"), 40
+    DatasetDict({"train": Dataset.from_dict(synthetic_pairs(rows, seed=6)),
+                 "test": Dataset.from_dict(synthetic_pairs(4, seed=4))}).save_to_disk(source)
+    argv = ["score", "--dataset_name", source, "--model_name_or_path", tiny_model, "--chunk_size", "2"]
+    chunks, names = tmp_path / "out" / "chunks" / "train", runner.chunk_names(rows, 2)
+    killed = subprocess.Popen([sys.executable, "-m", "hf_ches", *argv, "--output_dir", out], env=ENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(chunks.glob("chunk-*.arrow")):
+        assert killed.poll() is None and time.monotonic() < deadline, "the run ended before its first chunk"
+        time.sleep(0.005)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    kept = {path.name: path.stat().st_mtime_ns for path in chunks.glob("chunk-*.arrow")}
+    assert 0 < len(kept) < len(names), kept
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "hf_ches", *argv, "--output_dir", out], env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    own = [line for line in done.stderr.splitlines() if line.startswith("INFO hf_ches")]  # rank 0 speaks for all
+    assert own == [
+        f"INFO hf_ches.runner: {chunks}: {len(names) - len(kept)} of {len(names)} chunks of 2 rows to score, by 2 "
+        "processes",
+        f"INFO hf_ches.runner: {out}/chunks/test: 2 of 2 chunks of 2 rows to score, by 2 processes",
+        f"INFO hf_ches.pipeline: Saved the scored splits ['train', 'test'] to {out}"], own
+    assert {name: (chunks / name).stat().st_mtime_ns for name in kept} == kept
+    assert sorted(p.name for p in chunks.iterdir()) == [*names, runner.MANIFEST]  # no half-written file left
+    assert cli.main([*argv, "--output_dir", str(tmp_path / "uninterrupted")]) == 0
+    got, want = load_from_disk(out), load_from_disk(str(tmp_path / "uninterrupted"))
+    assert list(got) == list(want) == ["train", "test"]
+    for split in want:
+        assert_same(got[split], want[split])
