@@ -1,8 +1,10 @@
 """A ranking-accuracy report: how often a policy (and its reference) ranks preference pairs the way raters do.
 
 `run_report` is the recipe behind ``hub_scripts/ranking_accuracy_report.py`` (`REPORT`: the data, scoring, sampling,
-Hub and output groups of `hf_ches.recipes` and its own `ReportArguments`). It scores the pairs with
-`LogProbScorer` (the policy, and the reference with ``column_prefix="ref_"``), then calls the functions here:
+resume, Hub and output groups of `hf_ches.recipes` and its own `ReportArguments`). It scores the pairs with
+`LogProbScorer` (the policy, and the reference with ``column_prefix="ref_"``), each in chunks kept in the datasets
+cache (`hf_ches.runner`: a rerun scores only what is missing; under ``torchrun`` the ranks share the chunks and rank
+0 alone reports, writes and pushes), then calls the functions here:
 
 - `subsample`: the paper's seeded draw of ``num_samples`` rows (``default_rng(0).choice``, no replacement).
 - `check_preference_column`: the rater-agreement column α is there and holds shares in [0, 1].
@@ -52,6 +54,7 @@ from hf_ches.recipes import (
     HubArguments,
     OutputArguments,
     Recipe,
+    ResumeArguments,
     SamplingArguments,
     ScoringArguments,
     check_arguments,
@@ -388,8 +391,9 @@ with a reference, the DPO reward accuracy and the difficulty of flipping each wr
 and --preference_column, the idealized ranking accuracy and the alignment gap. Prints a table, writes report.json
 and the per-pair scores to --output_dir, and with --push_to_hub adds the per-pair scores as config --config_name
 of the dataset repo --repo_id and the report as <config_name>/report.json."""
-REPORT = Recipe("report", (DataArguments, ScoringArguments, SamplingArguments, ReportArguments, HubArguments,
-                           OutputArguments), required=("model_name_or_path",), description=REPORT_DESCRIPTION)
+REPORT = Recipe("report", (DataArguments, ScoringArguments, SamplingArguments, ReportArguments, ResumeArguments,
+                           HubArguments, OutputArguments), required=("model_name_or_path",),
+                description=REPORT_DESCRIPTION)
 
 
 def check_report_hub(data: DataArguments, scoring: ScoringArguments, report: ReportArguments, hub: HubArguments,
@@ -422,11 +426,13 @@ def sample(dataset: DatasetDict, num_samples: int | None, seed: int) -> DatasetD
     return DatasetDict({split: subsample(rows, num_samples, seed) for split, rows in dataset.items()})
 
 
-def score_models(dataset: DatasetDict, scoring: ScoringArguments,
-                 report: ReportArguments) -> tuple[DatasetDict, Any, list]:
-    """The policy's log-prob columns (and the reference's, ``ref_`` in front) on every split, with the rows that
+def score_models(dataset: DatasetDict, scoring: ScoringArguments, report: ReportArguments,
+                 resume: ResumeArguments) -> tuple[DatasetDict, Any, list]:
+    """The policy's log-prob columns (and the reference's, ``ref_`` in front) on every split, each model's scored
+    from the rows alone, in chunks kept in the datasets cache (`hf_ches.runner.score_in_chunks`), with the rows that
     ``--on_invalid flag`` flagged left out; returns the scored splits and the two scorers."""
     from hf_ches import LogProbScorer
+    from hf_ches.runner import score_in_chunks
 
     options = scoring.scorer_options()
     policy = LogProbScorer(scoring.model_name_or_path, **options)
@@ -434,10 +440,13 @@ def score_models(dataset: DatasetDict, scoring: ScoringArguments,
     if report.ref_model_name_or_path:
         options |= {"revision": report.ref_model_revision}
         scorers.append(LogProbScorer(report.ref_model_name_or_path, column_prefix="ref_", **options))
-    for scorer in scorers:
-        dataset = DatasetDict({split: scorer.map(rows, **scoring.map_options(f"Scoring {split}"))
-                               for split, rows in dataset.items()})
-    return DatasetDict({split: _scorable(rows, split) for split, rows in dataset.items()}), policy, scorers[1:]
+    scored = {}
+    for split, rows in dataset.items():
+        chunked = [score_in_chunks(scorer, rows, chunk_size=resume.chunk_size, overwrite=resume.overwrite_chunks,
+                                   **scoring.map_options(f"Scoring {split}")) for scorer in scorers]
+        added = [ds.select_columns(list(scorer.output_features())) for ds, scorer in zip(chunked, scorers)]
+        scored[split] = _scorable(concatenate_datasets([rows, *added], axis=1), split)
+    return DatasetDict(scored), policy, scorers[1:]
 
 
 def _scorable(rows: Dataset, split: str) -> Dataset:
@@ -452,12 +461,15 @@ def _scorable(rows: Dataset, split: str) -> Dataset:
 
 
 def run_report(data: DataArguments, scoring: ScoringArguments, sampling: SamplingArguments,
-               report_args: ReportArguments, hub: HubArguments, output: OutputArguments) -> dict:
-    """Check, sample, score, compute, print; write ``--output_dir`` and push, as the options say; returns the report."""
+               report_args: ReportArguments, resume: ResumeArguments, hub: HubArguments,
+               output: OutputArguments) -> dict | None:
+    """Check, sample, score, compute, print; write ``--output_dir`` and push, as the options say; returns the report
+    (under a launcher: on rank 0, and None on the other ranks, which only score)."""
     from hf_ches.hub import check_output_dir, write_local
     from hf_ches.pipeline import load_source
+    from hf_ches.runner import is_main_process
 
-    check_arguments(REPORT, [data, scoring, sampling, report_args, hub, output])
+    check_arguments(REPORT, [data, scoring, sampling, report_args, resume, hub, output])
     if output.output_dir:
         check_output_dir(output.output_dir, marker=REPORT_FILE)
     options = RankingOptions(beta=report_args.beta, seed=sampling.seed)
@@ -468,7 +480,9 @@ def run_report(data: DataArguments, scoring: ScoringArguments, sampling: Samplin
     config_name = report_args.config_name or run_name(scoring.model_name_or_path)
     repo_id = check_report_hub(data, scoring, report_args, hub, config_name)
     sampled = sample(dataset, sampling.num_samples, sampling.seed)
-    dataset, policy, reference = score_models(sampled, scoring, report_args)
+    dataset, policy, reference = score_models(sampled, scoring, report_args, resume)
+    if not is_main_process():
+        return None
     results, per_example = {}, {}
     for split, scored in dataset.items():
         results[split], flags = compute_results(scored, reference=bool(reference), options=options,
@@ -518,7 +532,7 @@ def push(report: dict, per_example: DatasetDict, hub: HubArguments, token: str |
                 pushed.commit_url)
 
 
-def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict | None:
     """``hub_scripts/ranking_accuracy_report.py``: parse ``argv`` (default ``sys.argv[1:]``) into the report's
     groups and `run_report`; bad input and failed pushes exit with a one-line error."""
     return run_recipe(REPORT, run_report, argv, prog)

@@ -14,6 +14,10 @@ before the step, ``delta_chosen_logps``, ``delta_rejected_logps``), ``validation
 the share of displaced pairs, ρ of each score with ``−Δ`` and its interval) and ``scatter.png`` (each score
 against ``Δ log π(y+)``).
 
+It runs in one process: the sample is small (100 pairs by default) and each pair's step needs the whole model, so
+neither chunks nor ranks would pay. Under a launcher (``torchrun``) rank 0 runs it and the other ranks return at
+once (`hf_ches.runner.is_main_process`), so that one process writes ``--output_dir``.
+
 >>> import tempfile
 >>> from hf_ches.testing import build_tiny_model, synthetic_pairs
 >>> from datasets import Dataset
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -53,6 +58,8 @@ from hf_ches.recipes import (
     check_arguments,
     run_recipe,
 )
+
+logger = logging.getLogger(__name__)
 
 # --scores: the CHESScorer scores, and the gradient kernels of the step's own parameters (free: the step computes
 # both gradients anyway). Each adds these columns; all are oriented so that high predicts displacement, except
@@ -244,18 +251,26 @@ def scatter_png(columns: dict[str, np.ndarray], results: dict[str, Any]) -> byte
 
 
 def run(data: DataArguments, scoring: ScoringArguments | None = None, sampling: SamplingArguments | None = None,
-        options: ValidateArguments | None = None, output: OutputArguments | None = None) -> dict[str, Any]:
+        options: ValidateArguments | None = None, output: OutputArguments | None = None) -> dict[str, Any] | None:
     """Sample, score, step each pair, and write ``pairs.parquet``, ``validation.json`` and ``scatter.png``; a group
-    that is not given has `VALIDATE`'s defaults (smollm2 in float32, 100 pairs)."""
+    that is not given has `VALIDATE`'s defaults (smollm2 in float32, 100 pairs). Under a launcher, rank 0 runs and
+    the other ranks return None."""
     from datasets import Dataset
 
     from hf_ches import __version__
     from hf_ches.hub import check_output_dir, write_local
     from hf_ches.models import load_model_and_tokenizer, model_fingerprint
     from hf_ches.report import ROW_INDEX, subsample
+    from hf_ches.runner import ranks
 
     start = time.perf_counter()
     groups = check_arguments(VALIDATE, [g for g in (data, scoring, sampling, options, output) if g is not None])
+    rank, world_size = ranks()
+    if rank != 0:
+        return None
+    if world_size > 1:
+        logger.info("validate runs in one process: rank 0 steps every pair, the other %d ranks have nothing to do",
+                    world_size - 1)
     scoring, sampling = groups[ScoringArguments], groups[SamplingArguments]
     options, output = groups[ValidateArguments], groups[OutputArguments]
     check_output_dir(output.output_dir, marker=RESULTS_FILE)
@@ -352,9 +367,11 @@ def render_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None, prog: str = "hf-ches validate") -> dict[str, Any]:
+def main(argv: list[str] | None = None, prog: str = "hf-ches validate") -> dict[str, Any] | None:
     """Parse ``argv`` into the groups of `VALIDATE`, run, print the table."""
     results = run_recipe(VALIDATE, run, argv, prog)
+    if results is None:  # a rank other than 0 under a launcher
+        return None
     output_dir = results["options"]["output_dir"]
     print(render_table(results))
     print(f"\nWrote {output_dir}/{PAIRS_FILE}, {RESULTS_FILE}, {PLOT_FILE} ({results['seconds']} s)")

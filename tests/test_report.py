@@ -401,3 +401,38 @@ def test_script_leaves_unscorable_pairs_out_with_on_invalid_flag(tiny_model, tmp
     assert report["dataset"]["num_unscorable"] == {"train": 1} and report["results"]["train"]["num_pairs"] == 5
     assert report["scoring"]["on_invalid"] == "flag"
     assert 2 not in datasets.load_dataset(str(tmp_path / "out"), split="train")["row_index"][:]
+
+
+def test_script_resumes_from_its_chunks(tiny_model, ref_model, tmp_path, monkeypatch):
+    """Each model scores the sampled rows in chunks kept in the datasets cache: the same command run again scores
+    nothing and writes the same report; a chunk lost (an interrupted run) is all it scores again."""
+    import hf_ches.transform
+    from datasets import config
+
+    from hf_ches.runner import CACHE_DIR_NAME
+
+    rows = synthetic_pairs(10, seed=8)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(dict(zip(rows, values))) + "\n" for values in zip(*rows.values())))
+    seen, call = [], hf_ches.transform.CHESScorer.__call__
+
+    def counting(self, batch, *args, **kwargs):
+        seen.append(len(batch["chosen"]))
+        return call(self, batch, *args, **kwargs)
+
+    monkeypatch.setattr(hf_ches.transform.CHESScorer, "__call__", counting)
+    common = ["--dataset_name", str(data), "--model_name_or_path", tiny_model, "--ref_model_name_or_path", ref_model,
+              "--num_samples", "8", "--chunk_size", "4", "--output_dir", str(tmp_path / "out")]
+    cache = Path(config.HF_DATASETS_CACHE, CACHE_DIR_NAME)
+    before = set(cache.glob("*"))
+    run_script(*common, monkeypatch=monkeypatch)
+    first = (tmp_path / "out" / REPORT_FILE).read_text()
+    assert seen == [4, 4, 4, 4]  # two chunks per model
+    folders = sorted(set(cache.glob("*")) - before)
+    assert [len(list(folder.glob("chunk-*.arrow"))) for folder in folders] == [2, 2]  # the policy's, the reference's
+    seen.clear()
+    run_script(*common, monkeypatch=monkeypatch)
+    assert seen == [] and (tmp_path / "out" / REPORT_FILE).read_text() == first
+    (folders[0] / "chunk-00001-of-00002.arrow").unlink()
+    run_script(*common, monkeypatch=monkeypatch)
+    assert seen == [4] and (tmp_path / "out" / REPORT_FILE).read_text() == first
