@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
         ("bench_ches.py", ["--pairs", "4", "--naive_pairs", "2", "--repeats", "1"], "map_speedup_over_naive"),
         ("bench_ches.py", ["--data", "hh", "--pairs", "3", "--naive_pairs", "1", "--repeats", "1"],
          "shared_over_unshared_pairs_per_s"),
+        ("bench_chunks.py", ["--pairs", "8", "--chunk_size", "4", "--batch_size", "4", "--repeats", "1", "--threads",
+                             "1"], "chunked_over_map"),
         ("bench_host.py", ["--pairs", "8", "--batch_sizes", "4", "--repeats", "1"], "limit / map"),
         ("bench_kernel_cost.py", ["--pairs", "2"], "ntk+signgd[last:1]"),
         ("bench_kernels.py", ["--pairs", "6", "--pretrain-steps", "2"], "ntk[all], 512-sketch"),
