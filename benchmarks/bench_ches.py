@@ -222,6 +222,17 @@ def naive(model, seqs, prompt_lens) -> None:
         S.cpu(), lp.cpu()
 
 
+RUNS = ("map", "unshared", "limit", "ches-only", "trunk", "naive", "tokenize")
+RATIOS = {  # name: (numerator run, denominator run, what), each a throughput ratio unless it says time
+    "shared_over_unshared_pairs_per_s": ("map", "unshared", "throughput"),
+    "unshared_time_over_limit_time": ("unshared", "limit", "time"),
+    "map_time_over_limit_time": ("map", "limit", "time"),
+    "map_throughput_over_limit": ("map", "limit", "throughput"),
+    "ches_only_throughput_over_trunk": ("ches-only", "trunk", "throughput"),
+    "map_speedup_over_naive": ("map", "naive", "throughput"),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="cpu-small", choices=sorted(SHAPES), help="a random model of this shape")
@@ -235,6 +246,8 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=256, help="rows per Dataset.map batch")
     parser.add_argument("--naive_pairs", type=int, default=64, help="time the naive loop on this many pairs")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the fastest of each counts")
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS),
+                        help="the runs to time (default: all); ratios need both of their runs")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     disable_progress_bars()
@@ -271,9 +284,11 @@ def main() -> None:
         "naive": lambda: naive(naive_model, naive_seqs, naive_plens),
         "tokenize": lambda: tokenize(rows, tokenizer, args.batch_size),
     }
-    runs["limit"]()  # warm-up: allocator, kernels, the scorers' one-time architecture check
-    full.load(), unshared.load(), ches_only.load()
-    naive(naive_model, naive_seqs[:2], naive_plens[:2])
+    runs = {name: run for name, run in runs.items() if name in args.runs}
+    limit(model, seqs[:32], plens[:32], args.token_budget, with_head=True)  # warm-up: allocator, kernels
+    full.load(), unshared.load(), ches_only.load()  # the scorers' one-time architecture checks
+    if "naive" in runs:
+        naive(naive_model, naive_seqs[:2], naive_plens[:2])
     results: dict[str, dict] = {}
     for _ in range(args.repeats):  # interleaved, so a noisy moment does not favour one run
         for name, fn in runs.items():
@@ -293,21 +308,15 @@ def main() -> None:
           f"tokens={tokens} token_budget={args.token_budget} prefix_sharing={sharing} torch={torch.__version__} "
           f"threads={torch.get_num_threads()}")
     print("tokens through the trunk: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
-    print(f"naive: {n_naive} pairs; best of {args.repeats} interleaved repeats for the others")
+    print(f"best of {args.repeats} interleaved repeats" + (f"; naive: {n_naive} pairs, once" if "naive" in results else ""))
     print(f"{'run':<10} {'seconds':>8} {'pairs/s':>9} {'tokens/s':>10} {'peak MiB':>9}")
     for name, r in results.items():
         print(f"{name:<10} {r['seconds']:8.2f} {r['pairs_per_s']:9.1f} {r['tokens_per_s']:10.0f} {r['peak_mib']:9.1f}")
     tps = {k: v["tokens_per_s"] for k, v in results.items()}
-    ratios = {
-        "shared_over_unshared_pairs_per_s": tps["map"] / tps["unshared"],
-        "unshared_time_over_limit_time": results["unshared"]["seconds"] / results["limit"]["seconds"],
-        "map_time_over_limit_time": results["map"]["seconds"] / results["limit"]["seconds"],
-        "map_throughput_over_limit": tps["map"] / tps["limit"],
-        "sequence_tokens_over_shared_tokens": counts["sequence_padded"] / counts["shared_padded"],
-        "ches_only_throughput_over_trunk": tps["ches-only"] / tps["trunk"],
-        "map_speedup_over_naive": tps["map"] / tps["naive"],
-        "full_vocab_logits_mib_per_microbatch": logits_mib,
-    }
+    ratios = {name: (results[a]["seconds"] / results[b]["seconds"] if kind == "time" else tps[a] / tps[b])
+              for name, (a, b, kind) in RATIOS.items() if a in results and b in results}
+    ratios["sequence_tokens_over_shared_tokens"] = counts["sequence_padded"] / counts["shared_padded"]
+    ratios["full_vocab_logits_mib_per_microbatch"] = logits_mib
     for k, v in ratios.items():
         print(f"{k:<38} {v:8.3f}")
     if args.json:
