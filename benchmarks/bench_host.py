@@ -50,7 +50,8 @@ class EmulatedDevice(torch.nn.Module):
     def seconds(self, tokens: int) -> float:
         return self.launch_s + tokens / self.tokens_per_s
 
-    def forward(self, input_ids: torch.Tensor, use_cache: bool = False) -> SimpleNamespace:
+    def forward(self, input_ids: torch.Tensor, position_ids: None = None, attention_mask: None = None,
+                use_cache: bool = False) -> SimpleNamespace:
         while self.finish_times and self.finish_times[0] <= time.perf_counter():
             self.finish_times.popleft()
         if len(self.finish_times) >= self.queue_depth:  # the launch queue is full: wait for its oldest entry
