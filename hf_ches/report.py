@@ -211,10 +211,10 @@ def model_info(scorer: Any) -> dict:
     it was loaded with (resolved), and its weights fingerprint."""
     from hf_ches.models import loaded_as, model_commit
 
-    config = scorer.config
+    config, loaded = scorer.config, scorer.load()
     return {"name_or_path": config.model, "revision": config.revision,
-            "commit": model_commit(config.model, config.revision), **loaded_as(scorer.load().model),
-            "fingerprint": scorer.identity, "prefix_sharing": scorer.shares_prefixes(scorer.load())}
+            "commit": model_commit(config.model, config.revision), **loaded_as(loaded.model),
+            "fingerprint": scorer.identity, "prefix_sharing": scorer.shares_prefixes(loaded)}
 
 
 def report_source(report: dict) -> tuple[str, str | None]:
