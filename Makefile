@@ -18,7 +18,7 @@ $(BIN)/hf-ches: pyproject.toml
 install: $(BIN)/hf-ches
 
 demo: install
-	$(BIN)/hf-ches demo
+	$(BIN)/hf-ches demo --overwrite
 
 test: install
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile

@@ -242,8 +242,32 @@ def _top_removed(selections: dict[str, Selection], column: str, k: int) -> list[
     return sorted(found, key=lambda item: -item[0])[:k]
 
 
+def loading_code(repo_id: str, layout: dict[str, list[str]], local: bool = False) -> list[str]:
+    """The card's lines that load each config: from the Hub by ``repo_id``; for a dry run (``local``, ``repo_id``
+    the folder) by the folder's parquet files, since ``datasets`` caches ``load_dataset(folder, config)`` by the
+    folder's name alone and would hand back an earlier folder of the same name. The path is the folder's name,
+    relative to where it lies, so the card holds no local path.
+
+    >>> loading_code("me/prefs", {"default": ["train"], "removed": ["train"]})
+    ['ds = load_dataset("me/prefs")  # kept pairs: the default config', 'removed = load_dataset("me/prefs", "removed")']
+    >>> loading_code("out/pub", {"default": ["train"]}, local=True)[1]
+    'ds = load_dataset("parquet", data_files={"train": "pub/data/train-*.parquet"})  # kept pairs: the default config'
+    """
+    if not local:
+        return [f'ds = load_dataset("{repo_id}")  # kept pairs: the default config'] + [
+            f'{config} = load_dataset("{repo_id}", "{config}")' for config in layout if config != "default"]
+    folder = Path(repo_id).name
+    lines = [f"# run where the {folder}/ folder lies; a folder is loaded by its files (a dry run: nothing pushed)"]
+    for config, splits in layout.items():
+        files = ", ".join(f'"{split}": "{folder}/{config_data_dir(config)}/{split}-*.parquet"' for split in splits)
+        name = "ds" if config == "default" else config
+        comment = "  # kept pairs: the default config" if config == "default" else ""
+        lines.append(f'{name} = load_dataset("parquet", data_files={{{files}}}){comment}')
+    return lines
+
+
 def _body(repo_id: str, info: RunInfo, selections: dict[str, Selection], layout: dict[str, list[str]],
-          examples: int) -> str:
+          examples: int, local: bool = False) -> str:
     rule, record = info.rule, run_record(info, selections)
     source = f"[{info.source_dataset}](https://huggingface.co/datasets/{info.source_dataset})" if info.source_is_hub \
         else f"`{info.source_dataset}`"
@@ -265,8 +289,6 @@ def _body(repo_id: str, info: RunInfo, selections: dict[str, Selection], layout:
         counts = [str(len(config_part(s, config))) for s in selections.values()]
         name = f"`{config}`" if config in layout else f"`{config}` (not published: no rows)"
         lines.append(f"| {name} | {what[config]} | " + " | ".join(counts) + " |")
-    load = [f'ds = load_dataset("{repo_id}")  # kept pairs: the default config'] + [
-        f'{config} = load_dataset("{repo_id}", "{config}")' for config in layout if config != "default"]
     lines += [
         "",
         "Kept and removed rows carry `original_index`, the row's index in the source split, so the two add up to "
@@ -275,7 +297,7 @@ def _body(repo_id: str, info: RunInfo, selections: dict[str, Selection], layout:
         "```python",
         "from datasets import load_dataset",
         "",
-        *load,
+        *loading_code(repo_id, layout, local),
         "```",
         "",
         "The default config has TRL's preference format, so it goes straight into `trl.DPOTrainer(..., "
@@ -368,8 +390,9 @@ def _shift_lines(record: dict[str, Any]) -> list[str]:
 
 
 def render_card(repo_id: str, info: RunInfo, selections: dict[str, Selection], dataset_info: list | dict | None = None,
-                examples: int = 5) -> DatasetCard:
-    """The dataset card (YAML metadata + markdown body) of a filtered dataset published at ``repo_id``.
+                examples: int = 5, local: bool = False) -> DatasetCard:
+    """The dataset card (YAML metadata + markdown body) of a filtered dataset published at ``repo_id`` (``local``:
+    written to the folder ``repo_id`` by a dry run, `loading_code`).
 
     ``dataset_info`` is the block ``push_to_hub`` measured on the Hub (features and byte sizes per config); the
     card keeps it so that pushing the card last does not drop it. ``examples`` highest-scoring removed pairs are shown.
@@ -386,7 +409,7 @@ def render_card(repo_id: str, info: RunInfo, selections: dict[str, Selection], d
         dataset_info=dataset_info,
         hf_ches=run_record(info, selections),
     )
-    return DatasetCard(f"---\n{data.to_yaml()}\n---\n\n{_body(repo_id, info, selections, layout, examples)}")
+    return DatasetCard(f"---\n{data.to_yaml()}\n---\n\n{_body(repo_id, info, selections, layout, examples, local)}")
 
 
 def card_bytes(card: DatasetCard) -> bytes:

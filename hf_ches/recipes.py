@@ -31,7 +31,7 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any
 
 from hf_ches.filtering import DEFAULT_REMOVE_TOP, DEFAULT_SCORE_COLUMN, PRESETS, SelectionRule
-from hf_ches.runner import DEFAULT_CHUNK_SIZE, is_main_process
+from hf_ches.runner import DEFAULT_CHUNK_SIZE, Interrupted, is_main_process
 
 DTYPES = ["float32", "bfloat16", "float16"]
 
@@ -192,9 +192,6 @@ class HubArguments:
         "help": "Create the repo private (an existing public repo is refused)."})
     revision: str | None = field(default=None, metadata={"help": "Branch to push to; main when not given."})
     create_pr: bool = field(default=False, metadata={"help": "Open a pull request instead of pushing to the branch."})
-    overwrite: bool = field(default=False, metadata={
-        "help": "Replace what --repo_id holds (for the report: its --config_name) when it is not an earlier push "
-                "made from the same source dataset (otherwise refused before any work)."})
     commit_message: str | None = field(default=None, metadata={"help": "Commit message of the push."})
 
     def __post_init__(self) -> None:
@@ -208,18 +205,21 @@ class HubArguments:
             except ValueError as err:
                 raise ValueError(f"--repo_id {self.repo_id!r}: {err}") from None
 
-    def publish_options(self, token: str | None, commit_message: str) -> Any:
-        """The `hf_ches.hub.PublishOptions` of these options; ``commit_message`` unless ``--commit_message``."""
+    def publish_options(self, token: str | None, commit_message: str, overwrite: bool = False) -> Any:
+        """The `hf_ches.hub.PublishOptions` of these options; ``commit_message`` unless ``--commit_message``;
+        ``overwrite`` is `OutputArguments`' (``--overwrite``)."""
         from hf_ches.hub import PublishOptions
 
         return PublishOptions(repo_id=self.repo_id, private=self.private, revision=self.revision,
-                              create_pr=self.create_pr, token=token, overwrite=self.overwrite,
+                              create_pr=self.create_pr, token=token, overwrite=overwrite,
                               commit_message=self.commit_message or commit_message)
 
 
 @dataclass(frozen=True)
 class OutputArguments:
-    """The local folder a command writes (what goes there is in each command's description)."""
+    """Where a command's output goes, locally (what goes there is in each command's description), and whether it
+    may replace an earlier output: the rule is `hf_ches.outputs`' (and, for a push, `hf_ches.hub.check_target`'s).
+    """
 
     _argument_group_name = "output arguments"
 
@@ -228,6 +228,11 @@ class OutputArguments:
                 "without --push_to_hub: the files the push would create (README.md, parquet shards, plot, run JSON); "
                 "the report: report.json and <split>.parquet; validate: pairs.parquet, validation.json, scatter.png; "
                 "demo: the loopback Hub's data, cards and plots."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Replace this command's earlier output in --output_dir (only the files it wrote are deleted; a "
+                "folder holding another command's output, or files hf-ches did not write, is always refused), and, "
+                "with --push_to_hub, what --repo_id holds (for the report: its --config_name) when it is not an "
+                "earlier push from the same source dataset. score resumes its own output without it."})
 
 
 @dataclass(frozen=True)
@@ -254,7 +259,7 @@ class ResumeArguments:
     outputs are not the scored rows, in the datasets cache, in a folder named by what the chunks are scored from
     (as ``Dataset.map`` names its cache files).
 
-    ``--overwrite_chunks`` is not ``--overwrite``, which `HubArguments` has: that one replaces what a Hub repo holds.
+    ``--overwrite_chunks`` is not ``--overwrite`` (`OutputArguments`), which replaces a command's whole output.
     """
 
     _argument_group_name = "resume arguments"
@@ -365,7 +370,8 @@ def parse_arguments(recipe: Recipe, argv: Sequence[str] | None = None,
 def run_recipe(recipe: Recipe, function: Callable[..., Any], argv: Sequence[str] | None = None,
                prog: str | None = None) -> Any:
     """A command's ``main``: parse ``argv`` into ``recipe``'s groups, then ``function(*groups)`` with hf-ches'
-    logging; bad input (ValueError) and failed pushes (`PublishError`) exit with status 1 and one line."""
+    logging; bad input (ValueError) and failed pushes (`PublishError`) exit with status 1 and one line, Ctrl-C
+    with status 130 and one line (with where the same command resumes, when chunks were being scored)."""
     from hf_ches.hub import PublishError
 
     parser, groups = parse_arguments(recipe, argv, prog)
@@ -374,6 +380,8 @@ def run_recipe(recipe: Recipe, function: Callable[..., Any], argv: Sequence[str]
         return function(*groups)
     except (ValueError, PublishError) as error:
         parser.exit(1, f"{parser.prog}: error: {error}\n")
+    except (Interrupted, KeyboardInterrupt) as error:
+        parser.exit(130, f"{parser.prog}: {error or 'interrupted'}\n")
 
 
 def command_line(recipe: Recipe, groups: Sequence[Group], command: str | None = None) -> str:

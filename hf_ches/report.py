@@ -326,7 +326,6 @@ def render_table(report: dict) -> str:
 # Side effects
 
 
-REPORT_PATHS = (REPORT_FILE, "*.parquet")  # what a report folder holds, and a new report there replaces
 
 
 def report_files(report: dict, per_example: DatasetDict) -> dict[str, bytes | Dataset]:
@@ -391,28 +390,23 @@ with a reference, the DPO reward accuracy and the difficulty of flipping each wr
 and --preference_column, the idealized ranking accuracy and the alignment gap. Prints a table, writes report.json
 and the per-pair scores to --output_dir, and with --push_to_hub adds the per-pair scores as config --config_name
 of the dataset repo --repo_id and the report as <config_name>/report.json."""
+COMMAND = "hub_scripts/ranking_accuracy_report.py"  # how its outputs name it
 REPORT = Recipe("report", (DataArguments, ScoringArguments, SamplingArguments, ReportArguments, ResumeArguments,
                            HubArguments, OutputArguments), required=("model_name_or_path",),
                 description=REPORT_DESCRIPTION)
 
 
-def check_report_hub(data: DataArguments, scoring: ScoringArguments, report: ReportArguments, hub: HubArguments,
-                     config_name: str) -> str | None:
-    """The checks that need the Hub, before any scoring: the models exist, and with ``--push_to_hub`` the token can
-    write ``--repo_id`` (a bare name goes to the token's user) and its ``config_name`` holds no report on another
-    dataset. Returns the full repo id."""
+def check_report_hub(data: DataArguments, hub: HubArguments, config_name: str, overwrite: bool) -> str | None:
+    """The push target, before any scoring: with ``--push_to_hub`` the token can write ``--repo_id`` (a bare name
+    goes to the token's user) and its ``config_name`` holds no report on another dataset (unless ``overwrite``).
+    Returns the full repo id."""
     from hf_ches.hub import check_target
-    from hf_ches.models import check_model
 
-    for name, revision in ((scoring.model_name_or_path, scoring.model_revision),
-                           (report.ref_model_name_or_path, report.ref_model_revision)):
-        if name:
-            check_model(name, revision, data.token)
     if not hub.push_to_hub:
         return None
     repo_id = check_target(hub.repo_id, data.token, (data.dataset_name, data.dataset_config),
                            record_path=f"{config_name}/{REPORT_FILE}", record_source=report_source,
-                           overwrite=hub.overwrite, revision=hub.revision)
+                           overwrite=overwrite, revision=hub.revision)
     logger.info("Pushing to %s, config %r", repo_id, config_name)
     return repo_id
 
@@ -465,20 +459,22 @@ def run_report(data: DataArguments, scoring: ScoringArguments, sampling: Samplin
                output: OutputArguments) -> dict | None:
     """Check, sample, score, compute, print; write ``--output_dir`` and push, as the options say; returns the report
     (under a launcher: on rank 0, and None on the other ranks, which only score)."""
-    from hf_ches.hub import check_output_dir, write_local
-    from hf_ches.pipeline import load_source
+    from hf_ches import outputs
+    from hf_ches.pipeline import check_inputs, load_source
     from hf_ches.runner import is_main_process
 
     check_arguments(REPORT, [data, scoring, sampling, report_args, resume, hub, output])
     if output.output_dir:
-        check_output_dir(output.output_dir, marker=REPORT_FILE)
+        outputs.check(output.output_dir, COMMAND, overwrite=output.overwrite)
     options = RankingOptions(beta=report_args.beta, seed=sampling.seed)
+    check_inputs(data, [(scoring.model_name_or_path, scoring.model_revision),
+                        (report_args.ref_model_name_or_path, report_args.ref_model_revision)])
     dataset = load_source(data)
     if report_args.preference_column:
         for split, rows in dataset.items():
             check_preference_column(rows, report_args.preference_column, split)
     config_name = report_args.config_name or run_name(scoring.model_name_or_path)
-    repo_id = check_report_hub(data, scoring, report_args, hub, config_name)
+    repo_id = check_report_hub(data, hub, config_name, output.overwrite)
     sampled = sample(dataset, sampling.num_samples, sampling.seed)
     dataset, policy, reference = score_models(sampled, scoring, report_args, resume)
     if not is_main_process():
@@ -503,29 +499,32 @@ def run_report(data: DataArguments, scoring: ScoringArguments, sampling: Samplin
     print(render_table(report))
     per_example = DatasetDict(per_example)
     if output.output_dir:
-        files = write_local(output.output_dir, report_files(report, per_example), marker=REPORT_FILE,
-                            replaces=REPORT_PATHS)
+        files = outputs.write(output.output_dir, COMMAND, outputs.source_name(data.dataset_name),
+                              report_files(report, per_example), overwrite=output.overwrite)
         logger.info("Wrote %s", ", ".join(str(Path(output.output_dir, name)) for name in files))
     if repo_id:
-        push(report, per_example, replace(hub, repo_id=repo_id), data.token, config_name, output.output_dir)
+        push(report, per_example, replace(hub, repo_id=repo_id), data.token, config_name, output)
     return report
 
 
 def push(report: dict, per_example: DatasetDict, hub: HubArguments, token: str | None, config_name: str,
-         output_dir: str | None) -> None:
+         output: OutputArguments) -> None:
     """`push_report`; when it fails, the report and the per-pair scores stay on disk (``--output_dir``, or a new
     temporary folder) and the error says where."""
     import tempfile
 
-    from hf_ches.hub import PublishError, write_local
+    from hf_ches import outputs
+    from hf_ches.hub import PublishError
 
-    options = hub.publish_options(token, f"Add the ranking-accuracy report of {report['policy']['name_or_path']}")
+    options = hub.publish_options(token, f"Add the ranking-accuracy report of {report['policy']['name_or_path']}",
+                                  output.overwrite)
     try:
         pushed = push_report(report, per_example, options, config_name)
     except Exception as error:
-        folder = output_dir or tempfile.mkdtemp(prefix="ranking-report-")
-        if not output_dir:
-            write_local(folder, report_files(report, per_example), marker=REPORT_FILE, replaces=REPORT_PATHS)
+        folder = output.output_dir or tempfile.mkdtemp(prefix="ranking-report-")
+        if not output.output_dir:
+            outputs.write(folder, COMMAND, outputs.source_name(report["dataset"]["name"]),
+                          report_files(report, per_example))
         raise PublishError(f"pushing to {options.repo_id} failed ({str(error).splitlines()[0]}); the report and the "
                            f"per-pair scores are kept in {folder}") from None
     logger.info("Pushed config %r and %s/%s to %s (%s)", config_name, config_name, REPORT_FILE, pushed.repo_id,

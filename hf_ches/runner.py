@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -89,6 +90,32 @@ def cache_folder(manifest: dict[str, Any]) -> Path:
     from datasets import config
 
     return Path(config.HF_DATASETS_CACHE, CACHE_DIR_NAME, Hasher.hash(manifest))
+
+
+@contextmanager
+def _ctrl_c() -> Iterator[threading.Event]:
+    """Ctrl-C raises KeyboardInterrupt at once, as Python's own handler does, and is also remembered in the
+    yielded event: one raised inside a finalizer, where Python prints and drops it, stops the run after the
+    chunk. Another handler (a launcher's, or none in a thread) is left as it is."""
+    pressed = threading.Event()
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield pressed
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        pressed.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+class Interrupted(Exception):
+    """Ctrl-C while chunks were scored: the finished chunks are kept, and the message says where a rerun starts."""
 
 
 def _write_atomically(path: Path, write: Any) -> None:
@@ -319,14 +346,20 @@ def score_in_chunks(scorer: Any, dataset: Dataset, folder: str | Path | None = N
     desc = map_kwargs.pop("desc", "Scoring preference pairs")
     rows = [range(i * chunk_size, min((i + 1) * chunk_size, len(dataset))) for i in range(len(names))]
     paths = [folder / name for name in names]
-    with _progress(paths, [len(r) for r in rows], desc):
-        for i in missing[rank::world_size]:  # disjoint shares, whichever chunks are missing
-            chunk_desc = f"{desc}, chunk {i + 1}/{len(names)}"
-            score_chunk(scorer, dataset, rows[i], paths[i], map_kwargs | {"desc": chunk_desc})
-        if world_size > 1:
-            import torch.distributed as dist
+    try:
+        with _progress(paths, [len(r) for r in rows], desc), _ctrl_c() as pressed:
+            for i in missing[rank::world_size]:  # disjoint shares, whichever chunks are missing
+                chunk_desc = f"{desc}, chunk {i + 1}/{len(names)}"
+                score_chunk(scorer, dataset, rows[i], paths[i], map_kwargs | {"desc": chunk_desc})
+                if pressed.is_set():  # a Ctrl-C that a library swallowed
+                    raise KeyboardInterrupt
+            if world_size > 1:
+                import torch.distributed as dist
 
-            dist.barrier()
+                dist.barrier()
+    except KeyboardInterrupt:  # the chunk being written is removed (`_write_atomically`); the finished ones stay
+        first = next(i for i, path in enumerate(paths) if not path.is_file())
+        raise Interrupted(f"interrupted; the same command resumes from chunk {first + 1} of {len(names)}") from None
     _wait_for(paths, "every rank scored its chunks")
     scored = concatenate_datasets([Dataset.from_file(str(path)) for path in paths])
     if missing and rank == 0:  # once for the run, as scorer.map does (a finished folder loads no model)

@@ -48,7 +48,7 @@ from hf_ches.kernels import _parse_parameters, _tracking_only, ntk_pair, select_
 from hf_ches.kernels import signgd_displacement as signgd_score
 from hf_ches.pairs import TokenizedPair
 from hf_ches.models import DEFAULT_MODEL
-from hf_ches.pipeline import load_source
+from hf_ches.pipeline import check_inputs, load_source
 from hf_ches.recipes import (
     DataArguments,
     OutputArguments,
@@ -71,6 +71,7 @@ SCORE_COLUMNS = {
 }
 KERNEL_SCORES = ("ntk", "signgd")
 DEFAULT_SCORES = ("ches", "ln_ches", "edit_distance", "last_hidden_ip", "entk_w", "ntk", "signgd")
+COMMAND = "hf-ches validate"
 PAIRS_FILE, RESULTS_FILE, PLOT_FILE = "pairs.parquet", "validation.json", "scatter.png"
 MEASURED = ["chosen_logps", "rejected_logps", "delta_chosen_logps", "delta_rejected_logps"]  # by the step, per pair
 
@@ -258,7 +259,7 @@ def run(data: DataArguments, scoring: ScoringArguments | None = None, sampling: 
     from datasets import Dataset
 
     from hf_ches import __version__
-    from hf_ches.hub import check_output_dir, write_local
+    from hf_ches import outputs
     from hf_ches.models import load_model_and_tokenizer, model_fingerprint
     from hf_ches.report import ROW_INDEX, subsample
     from hf_ches.runner import ranks
@@ -273,8 +274,9 @@ def run(data: DataArguments, scoring: ScoringArguments | None = None, sampling: 
                     world_size - 1)
     scoring, sampling = groups[ScoringArguments], groups[SamplingArguments]
     options, output = groups[ValidateArguments], groups[OutputArguments]
-    check_output_dir(output.output_dir, marker=RESULTS_FILE)
+    outputs.check(output.output_dir, COMMAND, overwrite=output.overwrite)
     (split,) = data.dataset_splits or ["train"]
+    check_inputs(data, [(scoring.model_name_or_path, scoring.model_revision)])
     rows = load_source(replace(data, dataset_splits=[split]))[split]
     sample = subsample(rows, sampling.num_samples, sampling.seed)
     device = scoring.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -298,10 +300,10 @@ def run(data: DataArguments, scoring: ScoringArguments | None = None, sampling: 
     }
     order = [ROW_INDEX, *score_columns([s for s in options.scores if s not in KERNEL_SCORES]),
              *score_columns([s for s in options.scores if s in KERNEL_SCORES]), *MEASURED]
-    write_local(output.output_dir, {
+    outputs.write(output.output_dir, COMMAND, outputs.source_name(data.dataset_name), {
         PAIRS_FILE: Dataset.from_dict({name: columns[name] for name in order}),
         RESULTS_FILE: (json.dumps(results, indent=2, allow_nan=True) + "\n").encode("utf-8"),
-        PLOT_FILE: scatter_png(columns, results)}, marker=RESULTS_FILE, replaces=(PAIRS_FILE, RESULTS_FILE, PLOT_FILE))
+        PLOT_FILE: scatter_png(columns, results)}, overwrite=output.overwrite)
     return results
 
 
@@ -367,7 +369,7 @@ def render_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None, prog: str = "hf-ches validate") -> dict[str, Any] | None:
+def main(argv: list[str] | None = None, prog: str = COMMAND) -> dict[str, Any] | None:
     """Parse ``argv`` into the groups of `VALIDATE`, run, print the table."""
     results = run_recipe(VALIDATE, run, argv, prog)
     if results is None:  # a rank other than 0 under a launcher

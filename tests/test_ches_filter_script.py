@@ -328,7 +328,7 @@ def test_missing_model_is_a_one_line_error(hub_env, source_dir, tmp_path, capsys
         "folder, a .gguf file, a Hub id (namespace/name) or 'smollm2'")
     assert cli_error(capsys, "score", "--dataset_name", source_dir, "--model_name_or_path", "nobody/no-such-model",
                      "--output_dir", out) == (
-        f"hf-ches score: error: model 'nobody/no-such-model': no such local folder, and no such model on the Hub at "
+        f"hf-ches score: error: model 'nobody/no-such-model': no such local file or folder, and no such model on the Hub at "
         f"{hub_env.endpoint} (or it is private: pass a token that can read it)")
 
 
@@ -351,8 +351,8 @@ def test_score_refuses_a_non_empty_unrelated_output_dir(source_dir, tiny_model, 
     (tmp_path / "mine.txt").write_text("keep me")
     assert cli_error(capsys, "score", "--dataset_name", source_dir, "--model_name_or_path", tiny_model,
                      "--output_dir", str(tmp_path)) == (
-        f"hf-ches score: error: output_dir {str(tmp_path)!r} is not empty and holds no earlier hf-ches output "
-        f"({RUN_JSON_PATH} or chunks/*/manifest.json); choose a new or empty folder")
+        f"hf-ches score: error: output_dir {str(tmp_path)!r} is not empty and holds no hf-ches output; "
+        "choose a new or empty folder")
     assert (tmp_path / "mine.txt").read_text() == "keep me"
 
 
@@ -386,8 +386,8 @@ SCORING = {"--model_name_or_path", "--model_revision", "--dtype", "--device", "-
            "--dataset_num_proc"}
 SELECTION = {"--preset", "--score_column", "--remove_top", "--keep_bottom", "--threshold", "--group_by",
              "--card_examples"}
-HUB = {"--push_to_hub", "--repo_id", "--private", "--revision", "--create_pr", "--overwrite", "--commit_message"}
-OUTPUT = {"--output_dir"}
+HUB = {"--push_to_hub", "--repo_id", "--private", "--revision", "--create_pr", "--commit_message"}
+OUTPUT = {"--output_dir", "--overwrite"}
 RESUME = {"--chunk_size", "--overwrite_chunks"}
 SAMPLING = {"--num_samples", "--seed"}
 COMMAND_OPTIONS = {

@@ -13,9 +13,10 @@ from datasets import Dataset, DatasetDict
 from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import RepositoryNotFoundError
 
-from hf_ches.card import PLOT_PATH, RUN_JSON_PATH, RunInfo
+from hf_ches.card import PLOT_PATH, RUN_JSON_PATH, RunInfo, loading_code
 from hf_ches.filtering import SelectionRule, select_splits
-from hf_ches.hub import PublishError, PublishOptions, build_publication, check_output_dir, publish, write_local
+from hf_ches import outputs
+from hf_ches.hub import PublishError, PublishOptions, build_publication, publish
 from tests.plugins.hub import assert_no_token
 
 
@@ -58,22 +59,35 @@ def closed_port_url() -> str:
         return f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
+def dry_run(folder, pub, overwrite: bool = False) -> list[str]:
+    """``pub``'s dry run into ``folder``, as ``hf-ches filter`` writes it."""
+    return outputs.write(folder, "hf-ches filter", "org/prefs", pub.local_files(), overwrite=overwrite)
+
+
+def written(folder) -> list[str]:
+    """The files under ``folder`` but its `hf_ches.outputs` record."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != outputs.MARKER)
+
+
 def test_push_creates_the_files_of_the_dry_run(hub_env, tmp_path):
     repo_id = hub_env.repo_id("clean")
     pub = publication(repo_id)
-    dry = write_local(tmp_path / "dry", pub.local_files())
+    dry = dry_run(tmp_path / "dry", pub)
     result = publish(pub, PublishOptions(repo_id))
 
     assert repo_files(repo_id) == dry == result.files == pub.paths()
-    assert sorted(p.relative_to(tmp_path / "dry").as_posix() for p in (tmp_path / "dry").rglob("*") if p.is_file()) == dry
+    assert written(tmp_path / "dry") == dry
     assert {"README.md", PLOT_PATH, RUN_JSON_PATH, "data/train-00000-of-00001.parquet",
             "removed/test-00000-of-00001.parquet", "scored/train-00000-of-00001.parquet"} <= set(dry)
     for path in (PLOT_PATH, RUN_JSON_PATH):
         assert open(hf_hub_download(repo_id, path, repo_type="dataset"), "rb").read() == (tmp_path / "dry" / path).read_bytes()
-    # the pushed README is the dry run's plus the dataset_info that push_to_hub measured
+    # the pushed README is the dry run's plus the dataset_info that push_to_hub measured, and it loads by repo id
     meta, body = readme(repo_id)
     _, dry_head, dry_body = (tmp_path / "dry" / "README.md").read_text().split("---\n", 2)
-    assert body == dry_body and {k: v for k, v in meta.items() if k != "dataset_info"} == yaml.safe_load(dry_head)
+    layout = {config: ["train", "test"] for config in ("default", "removed", "scored")}
+    local, hub = ("\n".join(loading_code(repo_id, layout, local)) for local in (True, False))
+    assert local in dry_body
+    assert body == dry_body.replace(local, hub) and {k: v for k, v in meta.items() if k != "dataset_info"} == yaml.safe_load(dry_head)
     assert {info["config_name"]: {s["name"]: s["num_examples"] for s in info["splits"]} for info in meta["dataset_info"]} \
         == {"default": {"train": 50, "test": 16}, "removed": {"train": 10, "test": 4}, "scored": {"train": 60, "test": 20}}
     # the Hub repo and the local folder load the same, config by config
@@ -197,15 +211,16 @@ def test_unreachable_endpoint(hub_env, monkeypatch):
 def test_dry_run_folder_must_be_new_empty_or_an_earlier_output(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(ValueError, match="is not empty and holds no earlier hf-ches output"):
-        write_local(tmp_path / "mine", publication("me/x").local_files())
+    with pytest.raises(ValueError, match="is not empty and holds no hf-ches output"):
+        dry_run(tmp_path / "mine", publication("me/x"))
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="is a file"):
-        check_output_dir(tmp_path / "file")
+        outputs.check(tmp_path / "file", "hf-ches filter")
 
-    first = write_local(tmp_path / "out", publication("me/x").local_files())
-    second = write_local(tmp_path / "out", publication("me/x", SelectionRule(threshold=100.0), CLEAN).local_files())
+    first = dry_run(tmp_path / "out", publication("me/x"))
+    with pytest.raises(ValueError, match="holds an earlier `hf-ches filter` output .*pass --overwrite"):
+        dry_run(tmp_path / "out", publication("me/x"))
+    second = dry_run(tmp_path / "out", publication("me/x", SelectionRule(threshold=100.0), CLEAN), overwrite=True)
     assert any(f.startswith("removed/") for f in first) and not any(f.startswith("removed/") for f in second)
-    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*") if p.is_file()) \
-        == second
+    assert written(tmp_path / "out") == second

@@ -338,8 +338,8 @@ def test_script_checks_the_hub_and_the_models_before_scoring(hub_env, pairs_file
     (tmp_path / "notes.txt").write_text("mine")
     assert script_error(capsys, monkeypatch, *data, "--model_name_or_path", tiny_model, "--output_dir",
                         str(tmp_path)) == (
-        f"ranking_accuracy_report.py: error: output_dir {str(tmp_path)!r} is not empty and holds no earlier hf-ches "
-        f"output ({REPORT_FILE}); choose a new or empty folder")
+        f"ranking_accuracy_report.py: error: output_dir {str(tmp_path)!r} is not empty and holds no hf-ches output; "
+        "choose a new or empty folder")
 
 
 def test_script_keeps_the_scores_when_the_push_fails(hub_env, pairs_file, tiny_model, monkeypatch, capsys):
@@ -431,8 +431,8 @@ def test_script_resumes_from_its_chunks(tiny_model, ref_model, tmp_path, monkeyp
     folders = sorted(set(cache.glob("*")) - before)
     assert [len(list(folder.glob("chunk-*.arrow"))) for folder in folders] == [2, 2]  # the policy's, the reference's
     seen.clear()
-    run_script(*common, monkeypatch=monkeypatch)
+    run_script(*common, "--overwrite", monkeypatch=monkeypatch)  # its earlier report is replaced only when asked
     assert seen == [] and (tmp_path / "out" / REPORT_FILE).read_text() == first
     (folders[0] / "chunk-00001-of-00002.arrow").unlink()
-    run_script(*common, monkeypatch=monkeypatch)
+    run_script(*common, "--overwrite", monkeypatch=monkeypatch)
     assert seen == [4] and (tmp_path / "out" / REPORT_FILE).read_text() == first

@@ -76,7 +76,7 @@ def test_failed_chunk_resumes(tiny_model, dataset, tmp_path, monkeypatch):
         write(scored, tmp)
 
     monkeypatch.setattr(runner, "_write_arrow", fail_on_last)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(runner.Interrupted, match="resumes from chunk 3 of 3"):
         runner.score_in_chunks(scorer, dataset, tmp_path, chunk_size=CHUNK)
     assert sorted(p.name for p in tmp_path.iterdir()) == [*runner.chunk_names(ROWS, CHUNK)[:2], runner.MANIFEST]
     monkeypatch.setattr(runner, "_write_arrow", write)
@@ -194,7 +194,7 @@ def test_filter_keeps_its_chunks_in_the_datasets_cache(tiny_model, tmp_path, cal
     assert any(len(list(m.parent.glob("chunk-*.arrow"))) == 3 for m in manifests), manifests
     first = (tmp_path / "out" / "scored" / "train-00000-of-00001.parquet").read_bytes()
     calls.clear()
-    assert cli.main(argv) == 0 and calls == []
+    assert cli.main([*argv, "--overwrite"]) == 0 and calls == []
     assert (tmp_path / "out" / "scored" / "train-00000-of-00001.parquet").read_bytes() == first
 
 
