@@ -43,7 +43,7 @@ from collections.abc import Sequence
 import numpy as np
 import psutil
 import torch
-from datasets import Dataset, disable_progress_bars
+from datasets import Dataset, disable_progress_bars, load_dataset
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from hf_ches import CHESScorer
@@ -51,8 +51,8 @@ from hf_ches.transform import default_token_budget, tokenizer_threads
 from hf_ches.batching import PairBatch, completion_positions, longest_first, pack, pack_rows, pad_right
 from hf_ches.models import load_model_and_tokenizer
 from hf_ches.pairs import PendingPairs, TokenizedPair, read_rows, tokenize_pairs
-from hf_ches.shipped import load_hh_rlhf_sample, load_shipped_pairs
-from hf_ches.testing import build_tokenizer, synthetic_text
+from hf_ches.shipped import load_shipped_pairs
+from hf_ches.testing import HH_RLHF_SAMPLE, build_tokenizer, real_data, synthetic_text
 
 SHAPES = {
     # hidden >= 256 and vocabulary >= 16k: the CPU target of the issue
@@ -96,13 +96,14 @@ def hh_shaped_pairs(n: int, seed: int = 0) -> dict[str, list]:
 
 
 def load_rows(data: str, n: int) -> dict[str, list]:
-    """``n`` preference rows: random text of UltraFeedback-like or HH-like lengths, the shipped HH-RLHF sample, or the
-    shipped synthetic pairs (standard format)."""
+    """``n`` preference rows: random text of UltraFeedback-like or HH-like lengths, the real HH-RLHF sample
+    (``hf_ches.testing.real_data``), or the shipped synthetic pairs (standard format)."""
     if data == "realistic":
         return realistic_pairs(n)
     if data == "hh-shaped":
         return hh_shaped_pairs(n)
-    ds = load_hh_rlhf_sample() if data == "hh" else load_shipped_pairs("standard")
+    real = data == "hh" and str(real_data(HH_RLHF_SAMPLE))
+    ds = load_dataset("json", data_files=real, split="train") if real else load_shipped_pairs("standard")
     ds = ds.select(range(min(n, len(ds))))
     return {column: ds[column] for column in ds.column_names if column in ("prompt", "chosen", "rejected")}
 
@@ -238,7 +239,7 @@ def main() -> None:
     parser.add_argument("--shape", default="cpu-small", choices=sorted(SHAPES), help="a random model of this shape")
     parser.add_argument("--model", default=None, choices=["smollm2"], help="a real model instead of --shape")
     parser.add_argument("--data", default="realistic", choices=["realistic", "hh-shaped", "hh", "shipped"],
-                        help="random text of UltraFeedback-like or HH-like lengths, the shipped HH-RLHF sample, or "
+                        help="random text of UltraFeedback-like or HH-like lengths, the real HH-RLHF sample, or "
                              "the shipped synthetic pairs")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--pairs", type=int, default=256)

@@ -1,7 +1,7 @@
 """What chunking costs: ``score_in_chunks`` (``hf_ches.runner``, what ``hf-ches score`` runs) against one plain
 ``scorer.map`` of the same rows with the same scorer. Not a test.
 
-Both runs score the real HH-RLHF sample that ships with hf-ches (``hf_ches.shipped.load_hh_rlhf_sample``), after a
+Both runs score the real HH-RLHF sample (``hf_ches.testing.real_data``: never in the repository), after a
 warm-up that loads the model and checks that both give the same rows, and both end with their result on disk: the
 plain map in its datasets cache file (never read back from an earlier run), the chunked run in a fresh folder of
 chunk files, read back as one dataset. The two runs alternate (which one goes first swaps every repeat) and the
@@ -24,12 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import Dataset, disable_progress_bars
+from datasets import Dataset, disable_progress_bars, load_dataset
 
 from hf_ches import CHESScorer
 from hf_ches.runner import chunk_names, score_in_chunks
-from hf_ches.shipped import load_hh_rlhf_sample
-from hf_ches.testing import build_tiny_model
+from hf_ches.testing import HH_RLHF_SAMPLE, build_tiny_model, real_data
 
 
 def same_rows(a: Dataset, b: Dataset) -> bool:
@@ -57,7 +56,7 @@ def main() -> None:
     logging.getLogger("hf_ches").setLevel(logging.ERROR)  # the boundary-shift warning of every chunked run
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = load_hh_rlhf_sample().select(range(args.pairs))
+    rows = load_dataset("json", data_files=str(real_data(HH_RLHF_SAMPLE)), split="train").select(range(args.pairs))
     with tempfile.TemporaryDirectory() as tmp:
         model = build_tiny_model(tmp, hidden_size=args.hidden_size, num_layers=args.num_layers,
                                  vocab_size=args.vocab_size)

@@ -14,11 +14,11 @@ import json
 import time
 
 import transformers
-from datasets import disable_progress_bars
+from datasets import disable_progress_bars, load_dataset
 
 from hf_ches import CHESScorer
 from hf_ches.models import DEFAULT_MODEL
-from hf_ches.shipped import load_hh_rlhf_sample
+from hf_ches.testing import HH_RLHF_SAMPLE, real_data
 
 NO_CACHE = dict(keep_in_memory=True, load_from_cache_file=False)  # every map scores; none reads a cache file
 
@@ -31,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     disable_progress_bars()
     transformers.logging.set_verbosity_error()  # the GGUF dtype notice is what is being measured here
-    pairs = load_hh_rlhf_sample().select(range(args.pairs))
+    pairs = load_dataset("json", data_files=str(real_data(HH_RLHF_SAMPLE)), split="train").select(range(args.pairs))
     scorers = {dtype: CHESScorer(DEFAULT_MODEL, dtype=dtype) for dtype in args.dtypes}
     for scorer in scorers.values():
         scorer.load()

@@ -1,6 +1,6 @@
 """Paper 1's percentile-subset experiment (Razin et al. 2024, Sec. 5), rerun on HH-RLHF with SmolLM2. Not a test.
 
-1. Score a seeded pool of HH-RLHF harmless pairs (``hf_ches/data/hh-rlhf-harmless``, the implicit-prompt format,
+1. Score a seeded pool of HH-RLHF harmless pairs (``hf_ches.testing.real_data``, the implicit-prompt format,
    TRL's tokens) with SmolLM2-135M-Instruct: ``ches``, ``ln_ches`` and the log-probs.
 2. Take ``--subset_size`` pairs centered at the 0th, 50th and 100th percentile of ``ln_ches`` and of ``ches`` (the
    paper's window rule, :func:`hf_ches.displacement.quantile_slice`), plus one seeded random subset.
@@ -37,9 +37,9 @@ from hf_ches import CHESScorer, LogProbScorer
 from hf_ches.displacement import quantile_slice
 from hf_ches.models import load_model_and_tokenizer
 from hf_ches.pairs import read_rows, tokenize_pairs
+from hf_ches.testing import HH_RLHF_SAMPLE, real_data
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "hf_ches" / "data" / "hh-rlhf-harmless" / "test-sample.jsonl"
 RESULTS = ROOT / "benchmarks" / "results"
 BETA = 0.1
 QUANTILES = {"bottom": 0.0, "middle": 0.5, "top": 1.0}
@@ -138,7 +138,8 @@ def plot(out: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(DATA), help="jsonl of {chosen, rejected} pairs (implicit prompt)")
+    parser.add_argument("--data", default=None, help="jsonl of {chosen, rejected} pairs (implicit prompt); default: "
+                                                     "the real HH-RLHF sample")
     parser.add_argument("--model_name_or_path", default="smollm2")
     parser.add_argument("--max_tokens", type=int, default=96,
                         help="keep pairs whose prompt + longer completion has at most this many tokens")
@@ -161,7 +162,9 @@ def main() -> None:
     # --- 1. the pool: pairs that fit, seeded draw, scored ---
     base, tokenizer = load_model_and_tokenizer(args.model_name_or_path, dtype="float32",
                                                device="cuda" if torch.cuda.is_available() else "cpu")
-    rows = [json.loads(line) for line in open(args.data, encoding="utf-8")]
+    data = args.data or real_data(HH_RLHF_SAMPLE)
+    data_name = relative(args.data) if args.data else f"real data: {HH_RLHF_SAMPLE}"  # no machine's folders
+    rows = [json.loads(line) for line in open(data, encoding="utf-8")]
     batch = {"chosen": [r["chosen"] for r in rows], "rejected": [r["rejected"] for r in rows]}
     pairs = tokenize_pairs(read_rows(batch, range(len(rows))), tokenizer, on_invalid="flag")
     fits = [p.index for p in pairs if p.scorable
@@ -195,8 +198,8 @@ def main() -> None:
     def save(complete: bool) -> dict:
         """Write what has been measured so far (``complete`` says whether every run is in)."""
         out = {
-            "model": args.model_name_or_path, "data": relative(args.data), "complete": complete,
-            "settings": vars(args) | {"data": relative(args.data), "output": relative(args.output), "beta": BETA,
+            "model": args.model_name_or_path, "data": data_name, "complete": complete,
+            "settings": vars(args) | {"data": data_name, "output": relative(args.output), "beta": BETA,
                                       "optimizer": "rmsprop", "lr_scheduler": "constant",
                                       "max_grad_norm": None, "learning_rate": lr,
                                       "num_threads": torch.get_num_threads()},

@@ -30,7 +30,7 @@ from huggingface_hub import DatasetCard, DatasetCardData
 
 from hf_ches import __version__
 from hf_ches.filtering import HIGH_SCORE, REASON_COLUMN, Selection, SelectionRule
-from hf_ches.pairs import SHIFT_COLUMN, extract_prompt
+from hf_ches.pairs import SHIFT_COLUMN, Columns, Row, read_rows
 
 CONFIGS = ("default", "removed", "scored")
 PLOT_PATH = "ches/score_histogram.png"
@@ -65,6 +65,9 @@ class RunInfo:
     source_revision: str | None = None  # commit sha of the source dataset when known
     source_license: str | None = None
     source_is_hub: bool = False
+    source_data_dir: str | None = None  # load_dataset's data_dir, data_files and the pair's columns, as read
+    source_data_files: list[str] | None = None
+    source_columns: dict[str, str] | None = None  # {"prompt_column": ..., ...}; None: TRL's names
     model: str | None = None
     model_revision: str | None = None
     model_commit: str | None = None
@@ -146,7 +149,9 @@ def scoring_record(info: RunInfo) -> dict[str, Any]:
     """
     return {
         "hf_ches_version": info.hf_ches_version,
-        "source": {"dataset": info.source_dataset, "config": info.source_config, "revision": info.source_revision},
+        "source": {"dataset": info.source_dataset, "config": info.source_config, "revision": info.source_revision,
+                   "data_dir": info.source_data_dir, "data_files": info.source_data_files,
+                   "columns": info.source_columns},
         "scoring": {name: getattr(info, name) for name in SCORING_FIELDS},
     }
 
@@ -223,10 +228,12 @@ def _cell(value: Any, limit: int = 160, end: bool = False) -> str:
     return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def _split_prompt(row: dict[str, Any]) -> dict[str, Any]:
-    """Prompt, chosen and rejected of a row as scored: an implicit prompt (no ``prompt`` column, as in HH-RLHF) is
-    extracted, so the table shows where the answers differ, not their shared dialogue twice."""
-    return row if "prompt" in row else extract_prompt(row)
+def _split_prompt(row: dict[str, Any], columns: dict[str, str] | None) -> Row:
+    """Prompt, chosen and rejected of a row as scored (`hf_ches.pairs.read_rows`): an implicit prompt (as in
+    HH-RLHF) is extracted, so the table shows where the answers differ, not their shared dialogue twice; other
+    layouts are converted to TRL's."""
+    return read_rows({name: [value] for name, value in row.items()}, [row["original_index"]], "flag",
+                     Columns.named(columns))[0]
 
 
 def _top_removed(selections: dict[str, Selection], column: str, k: int) -> list[tuple[float, str, dict]]:
@@ -339,9 +346,9 @@ def _body(repo_id: str, info: RunInfo, selections: dict[str, Selection], layout:
     lines += ["## Highest-scoring removed pairs", ""]
     if top:
         lines += [f"| {rule.score_column} | split | index | prompt | chosen | rejected |", "|---|---|---|---|---|---|"]
-        lines += [f"| {score:.4g} | {split} | {row['original_index']} | {_cell(pair['prompt'], end=True)} | "
-                  f"{_cell(pair['chosen'])} | {_cell(pair['rejected'])} |"
-                  for score, split, row in top for pair in [_split_prompt(row)]]
+        lines += [f"| {score:.4g} | {split} | {row['original_index']} | {_cell(pair.prompt, end=True)} | "
+                  f"{_cell(pair.chosen)} | {_cell(pair.rejected)} |"
+                  for score, split, row in top for pair in [_split_prompt(row, info.source_columns)]]
     else:
         lines.append("No pair was removed for its score.")
     scoring = record["scoring"]

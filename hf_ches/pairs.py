@@ -5,6 +5,11 @@ CHES and the DPO log-probabilities describe the tokens DPO trains on, so this mo
 * formats: *standard* (strings) or *conversational* (lists of ``{"role", "content"}`` messages), with an explicit
   ``prompt`` column or an implicit one (only ``chosen``/``rejected``: the prompt is their longest common prefix,
   TRL's ``extract_prompt``);
+* other layouts are first converted to TRL's conversational format (:data:`LAYOUTS`): LLaMA-Factory's ShareGPT
+  preference rows (``conversations`` of ``{"from", "value"}`` turns, ``chosen``/``rejected`` one such message each)
+  become ``prompt`` = the turns as ``{"role", "content"}`` messages (system / user / assistant), ``chosen`` and
+  ``rejected`` = ``[assistant message]``; columns under other names are read through :class:`Columns`
+  (``prompt_column``, ``chosen_column``, ``rejected_column`` of the scorers and the commands);
 * standard rows get the EOS token text appended to ``chosen``/``rejected`` when missing, then
   ``prompt_ids = tok(prompt)`` and ``chosen_ids = tok(prompt + chosen)[len(prompt_ids):]``;
 * conversational rows use the chat template: the prompt with ``add_generation_prompt=True``, prompt + completion as
@@ -42,6 +47,17 @@ from typing import Any, Literal
 OnInvalid = Literal["raise", "flag"]
 Boundary = Literal["trl", "strict"]
 SHIFT_COLUMN = "prompt_tokens_shifted"  # the scorer's column of TokenizedPair.prompt_shift
+SHAREGPT_PROMPT = "conversations"  # LLaMA-Factory's ShareGPT prompt column, read when there is no prompt column
+# ShareGPT speakers (LLaMA-Factory's role tags, OpenAI-style names included) -> TRL's chat roles
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+TEMPLATE_COLUMNS = ("tools", "chat_template_kwargs")  # per-row chat template arguments TRL honours
+LAYOUTS = (
+    "TRL standard: prompt, chosen, rejected strings",
+    "TRL conversational: prompt, chosen, rejected lists of {role, content} messages",
+    "TRL implicit prompt: chosen and rejected alone (strings or message lists that start with the prompt)",
+    "H4: a string prompt beside chosen, rejected message lists that repeat it",
+    "LLaMA-Factory ShareGPT: conversations (turns of {from, value}) beside chosen, rejected (one such message each)",
+)
 
 
 class PairError(ValueError):
@@ -50,6 +66,47 @@ class PairError(ValueError):
     def __init__(self, row: int, column: str, message: str):
         self.row, self.column, self.message = row, column, message  # message: what is wrong, without the place
         super().__init__(f"row {row}, column {column!r}: {message}")
+
+
+@dataclass(frozen=True)
+class Columns:
+    """The names of a dataset's prompt, chosen and rejected columns (TRL's by default).
+
+    Without its ``prompt`` column a row's prompt is ShareGPT's ``conversations`` when there is one, else it is
+    implicit (the start that ``chosen`` and ``rejected`` share).
+
+    >>> Columns(prompt="question").used(["question", "answer_a", "answer_b", "id"])
+    Traceback (most recent call last):
+    ...
+    hf_ches.pairs.PairError: row 0, column 'chosen': no preference pair layout fits the columns ['answer_a', \
+'answer_b', 'id', 'question'] (looked for chosen 'chosen', rejected 'rejected', prompt 'question'). Layouts read: \
+TRL standard: prompt, chosen, rejected strings; ...
+    """
+
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+
+    @classmethod
+    def named(cls, keywords: dict[str, str] | None) -> Columns:
+        """From the scorers' keywords, ``{"prompt_column": ..., "chosen_column": ..., "rejected_column": ...}``
+        (None: TRL's names)."""
+        return cls(**{key.removesuffix("_column"): name for key, name in (keywords or {}).items()})
+
+    def used(self, names: Sequence[str], row: int = 0) -> list[str]:
+        """The columns of ``names`` that pairs are read from (prompt or ``conversations``, chosen, rejected, the
+        chat template's), or the one :class:`PairError` of an unknown layout: it names ``row``, the columns found
+        and the layouts read."""
+        missing = [column for column in (self.chosen, self.rejected) if column not in names]
+        if self.prompt != "prompt" and self.prompt not in names:
+            missing.append(self.prompt)
+        if missing:
+            looked = f"chosen {self.chosen!r}, rejected {self.rejected!r}, prompt {self.prompt!r}"
+            raise PairError(row, missing[0], f"no preference pair layout fits the columns {sorted(names)} (looked "
+                            f"for {looked}). Layouts read: {'; '.join(LAYOUTS)}. Name your columns with "
+                            "--prompt_column, --chosen_column, --rejected_column (prompt_column=, ... in Python)")
+        prompt = self.prompt if self.prompt in names else SHAREGPT_PROMPT if SHAREGPT_PROMPT in names else None
+        return [c for c in (prompt, self.chosen, self.rejected, *TEMPLATE_COLUMNS) if c is not None and c in names]
 
 
 @dataclass(frozen=True)
@@ -102,16 +159,37 @@ def _describe(value: Any) -> str:
     return "None" if value is None else f"{type(value).__name__} {repr(value)[:60]}"
 
 
+def _chatml(message: dict, row: int, column: str) -> dict:
+    """A ShareGPT ``{"from", "value"}`` message as TRL's ``{"role", "content"}`` one; a TRL message as it is."""
+    if message.get("role") is not None or message.get("from") is None:
+        return message
+    speaker = message["from"]
+    if speaker not in SHAREGPT_ROLES:
+        raise PairError(row, column, f"ShareGPT speaker {speaker!r} is not one of {sorted(SHAREGPT_ROLES)} (tool "
+                        "turns, observation and function_call, need your chat template's tool messages: convert "
+                        "them to TRL's conversational format first)")
+    return {"role": SHAREGPT_ROLES[speaker], "content": message.get("value")}
+
+
+def _cell(value: Any, row: int, column: str) -> Any:
+    """One cell in TRL's format: a string, or a list of ``{"role", "content"}`` messages (a single message, as
+    LLaMA-Factory's ``chosen``/``rejected``, becomes a list of one; ShareGPT's messages are converted)."""
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+        return [_chatml(m, row, column) for m in value]
+    return value
+
+
 def _value_format(value: Any, row: int, column: str) -> str:
-    """Return ``"standard"`` or ``"conversational"`` for one cell, or raise naming the row and column."""
+    """Return ``"standard"`` or ``"conversational"`` for one cell (after :func:`_cell`), or raise naming the row and
+    column."""
     if isinstance(value, str):
         return "standard"
     if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
         for m in value:
             if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                hint = (" (ShareGPT's from/value messages: convert them first with "
-                        "`dataset.map(trl.data_utils.maybe_convert_to_chatml)`)" if "from" in m else "")
-                raise PairError(row, column, f"each message needs string 'role' and 'content', found {m!r}{hint}")
+                raise PairError(row, column, f"each message needs string 'role' and 'content', found {m!r}")
         return "conversational"
     raise PairError(row, column, f"expected a string or a non-empty list of messages, found {_describe(value)}")
 
@@ -135,15 +213,17 @@ def extract_prompt(example: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": chosen[:idx], "chosen": chosen[idx:], "rejected": rejected[idx:]}
 
 
-def read_rows(batch: dict[str, list], indices: Sequence[int], on_invalid: OnInvalid = "raise") -> list[Row]:
+def read_rows(batch: dict[str, list], indices: Sequence[int], on_invalid: OnInvalid = "raise",
+              columns: Columns = Columns()) -> list[Row]:
     """Check a batch of preference rows (a ``Dataset.map`` batch) and return one :class:`Row` per input row.
 
-    ``chosen`` and ``rejected`` of all rows must share one format; conversational completions must hold an
-    assistant turn. The prompt is the ``prompt`` column when it has the completions' format, else it is extracted
-    from the completions (TRL's ``maybe_extract_prompt``): a string prompt beside message lists that repeat the
-    user turn is ignored. A cell that is not a string or a list of messages (a CSV's missing value is None) raises
-    a :class:`PairError` that names every such row of the batch, or with ``on_invalid="flag"`` gives a flagged
-    row (``problem`` set).
+    ``columns`` names the prompt, chosen and rejected columns; a layout other than TRL's is converted first (module
+    docstring, :data:`LAYOUTS`). ``chosen`` and ``rejected`` of all rows must share one format; conversational
+    completions must hold an assistant turn. The prompt is the prompt column when it has the completions' format,
+    else it is extracted from the completions (TRL's ``maybe_extract_prompt``): a string prompt beside message lists
+    that repeat the user turn is ignored. A cell that is not a string or a list of messages (a CSV's missing value
+    is None) raises a :class:`PairError` that names every such row of the batch, or with ``on_invalid="flag"`` gives
+    a flagged row (``problem`` set). Errors name the dataset's own columns.
 
     >>> [row.problem for row in read_rows({"prompt": ["a", "b"], "chosen": [None, "x"], "rejected": ["y", "z"]},
     ...                                   [3, 4], on_invalid="flag")]
@@ -154,24 +234,33 @@ def read_rows(batch: dict[str, list], indices: Sequence[int], on_invalid: OnInva
     >>> user, yes, no = ({"role": r, "content": c} for r, c in [("user", "hi"), ("assistant", "y"), ("assistant", "n")])
     >>> read_rows({"prompt": ["hi"], "chosen": [[user, yes]], "rejected": [[user, no]]}, [7])[0].prompt
     [{'role': 'user', 'content': 'hi'}]
+    >>> row = read_rows({"conversations": [[{"from": "system", "value": "Be brief."}, {"from": "human", "value": "hi"}]],
+    ...                  "chosen": [{"from": "gpt", "value": "y"}], "rejected": [{"from": "gpt", "value": "n"}]}, [7])[0]
+    >>> [m["role"] for m in row.prompt], row.chosen
+    (['system', 'user'], [{'role': 'assistant', 'content': 'y'}])
+    >>> read_rows({"q": ["hi"], "good": [" yes"], "bad": [" no"]}, [7], columns=Columns("q", "good", "bad"))[0].chosen
+    ' yes'
     >>> read_rows({"prompt": ["hi"], "chosen": [None], "rejected": ["no"]}, [7])
     Traceback (most recent call last):
     ...
     hf_ches.pairs.PairError: row 7, column 'chosen': expected a string or a non-empty list of messages, found None
     """
     first = indices[0] if len(indices) else 0
-    for column in ("chosen", "rejected"):
-        if column not in batch:
-            raise PairError(first, column, f"missing column; found columns {sorted(batch)}")
-    n = len(batch["chosen"])
+    used = columns.used(list(batch), first)
+    prompt_column = used[0] if used[0] not in (columns.chosen, columns.rejected) else None
+    n = len(batch[columns.chosen])
     if n == 0:
-        raise PairError(first, "chosen", "no rows to score (empty dataset or batch)")
+        raise PairError(first, columns.chosen, "no rows to score (empty dataset or batch)")
     rows, batch_format, format_origin, bad = [], None, None, []
     for i in range(n):
         idx = int(indices[i])
         try:
-            formats = [(column, _value_format(batch[column][i], idx, column)) for column in ("chosen", "rejected")]
-            prompt_format = _value_format(batch["prompt"][i], idx, "prompt") if "prompt" in batch else None
+            cells = {"chosen": _cell(batch[columns.chosen][i], idx, columns.chosen),
+                     "rejected": _cell(batch[columns.rejected][i], idx, columns.rejected)}
+            formats = [(columns.chosen, _value_format(cells["chosen"], idx, columns.chosen)),
+                       (columns.rejected, _value_format(cells["rejected"], idx, columns.rejected))]
+            prompt = _cell(batch[prompt_column][i], idx, prompt_column) if prompt_column else None
+            prompt_format = _value_format(prompt, idx, prompt_column) if prompt_column else None
         except PairError as err:
             bad.append(err)
             rows.append(Row(idx, None, None, None, problem=f"column {err.column!r}: {err.message}"))
@@ -185,20 +274,20 @@ def read_rows(batch: dict[str, list], indices: Sequence[int], on_invalid: OnInva
                     f"{batch_format}: chosen and rejected of every row must share one format (strings or message "
                     "lists)"
                 )
-        cells = {"chosen": batch["chosen"][i], "rejected": batch["rejected"][i]}
         if prompt_format == batch_format:
-            cells["prompt"] = batch["prompt"][i]
+            cells["prompt"] = prompt
         else:
             cells = extract_prompt(cells)
             if batch_format == "conversational" and not cells["prompt"]:
-                ignored = " (the 'prompt' column, in another format, is ignored as TRL does)" if "prompt" in batch else ""
-                raise PairError(idx, "prompt", f"no prompt: chosen and rejected share no leading message{ignored}; "
-                                "give a 'prompt' column of messages, or start chosen and rejected with the prompt's "
-                                "messages")
+                ignored = (f" (the {prompt_column!r} column, in another format, is ignored as TRL does)"
+                           if prompt_column else "")
+                raise PairError(idx, prompt_column or columns.prompt, "no prompt: chosen and rejected share no "
+                                f"leading message{ignored}; give a prompt column of messages, or start chosen and "
+                                "rejected with the prompt's messages")
         if batch_format == "conversational":
-            for column in ("chosen", "rejected"):
+            for column, name in (("chosen", columns.chosen), ("rejected", columns.rejected)):
                 if not any(m["role"] == "assistant" for m in cells[column]):
-                    raise PairError(idx, column, "conversational completion without an assistant turn")
+                    raise PairError(idx, name, "conversational completion without an assistant turn")
         rows.append(Row(idx, cells["prompt"], cells["chosen"], cells["rejected"], _template_kwargs(batch, i)))
     if bad and on_invalid == "raise":
         others = (f"; rows {[err.row for err in bad[1:]]} cannot be read either (pass on_invalid='flag' to flag "

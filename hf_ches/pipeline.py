@@ -127,7 +127,10 @@ class RunResult:
 
 
 def _is_hub_id(name: str) -> bool:
-    return not os.path.exists(name) and not glob.has_magic(name) and Path(name).suffix not in DATA_FILE_BUILDERS
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+    return (not os.path.exists(name) and not glob.has_magic(name) and Path(name).suffix not in DATA_FILE_BUILDERS
+            and name not in _PACKAGED_DATASETS_MODULES)
 
 
 def folder_data_files(folder: str, config: str | None) -> dict[str, list[str]] | None:
@@ -187,10 +190,18 @@ def check_inputs(data: DataArguments, models: list[tuple[str | None, str | None]
 
 
 def load_source(args: DataArguments) -> DatasetDict:
-    """The requested splits of ``--dataset_name`` (Hub id, ``save_to_disk`` folder, dataset folder or data files)."""
-    name = args.dataset_name
-    if os.path.isdir(name) and (Path(name, "dataset_dict.json").is_file() or Path(name, "state.json").is_file()):
+    """The requested splits of ``--dataset_name`` (Hub id, ``save_to_disk`` folder, dataset folder, data files, or
+    a packaged builder such as ``json``), with ``--data_dir`` and ``--data_files`` passed to ``load_dataset``."""
+    name, within = args.dataset_name, dict(data_dir=args.data_dir, data_files=args.data_files)
+    saved = os.path.isdir(name) and (Path(name, "dataset_dict.json").is_file() or Path(name, "state.json").is_file())
+    if (saved or os.path.isfile(name)) and any(within.values()):
+        raise ValueError(f"--dataset_name {name!r} is {'a saved dataset' if saved else 'a data file'}: --data_dir and "
+                         "--data_files choose files within a Hub dataset or a folder (or give --dataset_name json "
+                         "--data_files FILE ...)")
+    if saved:
         loaded: Any = load_from_disk(name)
+    elif any(within.values()):
+        loaded = load_dataset(name, args.dataset_config, revision=args.dataset_revision, token=args.token, **within)
     elif os.path.isfile(name) or glob.has_magic(name) or Path(name).suffix in DATA_FILE_BUILDERS:
         files = sorted(glob.glob(name))
         empty = [f for f in files if os.path.getsize(f) == 0]
@@ -213,14 +224,17 @@ def load_source(args: DataArguments) -> DatasetDict:
 
 
 def source_metadata(args: DataArguments, dataset: DatasetDict) -> dict[str, Any]:
-    """Source fields of `RunInfo`: for a Hub dataset the commit sha and the license of the card at that commit;
-    for local data the license in its dataset info."""
+    """Source fields of `RunInfo`: the data files read (``--data_dir``, ``--data_files``) and the pair's columns when
+    not TRL's names; for a Hub dataset the commit sha and the license of the card at that commit; for local data the
+    license in its dataset info."""
+    read = {"source_data_dir": args.data_dir, "source_data_files": args.data_files,
+            "source_columns": args.pair_columns()}
     if not _is_hub_id(args.dataset_name):
         license_ = next((ds.info.license for ds in dataset.values() if ds.info.license), None)
-        return {"source_is_hub": False, "source_license": license_}
+        return read | {"source_is_hub": False, "source_license": license_}
     from huggingface_hub import DatasetCard, HfApi
 
-    api, found = HfApi(token=args.token), {"source_is_hub": True}
+    api, found = HfApi(token=args.token), read | {"source_is_hub": True}
     try:  # provenance is best effort: the data itself loaded fine
         found["source_revision"] = api.dataset_info(args.dataset_name, revision=args.dataset_revision).sha
         readme = api.hf_hub_download(args.dataset_name, "README.md", repo_type="dataset",
@@ -315,7 +329,7 @@ def run(data: DataArguments, scoring: ScoringArguments | None = None, selection:
     if scoring.model_name_or_path:
         from hf_ches.transform import CHESScorer
 
-        scorer = CHESScorer(scoring.model_name_or_path, **scoring.scorer_options())
+        scorer = CHESScorer(scoring.model_name_or_path, **scoring.scorer_options(), **data.pair_columns())
         dataset = score_splits(scorer, scoring, dataset, resume,
                                Path(output.output_dir, CHUNKS_DIR) if stage == "score" else None)
     if not is_main_process():  # under a launcher, rank 0 alone writes and pushes

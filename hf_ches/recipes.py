@@ -58,13 +58,26 @@ class DataArguments:
     _argument_group_name = "data arguments"
 
     dataset_name: str = field(metadata={"help": "Hub dataset id, local folder, or data files (*.jsonl, *.json, "
-                                                "*.parquet, *.csv; globs allowed) of preference pairs (TRL's standard "
-                                                "or conversational format)."})
+                                                "*.parquet, *.csv; globs allowed) of preference pairs (TRL's standard, "
+                                                "conversational or implicit-prompt format, H4's, or LLaMA-Factory's "
+                                                "ShareGPT preference format)."})
     dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    data_dir: str | None = field(default=None, metadata={
+        "help": "Folder of the dataset's data files to read (load_dataset's data_dir), e.g. harmless-base of "
+                "Anthropic/hh-rlhf."})
+    data_files: list[str] | None = field(default=None, metadata={
+        "help": "Data files of the dataset to read, one or several paths or globs (load_dataset's data_files), "
+                "relative to a Hub dataset or a local folder; with a packaged builder (--dataset_name json) any local "
+                "files. They make one split, train."})
     dataset_revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of a Hub dataset."})
     dataset_splits: list[str] | None = field(default=None, metadata={
         "help": "Splits to process, each separately; all when not given (validate: one split, train when not "
                 "given)."})
+    prompt_column: str = field(default="prompt", metadata={
+        "help": "Column of the prompts (without it: ShareGPT's conversations, or the start chosen and rejected "
+                "share)."})
+    chosen_column: str = field(default="chosen", metadata={"help": "Column of the preferred answers."})
+    rejected_column: str = field(default="rejected", metadata={"help": "Column of the dispreferred answers."})
     token: str | None = field(default=None, repr=False, metadata={
         "help": "Hub token (to read private data and models, and to push); when not given: HF_TOKEN or the saved "
                 "login (hf auth login)."})
@@ -74,6 +87,17 @@ class DataArguments:
             raise ValueError("--dataset_name: expected a Hub dataset id, a folder or data files, found nothing")
         if self.dataset_splits is not None and not self.dataset_splits:
             raise ValueError("--dataset_splits: expected at least one split name")
+        if isinstance(self.data_files, str):  # one path or glob, as load_dataset takes it
+            object.__setattr__(self, "data_files", [self.data_files])
+        if self.data_files is not None and not self.data_files:
+            raise ValueError("--data_files: expected at least one path or glob")
+        for name in ("prompt_column", "chosen_column", "rejected_column"):
+            if not getattr(self, name):
+                raise ValueError(f"--{name}: expected a column name, found nothing")
+
+    def pair_columns(self) -> dict[str, str]:
+        """The keyword arguments of the scorers that name the pair's columns (`hf_ches.pairs.Columns`)."""
+        return {name: getattr(self, name) for name in ("prompt_column", "chosen_column", "rejected_column")}
 
 
 @dataclass(frozen=True)

@@ -421,14 +421,15 @@ def sample(dataset: DatasetDict, num_samples: int | None, seed: int) -> DatasetD
 
 
 def score_models(dataset: DatasetDict, scoring: ScoringArguments, report: ReportArguments,
-                 resume: ResumeArguments) -> tuple[DatasetDict, Any, list]:
+                 resume: ResumeArguments, columns: dict[str, str] | None = None) -> tuple[DatasetDict, Any, list]:
     """The policy's log-prob columns (and the reference's, ``ref_`` in front) on every split, each model's scored
-    from the rows alone, in chunks kept in the datasets cache (`hf_ches.runner.score_in_chunks`), with the rows that
-    ``--on_invalid flag`` flagged left out; returns the scored splits and the two scorers."""
+    from the rows alone (read from ``columns``, `DataArguments.pair_columns`), in chunks kept in the datasets cache
+    (`hf_ches.runner.score_in_chunks`), with the rows that ``--on_invalid flag`` flagged left out; returns the
+    scored splits and the two scorers."""
     from hf_ches import LogProbScorer
     from hf_ches.runner import score_in_chunks
 
-    options = scoring.scorer_options()
+    options = scoring.scorer_options() | (columns or {})
     policy = LogProbScorer(scoring.model_name_or_path, **options)
     scorers = [policy]
     if report.ref_model_name_or_path:
@@ -476,7 +477,7 @@ def run_report(data: DataArguments, scoring: ScoringArguments, sampling: Samplin
     config_name = report_args.config_name or run_name(scoring.model_name_or_path)
     repo_id = check_report_hub(data, hub, config_name, output.overwrite)
     sampled = sample(dataset, sampling.num_samples, sampling.seed)
-    dataset, policy, reference = score_models(sampled, scoring, report_args, resume)
+    dataset, policy, reference = score_models(sampled, scoring, report_args, resume, data.pair_columns())
     if not is_main_process():
         return None
     results, per_example = {}, {}
@@ -487,6 +488,7 @@ def run_report(data: DataArguments, scoring: ScoringArguments, sampling: Samplin
     report = build_report(
         results,
         dataset={"name": data.dataset_name, "config": data.dataset_config, "revision": data.dataset_revision,
+                 "data_dir": data.data_dir, "data_files": data.data_files, "columns": data.pair_columns(),
                  "splits": list(dataset), "preference_column": report_args.preference_column,
                  "num_samples": {split: len(rows) for split, rows in dataset.items()},
                  "num_samples_requested": sampling.num_samples, "sample_seed": sampling.seed,

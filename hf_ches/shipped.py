@@ -15,9 +15,6 @@ different rows in each:
 
 Both carry ``id`` (``"<category>-NNN"``, unique over both files), ``category``, ``format``, ``near_duplicate`` and
 ``edit`` (``"word"`` or ``"sentence"`` on near-duplicates, else ``None``).
-
-Real human preference data ships too: 1,156 pairs of Anthropic's HH-RLHF harmless-base test split (MIT, card and
-license in ``hf_ches/data/hh-rlhf-harmless/``), in TRL's implicit-prompt string format (:func:`load_hh_rlhf_sample`).
 """
 
 from __future__ import annotations
@@ -32,7 +29,6 @@ SHIPPED_FILES = {
     "standard": SHIPPED_DATA_DIR / "pairs_standard.jsonl",
     "conversational": SHIPPED_DATA_DIR / "pairs_conversational.jsonl",
 }
-HH_RLHF_FILE = SHIPPED_DATA_DIR / "hh-rlhf-harmless" / "test-sample.jsonl"
 
 _METADATA = {
     "id": datasets.Value("string"),
@@ -86,13 +82,3 @@ def load_shipped_pairs(
         "json", data_files=str(SHIPPED_FILES[fmt]), features=SHIPPED_FEATURES[fmt], split="train"
     )
 
-
-def load_hh_rlhf_sample() -> datasets.Dataset:
-    """The shipped HH-RLHF harmless-base sample: 1,156 real human preference pairs, ``chosen``/``rejected`` strings
-    holding the whole dialogue (TRL's implicit prompt).
-
-    >>> hh = load_hh_rlhf_sample()
-    >>> len(hh), hh.column_names, hh[0]["chosen"][:30]
-    (1156, ['chosen', 'rejected'], '\\n\\nHuman: How much alcohol can ')
-    """
-    return datasets.load_dataset("json", data_files=str(HH_RLHF_FILE), split="train")

@@ -30,7 +30,16 @@ import torch
 from hf_ches import loading
 from hf_ches.batching import PairBatch, longest_first
 from hf_ches.forward import encode, encode_shared
-from hf_ches.pairs import SHIFT_COLUMN, Boundary, OnInvalid, PairError, PendingPairs, read_rows, tokenize_pairs
+from hf_ches.pairs import (
+    SHIFT_COLUMN,
+    Boundary,
+    Columns,
+    OnInvalid,
+    PairError,
+    PendingPairs,
+    read_rows,
+    tokenize_pairs,
+)
 from hf_ches.scores import SCORES, ScoreInputs
 
 logger = logging.getLogger(__name__)
@@ -128,6 +137,8 @@ class CHESScorer:
             (the exact output-embedding eNTK displacement, see :mod:`hf_ches.scores`), ``"edit_distance"``,
             ``"last_hidden_ip"``. Only ``logps`` and ``entk_w`` apply the output embedding.
         fingerprint: names the weights of an in-memory model, replacing its sampled identity.
+        prompt_column, chosen_column, rejected_column: where the rows keep the pair, when not under TRL's names
+            (:class:`hf_ches.pairs.Columns`). Part of the ``datasets`` fingerprint when not TRL's names.
         prefix_sharing: compute each pair's prompt once, in one pass with both answers
             (:func:`hf_ches.forward.encode_shared`), where the model's attention takes the layout
             (:func:`hf_ches.forward.inspect_sharing`; otherwise each sequence runs whole). The outputs agree to
@@ -148,7 +159,8 @@ class CHESScorer:
     score_columns: dict[str, tuple[str, ...]] = {name: score.columns for name, score in SCORES.items()}
 
     def __init__(self, model: str | torch.nn.Module, tokenizer: Any = None, *, fingerprint: str | None = None,
-                 prefix_sharing: bool = True, **options):
+                 prefix_sharing: bool = True, prompt_column: str = "prompt", chosen_column: str = "chosen",
+                 rejected_column: str = "rejected", **options):
         unknown = set(options) - set(self.config_class.__dataclass_fields__) - {"model"}
         if unknown:
             raise TypeError(f"unknown {type(self).__name__} options {sorted(unknown)}")
@@ -163,6 +175,7 @@ class CHESScorer:
             raise ValueError(f"scores must be a non-empty subset of {tuple(self.score_columns)}, got {names}")
         self.identity = loading.identify(model, tokenizer, self.config, fingerprint)
         self.run = RunOptions(prefix_sharing)
+        self.pair_columns = Columns(prompt_column, chosen_column, rejected_column)
 
     # --- pickling: settings and identity only (fast, process-independent hashing; workers load the model) ---
     def __getstate__(self) -> dict:
@@ -170,13 +183,17 @@ class CHESScorer:
 
         if "datasets" in sys.modules:  # only datasets hashes: then it must not see the run options
             _hash_run_options_alike()
-        return {"config": self.config, "identity": self.identity, "version": __version__, "run": self.run}
+        state = {"config": self.config, "identity": self.identity, "version": __version__, "run": self.run}
+        if self.pair_columns != Columns():  # TRL's names leave the fingerprint as it was before there was a choice
+            state["columns"] = self.pair_columns
+        return state
 
     def __setstate__(self, state: dict) -> None:
         self.config, self.identity, self.run = state["config"], state["identity"], state["run"]
+        self.pair_columns = state.get("columns", Columns())
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({asdict(self.config) | asdict(self.run)})"
+        return f"{type(self).__name__}({asdict(self.config) | asdict(self.run) | asdict(self.pair_columns)})"
 
     def shares_prefixes(self, loaded: loading.Loaded) -> bool:
         """Whether this scorer computes each prompt once with ``loaded``'s model (asked for, and supported)."""
@@ -220,7 +237,7 @@ class CHESScorer:
         kwargs = dict(batched=True, with_indices=True) | map_kwargs
         if isinstance(dataset, Dataset):
             if len(dataset) == 0:  # Dataset.map never calls the function on an empty dataset
-                raise PairError(0, "chosen", "no rows to score: the dataset is empty")
+                raise PairError(0, self.pair_columns.chosen, "no rows to score: the dataset is empty")
             kwargs.setdefault("desc", "Scoring preference pairs")
         if dataset.features is not None:
             kwargs.setdefault("features", Features({**dataset.features, **self.output_features()}))
@@ -241,7 +258,8 @@ class CHESScorer:
         i, cfg = int(rows[0]), self.config
         tokenizer = self.load().tokenizer if cfg.model == loading.IN_MEMORY else load_tokenizer(
             cfg.model, revision=cfg.revision, gguf_file=cfg.gguf_file, chat_template=cfg.chat_template)
-        pair = tokenize_pairs(read_rows(dataset[i : i + 1], [i]), tokenizer, self.config.max_length, "flag")[0]
+        example = read_rows(dataset[i : i + 1], [i], columns=self.pair_columns)
+        pair = tokenize_pairs(example, tokenizer, self.config.max_length, "flag")[0]
         logger.warning(
             "%d of %d rows: the tokenized prompt is not a prefix of the tokenized prompt+completion, so the last "
             "prompt tokens move into the completion, as TRL's DPOTrainer trains these rows (column %r counts them; "
@@ -259,8 +277,8 @@ class CHESScorer:
             indices = [i + index_offset for i in indices]
         loaded, cfg = self.load(rank), self.config
         try:
-            rows = read_rows(batch, indices if indices is not None else range(len(batch.get("chosen", []))),
-                             cfg.on_invalid)
+            rows = read_rows(batch, indices if indices is not None else range(len(next(iter(batch.values()), []))),
+                             cfg.on_invalid, self.pair_columns)
             pairs = PendingPairs(rows, loaded.tokenizer, cfg.max_length, cfg.on_invalid,
                                  tokenizer_threads(len(rows)), boundary=cfg.boundary)
             return self._columns(pairs, loaded)

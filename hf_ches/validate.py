@@ -283,8 +283,8 @@ def run(data: DataArguments, scoring: ScoringArguments | None = None, sampling: 
     model, tokenizer = load_model_and_tokenizer(scoring.model_name_or_path, revision=scoring.model_revision,
                                                 dtype=scoring.dtype, device=device)
     params = [p for _, p in select_parameters(model, options.parameters)]
-    columns = forward_columns(sample, model, tokenizer, scoring, options)
-    columns |= step_columns(sample, model, tokenizer, params, scoring, options)
+    columns = forward_columns(sample, model, tokenizer, scoring, options, data.pair_columns())
+    columns |= step_columns(sample, model, tokenizer, params, scoring, options, data.pair_columns())
     results = {
         "options": {k: v for g in groups.values() for k, v in asdict(g).items()
                     if k not in ("token", "dataset_splits")} | {"dataset_split": split},
@@ -308,37 +308,39 @@ def run(data: DataArguments, scoring: ScoringArguments | None = None, sampling: 
 
 
 def forward_columns(sample: Any, model: torch.nn.Module, tokenizer: Any, scoring: ScoringArguments,
-                    options: ValidateArguments) -> dict[str, np.ndarray]:
-    """``row_index`` and the columns of the scores that `CHESScorer` computes (the forward-pass scores)."""
+                    options: ValidateArguments, columns: dict[str, str]) -> dict[str, np.ndarray]:
+    """``row_index`` and the columns of the scores that `CHESScorer` computes (the forward-pass scores), the pairs
+    read from ``columns`` (`DataArguments.pair_columns`)."""
     from datasets import disable_progress_bars, enable_progress_bars
 
     from hf_ches.report import ROW_INDEX
     from hf_ches.transform import CHESScorer
 
-    columns: dict[str, np.ndarray] = {ROW_INDEX: np.asarray(sample[ROW_INDEX])}
+    out: dict[str, np.ndarray] = {ROW_INDEX: np.asarray(sample[ROW_INDEX])}
     forward_scores = tuple(s for s in options.scores if s not in KERNEL_SCORES)
     (enable_progress_bars if options.progress else disable_progress_bars)()
     if forward_scores:
         settings = {k: v for k, v in scoring.scorer_options().items()
                     if k in ("max_length", "token_budget", "on_invalid", "boundary", "prefix_sharing")}  # model loaded
-        scorer = CHESScorer(model, tokenizer, scores=forward_scores, **settings)
-        scored = scorer.map(sample.select_columns([c for c in ("prompt", "chosen", "rejected")
-                                                  if c in sample.column_names]), **scoring.map_options("Scoring"))
-        columns |= {c: np.asarray(scored[c], dtype=np.float64) for c in score_columns(forward_scores)}
-    return columns
+        scorer = CHESScorer(model, tokenizer, scores=forward_scores, **settings, **columns)
+        pairs = sample.select_columns(scorer.pair_columns.used(sample.column_names))
+        scored = scorer.map(pairs, **scoring.map_options("Scoring"))
+        out |= {c: np.asarray(scored[c], dtype=np.float64) for c in score_columns(forward_scores)}
+    return out
 
 
 def step_columns(sample: Any, model: torch.nn.Module, tokenizer: Any, params: list[torch.nn.Parameter],
-                 scoring: ScoringArguments, options: ValidateArguments) -> dict[str, np.ndarray]:
+                 scoring: ScoringArguments, options: ValidateArguments, columns: dict[str, str]
+                 ) -> dict[str, np.ndarray]:
     """One `dpo_step` per pair of ``sample``: the kernel scores and `MEASURED` (NaN for an unscorable pair)."""
     from tqdm.auto import tqdm
 
-    from hf_ches.pairs import read_rows, tokenize_pairs
+    from hf_ches.pairs import Columns, read_rows, tokenize_pairs
     from hf_ches.report import ROW_INDEX
 
     batch = sample.remove_columns(ROW_INDEX).to_dict()
-    pairs = tokenize_pairs(read_rows(batch, list(sample[ROW_INDEX])), tokenizer, scoring.max_length,
-                           scoring.on_invalid, scoring.boundary)
+    rows = read_rows(batch, list(sample[ROW_INDEX]), columns=Columns.named(columns))
+    pairs = tokenize_pairs(rows, tokenizer, scoring.max_length, scoring.on_invalid, scoring.boundary)
     stepped = []
     for pair in tqdm(pairs, desc="One DPO step per pair", disable=not options.progress):
         if not pair.scorable:

@@ -8,7 +8,7 @@ import pytest
 from datasets import Dataset
 
 from hf_ches import CHESScorer
-from hf_ches.pairs import PairError
+from hf_ches.pairs import LAYOUTS, PairError
 from hf_ches.testing import synthetic_pairs
 
 
@@ -25,7 +25,27 @@ def assert_error(tiny_model, rows, row, column, words):
 
 
 def test_missing_column(tiny_model):
-    assert_error(tiny_model, {"prompt": ["a"], "chosen": ["b"]}, 0, "rejected", "missing column")
+    assert_error(tiny_model, {"prompt": ["a"], "chosen": ["b"]}, 0, "rejected",
+                 "no preference pair layout fits the columns ['chosen', 'prompt']")
+
+
+def test_unknown_layout_gets_one_error_naming_the_columns_and_the_layouts(tiny_model):
+    rows = {"question": ["a", "b"], "response_j": [" x", " y"], "response_k": [" z", " w"]}
+    with pytest.raises(PairError) as info:
+        score(tiny_model, rows)
+    message = str(info.value)
+    assert message.startswith("row 0, column 'chosen': no preference pair layout fits the columns ['question', "
+                              "'response_j', 'response_k']")
+    assert all(layout in message for layout in LAYOUTS) and "--chosen_column" in message
+    with pytest.raises(PairError, match="row 0, column 'query': no preference pair layout"):  # a mapped name, absent
+        score(tiny_model, rows, prompt_column="query", chosen_column="response_j", rejected_column="response_k")
+
+
+def test_unknown_sharegpt_speaker(tiny_model):
+    turn = {"from": "observation", "value": "42"}
+    rows = [{"conversations": [{"from": "human", "value": "hi"}, turn], "chosen": {"from": "gpt", "value": "y"},
+             "rejected": {"from": "gpt", "value": "n"}}]
+    assert_error(tiny_model, rows, 0, "conversations", "ShareGPT speaker 'observation' is not one of")
 
 
 def test_none_completion(tiny_model):

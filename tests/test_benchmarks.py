@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from hf_ches.testing import HH_RLHF_SAMPLE
+from tests.plugins.real_data import real_file
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,6 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
     ],
 )
 def test_script_runs(script, args, expected):
+    if script == "bench_chunks.py" or "hh" in args:
+        real_file(HH_RLHF_SAMPLE)  # these read the real HH-RLHF sample: skipped, saying why, where it is absent
     env = os.environ | {"PYTHONPATH": str(ROOT), "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)

@@ -73,7 +73,8 @@ def test_provenance_block_matches_the_run_json(selections, info):
     meta, _ = front_matter(render_card(REPO, info, selections))
     record = meta["hf_ches"]
     assert record == json.loads(run_json_bytes(info, selections)) == json.loads(json.dumps(run_record(info, selections)))
-    assert record["source"] == {"dataset": "org/prefs", "config": "main", "revision": "a" * 40}
+    assert record["source"] == {"dataset": "org/prefs", "config": "main", "revision": "a" * 40, "data_dir": None,
+                                "data_files": None, "columns": None}
     assert record["scoring"]["model_commit"] == "b" * 40 and record["scoring"]["chat_template_sha256"] == "c" * 64
     assert record["scoring"]["dtype"] == "bfloat16" and record["scoring"]["max_length"] == 1024
     assert record["selection"] == {"score_column": "ln_ches", "rule": "remove_top", "value": 0.1, "group_by": None,

@@ -1,4 +1,5 @@
-"""The shipped HH-RLHF sample (real human preference pairs) with SmolLM2-135M-Instruct's real tokenizer.
+"""1,156 real HH-RLHF pairs (harmless-base, split test; read from the real-data folder, `hf_ches.testing.real_data`,
+and skipped where it is absent) with SmolLM2-135M-Instruct's real tokenizer.
 
 HH-RLHF's implicit prompt often ends inside a word, so about one row in ten has a tokenized prompt that is not a
 token prefix of prompt + completion. These tests hold us to TRL 1.16's DPOTrainer on every row: the same token ids,
@@ -9,6 +10,7 @@ and no lost row. The model is a tiny random one carrying the real tokenizer; the
 
 from __future__ import annotations
 
+import gzip
 import json
 import runpy
 import sys
@@ -22,15 +24,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from hf_ches import CHESScorer, cli
 from hf_ches.card import RUN_JSON_PATH
 from hf_ches.pairs import read_rows, tokenize_pairs
-from hf_ches.shipped import HH_RLHF_FILE, load_hh_rlhf_sample
+from hf_ches.testing import HH_RLHF_SAMPLE
 from tests.plugins.models import assert_matches_reference, reference_pair, trl_prepare
+from tests.plugins.real_data import real_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def hh() -> Dataset:
-    return load_hh_rlhf_sample()
+    return real_rows(HH_RLHF_SAMPLE)
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +106,26 @@ def test_ranking_accuracy_report_on_hh(hh_file, smollm2_tiny_model, tmp_path, mo
     assert report["scoring"]["boundary"] == "trl"
 
 
-def test_the_shipped_file_is_the_sample_with_its_license():
-    assert HH_RLHF_FILE.is_file() and (HH_RLHF_FILE.parent / "LICENSE").read_text().startswith("MIT License")
-    assert len(HH_RLHF_FILE.read_text().splitlines()) == 1156
+
+def test_publish_from_the_hub_with_data_dir(hub_env, hh_file, smollm2_tiny_model, tmp_path):
+    """The HH-RLHF command as a user runs it (``--dataset_name Anthropic/hh-rlhf --data_dir harmless-base
+    --dataset_splits test``), against a loopback Hub repo laid out as the real one: real rows (the first 96 of the
+    sample, to keep the test short) gzipped under ``harmless-base/``, beside a folder the command must not read."""
+    from huggingface_hub import HfApi
+
+    source, target = hub_env.repo_id("hh-rlhf"), hub_env.repo_id("hh-rlhf-ches")
+    api = HfApi(token=hub_env.token)
+    api.create_repo(source, repo_type="dataset")
+    test_file = tmp_path / "test.jsonl.gz"
+    test_file.write_bytes(gzip.compress(Path(hh_file).read_bytes()))
+    api.upload_file(path_or_fileobj=str(test_file), path_in_repo="harmless-base/test.jsonl.gz", repo_id=source,
+                    repo_type="dataset")
+    api.upload_file(path_or_fileobj=b"not json", path_in_repo="helpful-base/test.jsonl.gz", repo_id=source,
+                    repo_type="dataset")
+    assert cli.main(["publish", "--dataset_name", source, "--data_dir", "harmless-base", "--dataset_splits", "test",
+                     "--model_name_or_path", smollm2_tiny_model, "--push_to_hub", "--repo_id", target]) == 0
+    scored = load_dataset(target, "scored", split="test")
+    assert len(scored) == 96 and not any(x != x for x in scored["ln_ches"])
+    run = json.loads(Path(api.hf_hub_download(target, RUN_JSON_PATH, repo_type="dataset")).read_text())
+    assert run["source"]["data_dir"] == "harmless-base" and run["source"]["revision"]
+    assert f"--dataset_name {source} --data_dir harmless-base --dataset_splits test" in run["command"]

@@ -1,9 +1,11 @@
-"""The repository stands alone: no file points outside it, and every `docs/` section the files cite exists."""
+"""The repository stands alone: no file points outside it, every `docs/` section the files cite exists, and neither
+the repository nor the wheel holds third-party data."""
 
 from __future__ import annotations
 
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,15 +21,20 @@ CITATION = re.compile(r"docs/([\w-]+\.md)`{0,2}(?:\s*§\s*(\d+(?:\.\d+)*)(?:\s*[
 HEADING = re.compile(r"^#+ (\d+(?:\.\d+)*)\.? ", re.MULTILINE)
 
 
-def repository_texts() -> dict[str, str]:
-    """Tracked and new (not ignored) text files of the checkout, by path."""
+def tracked_files() -> list[str]:
+    """Tracked and new (not ignored) files of the checkout that exist in the working tree (``git ls-files``)."""
     try:
         listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                                 capture_output=True, text=True, check=True).stdout.splitlines()
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout")
+    return [path for path in listed if (ROOT / path).is_file()]
+
+
+def repository_texts() -> dict[str, str]:
+    """Tracked and new (not ignored) text files of the checkout, by path."""
     texts = {}
-    for path in listed:
+    for path in tracked_files():
         try:
             texts[path] = (ROOT / path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):  # deleted in the working tree, or binary
@@ -63,3 +70,59 @@ def test_every_cited_docs_section_exists():
                 assert number in sections(texts[f"docs/{name}"]), f"{where}: docs/{name} has no section §{number}"
                 cited += 1
     assert cited, "no file cites a docs/ section: is CITATION still right?"
+
+
+# Data files the repository may hold: our own synthetic pairs, and benchmark results (figures, row indices, counts).
+OUR_DATA = re.compile(r"hf_ches/data/pairs_[a-z]+\.jsonl|benchmarks/results/[\w./-]+")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".arrow", ".gz", ".zip", ".tar")
+
+
+def _words(text: str, n: int = 10) -> set[str]:
+    """Every run of ``n`` consecutive words of ``text`` (lower case, punctuation and spacing ignored): a quoted
+    sentence shows up whatever table or markup it was pasted into.
+
+    >>> sorted(_words("A b, C d!", n=3))
+    ['a b c', 'b c d']
+    """
+    words = re.findall(r"\w+", text.lower())
+    return {" ".join(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def test_no_third_party_data_is_tracked():
+    import pyarrow.parquet as pq
+
+    data = [path for path in tracked_files() if path.endswith(DATA_SUFFIXES)]
+    assert data and not [path for path in data if not OUR_DATA.fullmatch(path)]
+    for path in (p for p in data if p.endswith(".parquet")):  # result tables: numbers only, no text column
+        schema = pq.read_schema(ROOT / path)
+        assert all(schema.field(name).type != "string" for name in schema.names), (path, schema.names)
+
+
+def test_no_file_quotes_the_real_data():
+    """No tracked text (README, docs, docstrings, results, our own pairs) holds ten words in a row of the real
+    third-party files the tests read."""
+    from hf_ches.testing import HH_RLHF_SAMPLE, LLAMAFACTORY_DPO
+    from tests.plugins.real_data import real_file
+
+    real = set()
+    for name in (HH_RLHF_SAMPLE, *LLAMAFACTORY_DPO):
+        real |= _words(real_file(name).read_text(encoding="utf-8"))
+    quoted = {path: sorted(found)[:3] for path, text in repository_texts().items() if (found := _words(text) & real)}
+    assert not quoted, quoted
+
+
+def test_the_wheel_holds_no_third_party_data(tmp_path):
+    """The wheel built from the tracked files holds the package's code, its own synthetic pairs and their card."""
+    import zipfile
+
+    source = tmp_path / "source"
+    for path in tracked_files():
+        (source / path).parent.mkdir(parents=True, exist_ok=True)
+        (source / path).write_bytes((ROOT / path).read_bytes())
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
+                    "-w", str(tmp_path / "wheel"), str(source)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "wheel").glob("hf_ches-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    allowed = re.compile(r"hf_ches/[\w/]+\.py|hf_ches/data/(README\.md|pairs_[a-z]+\.jsonl)|hf_ches-[\w.]+\.dist-info/\w+(\.txt)?")
+    assert "hf_ches/data/pairs_standard.jsonl" in names
+    assert not [name for name in names if not allowed.fullmatch(name)]

@@ -7,7 +7,8 @@ The product's modules import none of them, apart from the demo (and doctests).
 - this module: tiny random models, a locally trained tokenizer and synthetic preference rows, built in seconds;
 - ``hub_server``: a server that speaks the Hub's HTTP protocol on 127.0.0.1 (stdlib only);
 - ``local_hub``: ``LocalHub`` runs that server for a ``with`` block; ``clients_pointed_at`` points
-  huggingface_hub and datasets at it.
+  huggingface_hub and datasets at it;
+- :func:`real_data`: where the real third-party preference files are, which the repository never holds.
 
 Tests, benchmarks and examples share these builders so that every part of the project is exercised on the same
 kind of model: a real ``transformers`` architecture with random weights, saved to disk and loaded back by path,
@@ -22,6 +23,7 @@ exactly as a user's model would be.
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from pathlib import Path
@@ -203,6 +205,31 @@ def synthetic_pairs(
             "rejected": [user(p) + assistant(r) for p, r in zip(prompts, rejected)],
         }
     raise ValueError(f"unknown format {fmt!r}; expected standard, conversational or implicit")
+
+
+REAL_DATA_VARIABLE = "HF_CHES_REAL_DATA"
+HH_RLHF_SAMPLE = "hh-rlhf-harmless/test-sample.jsonl"  # 1,156 pairs of Anthropic/hh-rlhf harmless-base, split test
+LLAMAFACTORY_DPO = ("llamafactory-dpo-demo/dpo_en_demo.json", "llamafactory-dpo-demo/dpo_zh_demo.json")
+
+
+def real_data(name: str) -> Path:
+    """The path of ``name`` in the folder of real third-party data that tests and benchmarks read: the folder the
+    environment variable ``HF_CHES_REAL_DATA`` names, else ``shared/data`` beside the repository's checkout.
+
+    Third-party rows are never copied into the repository; where the folder is absent, this raises a
+    FileNotFoundError that says where it looked (the tests skip with it as the reason).
+
+    >>> real_data("no-such/file.jsonl")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: real data no-such/file.jsonl is not in ...; set HF_CHES_REAL_DATA to the folder that holds it
+    """
+    root = Path(os.environ.get(REAL_DATA_VARIABLE) or Path(__file__).resolve().parents[3] / "shared" / "data")
+    path = root / name
+    if not path.exists():
+        raise FileNotFoundError(f"real data {name} is not in {root}; set {REAL_DATA_VARIABLE} to the folder that "
+                                "holds it")
+    return path
 
 
 def error_line(stderr: str) -> str:

@@ -39,11 +39,13 @@ def smollm2_tiny_model(tmp_path_factory) -> str:
 
 def trl_prepare(model_path: str, dataset: Dataset, precompute_ref_log_probs: bool = False) -> Dataset:
     """What TRL's DPOTrainer trains on: its ``prompt_ids``/``chosen_ids``/``rejected_ids`` of ``dataset`` and, with
-    ``precompute_ref_log_probs``, its reference log-probs (the model is the reference)."""
+    ``precompute_ref_log_probs``, its reference log-probs (the model is the reference). ``max_length=None``: with
+    its default (1024) TRL drops the rows whose prompt alone fills it, and every row must stay."""
     from trl import DPOConfig, DPOTrainer
 
     args = DPOConfig(
         output_dir=tempfile.mkdtemp(), report_to="none", precompute_ref_log_probs=precompute_ref_log_probs,
+        max_length=None,
         use_cpu=True, bf16=False, per_device_train_batch_size=8, precompute_ref_batch_size=8,
     )
     tokenizer = AutoTokenizer.from_pretrained(model_path)
