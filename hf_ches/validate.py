@@ -55,6 +55,7 @@ from hf_ches.recipes import (
     Recipe,
     SamplingArguments,
     ScoringArguments,
+    UsageError,
     check_arguments,
     run_recipe,
 )
@@ -111,10 +112,12 @@ class ValidateArguments:
 
 
 def _one_split(groups: dict[type, Any]) -> None:
-    """validate samples one split."""
+    """validate samples one split, and steps a model that is whole on one device."""
     splits = groups[DataArguments].dataset_splits
     if splits is not None and len(splits) != 1:
         raise ValueError(f"--dataset_splits: validate samples one split, got {splits}")
+    if groups[ScoringArguments].device_map is not None:
+        raise UsageError("--device_map: validate steps the whole model on one device (--device)")
 
 
 VALIDATE = Recipe(
