@@ -19,7 +19,8 @@ chunks (`hf_ches.runner.score_in_chunks`), then rank 0 alone saves, writes and p
 Everything that can be checked without the network (the rule, the repo id, the token's presence, the folders, the
 splits and columns once the data is loaded) is checked first; then, still before the model is loaded, the Hub:
 who the token belongs to, whether it can write the target's namespace, what the target repo holds
-(`hf_ches.hub.check_target`), and whether the model exists (`hf_ches.models.check_model`).
+(`hf_ches.hub.check_target`), and whether the model exists (`hf_ches.models.check_model`); under a launcher, rank 0
+asks and tells the others (`hf_ches.runner.on_main_process`).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ from hf_ches.recipes import (
     command_line,
     run_recipe,
 )
-from hf_ches.runner import is_main_process
+from hf_ches.runner import is_main_process, on_main_process
 
 logger = logging.getLogger(__name__)
 
@@ -295,12 +296,13 @@ def run(data: DataArguments, scoring: ScoringArguments | None = None, selection:
     dataset = load_source(data)
     for split, ds in dataset.items():
         check_selectable(ds, rule, split, require_score=scoring.model_name_or_path is None)
-    if hub.push_to_hub:  # the Hub checks, after the local ones and before the model is loaded
-        hub = groups[HubArguments] = check_target_repo(data, hub)
+    # the Hub checks, after the local ones and before the model is loaded; under a launcher rank 0 asks for all
+    if hub.push_to_hub:
+        hub = groups[HubArguments] = on_main_process(lambda: check_target_repo(data, hub))
     if scoring.model_name_or_path:
         from hf_ches.transform import CHESScorer
 
-        check_model(scoring.model_name_or_path, scoring.model_revision, data.token)
+        on_main_process(lambda: check_model(scoring.model_name_or_path, scoring.model_revision, data.token))
         scorer = CHESScorer(scoring.model_name_or_path, **scoring.scorer_options())
         dataset = score_splits(scorer, scoring, dataset, resume,
                                Path(output.output_dir, CHUNKS_DIR) if stage == "score" else None)

@@ -467,7 +467,7 @@ def run_report(data: DataArguments, scoring: ScoringArguments, sampling: Samplin
     (under a launcher: on rank 0, and None on the other ranks, which only score)."""
     from hf_ches.hub import check_output_dir, write_local
     from hf_ches.pipeline import load_source
-    from hf_ches.runner import is_main_process
+    from hf_ches.runner import is_main_process, on_main_process
 
     check_arguments(REPORT, [data, scoring, sampling, report_args, resume, hub, output])
     if output.output_dir:
@@ -478,7 +478,7 @@ def run_report(data: DataArguments, scoring: ScoringArguments, sampling: Samplin
         for split, rows in dataset.items():
             check_preference_column(rows, report_args.preference_column, split)
     config_name = report_args.config_name or run_name(scoring.model_name_or_path)
-    repo_id = check_report_hub(data, scoring, report_args, hub, config_name)
+    repo_id = on_main_process(lambda: check_report_hub(data, scoring, report_args, hub, config_name))  # rank 0 asks
     sampled = sample(dataset, sampling.num_samples, sampling.seed)
     dataset, policy, reference = score_models(sampled, scoring, report_args, resume)
     if not is_main_process():
