@@ -207,16 +207,17 @@ def load(settings: ModelSettings, identity: str, rank: int | None = None, split:
             _MODELS[identity][0].to(settings.device)
         _MODELS.setdefault(key, _MODELS[identity])
     else:
-        placement: dict[str, Any] = {"device": choose_device(settings.device, rank)}
-        if split is not None and split.device_map is not None:
-            placement = process_split(split)
-        key = f"{identity}|{settings.revision}|{settings.dtype}|{placement}|{settings.gguf_file}|{settings.chat_template}"
+        device = choose_device(settings.device, rank)
+        splits = split is not None and split.device_map is not None
+        # the split as asked, not as resolved: the free memory it is resolved with changes once a model is loaded
+        where = (split.device_map, split.max_memory, split.offload_folder) if splits else device
+        key = f"{identity}|{settings.revision}|{settings.dtype}|{where}|{settings.gguf_file}|{settings.chat_template}"
         if key not in _MODELS:  # scorers of the same model in one process (policy and report, splits) share it
             from hf_ches.models import load_model_and_tokenizer
 
             _MODELS[key] = load_model_and_tokenizer(
                 settings.model, revision=settings.revision, dtype=settings.dtype, gguf_file=settings.gguf_file,
-                chat_template=settings.chat_template, **placement,
+                chat_template=settings.chat_template, **(process_split(split) if splits else {"device": device}),
             )
     if key not in _LOADED:
         model, tokenizer = _MODELS[key]

@@ -209,7 +209,7 @@ def test_a_rank_scores_its_share_of_the_missing_chunks(tiny_model, dataset, tmp_
     for name in names[1:]:
         (tmp_path / name).unlink()
     monkeypatch.setattr(runner, "ranks", lambda: (1, 2))
-    monkeypatch.setattr(runner, "_from_rank_0", lambda value, world_size: [1, 2])  # what rank 0 found missing
+    monkeypatch.setattr(runner, "_from_rank_0", lambda value, world_size: ([1, 2], None))  # rank 0 found: missing
     monkeypatch.setattr(torch.distributed, "barrier", lambda: None)
     monkeypatch.setattr(runner, "VISIBLE_WITHIN_S", 0.0)
     calls.clear()
