@@ -181,7 +181,8 @@ def split_options(split: SplitSettings, gpus: list[int], free: Mapping[int | str
 def process_split(split: SplitSettings) -> dict[str, Any]:
     """:func:`split_options` for this process: its group of GPUs is :func:`gpu_group` of its ``LOCAL_RANK`` among
     the launcher's ``LOCAL_WORLD_SIZE`` processes on this node (``torchrun``, ``accelerate launch``), or every GPU
-    for a process on its own."""
+    for a process on its own; under a launcher its offloaded weights go to a folder of its own, ``rank-<RANK>`` in
+    ``offload_folder`` (the processes would write the same files at the same time)."""
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     group = gpu_group(int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1")), gpus)
     free = None
@@ -189,7 +190,10 @@ def process_split(split: SplitSettings) -> dict[str, Any]:
         from accelerate.utils import get_max_memory
 
         free = get_max_memory()
-    return split_options(split, group, free)
+    options = split_options(split, group, free)
+    if options["offload_folder"] is not None and "RANK" in os.environ:
+        options["offload_folder"] = os.path.join(options["offload_folder"], f"rank-{os.environ['RANK']}")
+    return options
 
 
 def load(settings: ModelSettings, identity: str, rank: int | None = None, split: SplitSettings | None = None

@@ -172,7 +172,8 @@ class ScoringArguments:
         "help": "With --device_map: the most memory each device holds, e.g. 0=70GiB,1=70GiB,cpu=100GiB (GPU i: the "
                 "i-th of this process's GPUs); when not given: what is free."})
     offload_folder: str | None = field(default=None, metadata={
-        "help": "With --device_map: the folder for the weights it puts on \"disk\"."})
+        "help": "With --device_map: the folder for the weights it puts on \"disk\" (under a launcher, each process writes "
+                "to its own subfolder, rank-<RANK>)."})
 
     def __post_init__(self) -> None:
         if self.dtype is not None:

@@ -101,10 +101,11 @@ def test_each_rank_splits_over_its_own_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "3")  # the second node's second rank
     split = SimpleNamespace(device_map={"model": 0, "lm_head": "cuda:3"}, max_memory={0: "70GiB", 3: "70GiB"},
-                            offload_folder=None)
+                            offload_folder="off")
     assert loading.process_split(split) == {"device_map": {"model": 4, "lm_head": 7},
-                                            "max_memory": {4: "70GiB", 7: "70GiB"}, "offload_folder": None}
+                                            "max_memory": {4: "70GiB", 7: "70GiB"}, "offload_folder": "off/rank-3"}
     with pytest.raises(ValueError, match="GPU 4, but this process splits its model over 4 GPU"):
         loading.process_split(SimpleNamespace(device_map={"model": 4}, max_memory=None, offload_folder=None))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
@@ -136,8 +137,18 @@ def test_cli_scores_with_a_split_model(tiny_model, tmp_path, capsys):
 def test_split_usage_errors(tiny_model, tmp_path, capsys, extra, message):
     argv = ["score", "--dataset_name", str(tmp_path), "--model_name_or_path", tiny_model, "--output_dir",
             str(tmp_path / "out"), *extra]
+    assert_usage_error(capsys, argv, message)
+
+
+def test_validate_refuses_a_split_model(tmp_path, capsys):
+    argv = ["validate", "--dataset_name", str(tmp_path), "--output_dir", str(tmp_path / "out"), "--device_map", "auto"]
+    assert_usage_error(capsys, argv, "--device_map: validate steps the whole model on one device")
+
+
+def assert_usage_error(capsys, argv: list[str], message: str) -> None:
+    """``hf-ches ARGV`` exits with argparse's usage error: status 2, the usage, then one error line."""
     with pytest.raises(SystemExit) as exit_:
         cli.main(argv)
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and err.startswith("usage: hf-ches score "), err
-    assert err.rstrip().splitlines()[-1].startswith(f"hf-ches score: error: {message}"), err
+    assert exit_.value.code == 2 and err.startswith(f"usage: hf-ches {argv[0]} "), err
+    assert err.rstrip().splitlines()[-1].startswith(f"hf-ches {argv[0]}: error: {message}"), err
