@@ -15,8 +15,8 @@ the dataclass groups it needs, parsed together by one ``HfArgumentParser`` as TR
 
 plus a command's own group (``ReportArguments``, ``ValidateArguments``). Every option is defined once, with its
 help text, in one group; a command has only the options of its groups, so an option of another command is
-argparse's usage error (exit status 2), never silently ignored, and so are options of a group that do not go
-together (`UsageError`). A group checks its own values in ``__post_init__``; `check_arguments` adds what needs several groups (a token for ``--push_to_hub``, the options a
+argparse's usage error (exit status 2), never silently ignored. A group checks its own values in
+``__post_init__``; `check_arguments` adds what needs several groups (a token for ``--push_to_hub``, the options a
 command requires) and runs for the CLI and the Python API alike. `run_recipe` is a command's ``main``: parse,
 check, run, and turn bad input and failed pushes into one ``error:`` line with exit status 1.
 """
@@ -40,8 +40,8 @@ DTYPES = ["float32", "bfloat16", "float16"]
 
 
 class UsageError(ValueError):
-    """Options that do not go together: argparse's usage error on the command line (exit status 2), a ValueError
-    from Python."""
+    """Options of a group that do not go together, raised by its ``__post_init__``: argparse's usage error on the
+    command line (exit status 2), like an option of another command; a ValueError from Python."""
 
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's device maps by name
@@ -172,8 +172,8 @@ class ScoringArguments:
         "help": "With --device_map: the most memory each device holds, e.g. 0=70GiB,1=70GiB,cpu=100GiB (GPU i: the "
                 "i-th of this process's GPUs); when not given: what is free."})
     offload_folder: str | None = field(default=None, metadata={
-        "help": "With --device_map: the folder for the weights it puts on \"disk\" (under a launcher, each process writes "
-                "to its own subfolder, rank-<RANK>)."})
+        "help": "With --device_map: the folder for the weights it puts on \"disk\" (under a launcher, each process "
+                "writes to its own subfolder, rank-<RANK>)."})
 
     def __post_init__(self) -> None:
         if self.dtype is not None:

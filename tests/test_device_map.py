@@ -54,16 +54,15 @@ def split_options(arch: str, path: str, folder) -> dict:
 def test_split_model_scores_as_the_whole_model(cases, tiny_models, arch, sharing, tmp_path):
     """Every score, the output-embedding eNTK included, equals the float64 reference within float32 round-off."""
     rows, refs = cases[arch]
-    scorer = CHESScorer(tiny_models[arch], prefix_sharing=sharing, token_budget=300,
-                        scores=("ches", "ln_ches", "logps", "entk_w"), **split_options(arch, tiny_models[arch], tmp_path))
+    options = dict(prefix_sharing=sharing, token_budget=300, scores=("ches", "ln_ches", "logps", "entk_w"))
+    scorer = CHESScorer(tiny_models[arch], **options, **split_options(arch, tiny_models[arch], tmp_path))
     loaded = scorer.load()
     assert {"cpu", "disk"} == set(loaded.model.hf_device_map.values()), loaded.model.hf_device_map
     assert loaded.head.weight.device.type == "cpu"  # the offloaded head's weights, read once
     assert scorer.shares_prefixes(loaded) is sharing
     scored = scorer.map(rows, batch_size=8)
     assert_matches_reference(scored, refs)
-    whole = CHESScorer(tiny_models[arch], prefix_sharing=sharing, token_budget=300,
-                       scores=("ches", "ln_ches", "logps", "entk_w")).map(rows, batch_size=8)
+    whole = CHESScorer(tiny_models[arch], **options).map(rows, batch_size=8)
     for column in ("entk_w", "ln_entk_w"):
         torch.testing.assert_close(torch.tensor(scored[column]), torch.tensor(whole[column]), rtol=1e-5, atol=1e-5)
 
