@@ -108,6 +108,19 @@ def trunk_of(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, model.base_model_prefix)
 
 
+def _weights(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``module``'s weight and bias. A module that ``accelerate`` offloads to the CPU or the disk (a model split
+    across devices) holds them on the ``meta`` device, and its hook puts them in place for each of its own calls;
+    the output head applies them outside those calls, so it gets the offloaded values, once, on the device the hook
+    computes on."""
+    weight, bias = module.weight, getattr(module, "bias", None)
+    hook = getattr(module, "_hf_hook", None)
+    if weight.device.type != "meta" or getattr(hook, "weights_map", None) is None:
+        return weight, bias
+    device = hook.execution_device
+    return hook.weights_map["weight"].to(device), None if bias is None else hook.weights_map["bias"].to(device)
+
+
 def output_head(model: torch.nn.Module) -> OutputHead:
     """Read the output embedding and the known logit post-processing from ``model`` and its config."""
     config = model.config.get_text_config()
@@ -119,7 +132,7 @@ def output_head(model: torch.nn.Module) -> OutputHead:
         scale = config.logits_scaling if config.model_type == "hyperclovax" else 1 / config.logits_scaling
     scale = 1.0 if scale is None else float(scale)
     softcap = getattr(config, "final_logit_softcapping", None)
-    return OutputHead(embedding.weight, getattr(embedding, "bias", None), scale, float(softcap) if softcap else None)
+    return OutputHead(*_weights(embedding), scale, float(softcap) if softcap else None)
 
 
 @torch.inference_mode()
@@ -143,6 +156,8 @@ def inspect_model(model: torch.nn.Module) -> OutputHead:
     h = trunk_of(model)(input_ids=ids, use_cache=False).last_hidden_state  # [1, 8, d]
     name = type(model).__name__
     tol = dict(rtol=1e-3, atol=1e-3) if h.dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    # all on the head's device (in a model split across devices the last layer may be on another)
+    h, captured, logits = h.to(device), [state.to(device) for state in captured], logits.to(device)
     if not captured or not torch.allclose(captured[0].float(), h.float(), **tol):
         raise UnsupportedModelError(
             f"{name}: the trunk `model.{model.base_model_prefix}` does not produce the input of the output embedding"
@@ -150,7 +165,7 @@ def inspect_model(model: torch.nn.Module) -> OutputHead:
     # Appending tokens moves every state of a non-causal trunk far beyond rounding; in a causal one only the rounding
     # moves, which in bfloat16 can be large at a few positions, hence the median.
     longer = trunk_of(model)(input_ids=torch.cat([ids, ids[:, :4]], 1), use_cache=False).last_hidden_state
-    moved = ((longer[0, :8] - h[0]).float().norm(dim=-1) / h[0].float().norm(dim=-1)).median()
+    moved = ((longer[0, :8].to(device) - h[0]).float().norm(dim=-1) / h[0].float().norm(dim=-1)).median()
     if moved > (1e-3 if h.dtype == torch.float32 else 5e-2):
         raise UnsupportedModelError(f"{name}: later tokens change the trunk's earlier states (not causal)")
     if not torch.allclose(head.logits(h[0]), logits[0], **tol):
@@ -412,7 +427,9 @@ class _Results:
     def add(self, batch: _MicroBatch, h: torch.Tensor, head: OutputHead, head_chunk: int) -> None:
         """Reduce the trunk's states ``h`` ``[B, T, d]`` of ``batch`` into its sequences' results."""
         self.num_tokens[batch.members] = torch.tensor(batch.counts)
-        sel = h[batch.rows, batch.cols]  # [M, d]: the completion-predicting states of every sequence, flattened
+        # [M, d]: the completion-predicting states of every sequence, flattened; gathered on the device of the last
+        # layer, then on the output head's (they differ in a model split across devices)
+        sel = h[batch.rows.to(h.device), batch.cols.to(h.device)].to(self.sums.device)
         self.sums.index_add_(0, batch.seq, sel.float())
         if self.needs & {"logps", "states"}:
             token_logps, token_lse = head.token_logps(sel, batch.targets, head_chunk)

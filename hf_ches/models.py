@@ -168,11 +168,15 @@ def _no_space_message(cache: Path, free: int) -> str:
             "another disk.")
 
 
-def _require_gguf_support() -> None:
-    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+def _require(names: str, what: str, extra: str) -> None:
+    """Raise an ImportError saying how to install them unless the packages ``names`` (space-separated) are there."""
+    missing = [name for name in names.split() if importlib.util.find_spec(name) is None]
     if missing:
-        raise ImportError(f"loading a GGUF file needs the {' and '.join(missing)} package(s): "
-                          'pip install "hf-ches[gguf]"')
+        raise ImportError(f"{what} needs the {' and '.join(missing)} package(s): pip install \"hf-ches[{extra}]\"")
+
+
+def _require_gguf_support() -> None:
+    _require("gguf accelerate", "loading a GGUF file", "gguf")
 
 
 def _check_gguf_header(path: Path) -> None:
@@ -240,13 +244,16 @@ def model_commit(name_or_path: str, revision: str | None = None) -> str | None:
 
 
 def loaded_as(model: torch.nn.Module) -> dict[str, str]:
-    """The dtype and device a model was loaded with, as provenance records them (resolved, never None).
+    """The dtype and device a model was loaded with, as provenance records them (resolved, never None); a model split
+    across devices (``hf_device_map``) names them all, comma-separated.
 
     >>> loaded_as(torch.nn.Linear(2, 2))
     {'dtype': 'float32', 'device': 'cpu'}
     """
     parameter = next(model.parameters())
-    return {"dtype": str(parameter.dtype).removeprefix("torch."), "device": str(parameter.device)}
+    devices = {f"cuda:{d}" if isinstance(d, int) else str(d) for d in getattr(model, "hf_device_map", {}).values()}
+    device = ",".join(sorted(devices)) if len(devices) > 1 else str(parameter.device)
+    return {"dtype": str(parameter.dtype).removeprefix("torch."), "device": device}
 
 
 def resolve_model_path(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
@@ -281,15 +288,21 @@ def load_model_and_tokenizer(
     gguf_file: str | None = None,
     chat_template: str | None = None,
     trust_remote_code: bool = False,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A causal LM in eval mode on `device`, and its tokenizer.
+    """A causal LM in eval mode on `device` (or split across devices by `device_map`), and its tokenizer.
 
     Args:
         name_or_path: ``"smollm2"`` (the default model, see `fetch_smollm2`), a Hub id, a local folder or a
             ``.gguf`` file.
         revision: Hub branch, tag or commit.
         dtype: ``"float32"``, ``"bfloat16"``, ``"float16"``, a torch.dtype, or None (see `resolve_dtype`).
-        device: where the model goes.
+        device: where the model goes (without `device_map`).
+        device_map, max_memory, offload_folder: a model split across devices, as ``from_pretrained`` takes them
+            (with ``accelerate``): e.g. ``device_map="auto"``, ``max_memory={0: "70GiB", "cpu": "100GiB"}``. The
+            default dtype is then bfloat16 when CUDA is available, else float32.
         gguf_file: GGUF file name inside `name_or_path`; it is dequantised by transformers.
         chat_template: Jinja template that replaces the tokenizer's own.
         trust_remote_code: passed to ``from_pretrained``.
@@ -302,9 +315,15 @@ def load_model_and_tokenizer(
     path, gguf_file = resolve_model_path(name_or_path, gguf_file)
     kwargs = {"revision": revision, "gguf_file": gguf_file, "trust_remote_code": trust_remote_code}
     tokenizer = _load_tokenizer(path, kwargs, chat_template)
+    if device_map is not None:
+        _require("accelerate", "a model split across devices (device_map)", "accelerate")
+        kwargs |= {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # for the default dtype
     with _reading(path, gguf_file):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, device), **kwargs)
-    model.eval().to(device)
+    model.eval()
+    if device_map is None:
+        model.to(device)
     if is_default:
         found = (model.config.model_type, model.config.vocab_size, len(tokenizer), model.num_parameters())
         if found != SMOLLM2_SHAPE:

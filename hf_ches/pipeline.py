@@ -17,10 +17,11 @@ Under a launcher (``torchrun``, ``accelerate launch``) every rank runs the same 
 chunks (`hf_ches.runner.score_in_chunks`), then rank 0 alone saves, writes and pushes; the others return.
 
 Everything that can be checked without the network (the rule, the repo id, the token's presence, the output
-folder) is checked first; then that the dataset and the model exist (`check_inputs`: one request each, one line
+folder) is checked first; then that the dataset and the model exist (`check_hub_ids`: one request each, one line
 when one is missing or the Hub is out of reach); then, once the data is loaded, its splits and columns; then,
 still before the model is loaded, the push target: who the token belongs to, whether it can write the target's
-namespace, and what the target repo holds (`hf_ches.hub.check_target`).
+namespace, and what the target repo holds (`hf_ches.hub.check_target`). Under a launcher, rank 0 alone asks the
+Hub and tells the others (`hf_ches.runner.on_main_process`).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ from hf_ches.recipes import (
     command_line,
     run_recipe,
 )
-from hf_ches.runner import is_main_process
+from hf_ches.runner import is_main_process, on_main_process
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ def data_builder(name: str, files: dict[str, list[str]]) -> str:
     return DATA_FILE_BUILDERS[suffixes[0]]
 
 
-def check_inputs(data: DataArguments, models: list[tuple[str | None, str | None]]) -> None:
+def check_hub_ids(data: DataArguments, models: list[tuple[str | None, str | None]]) -> None:
     """Before any work, one Hub request each: the dataset, when it is a Hub id, and each ``(model, revision)`` exist
     (`hf_ches.hub.check_repo`, `hf_ches.models.check_model`); a missing one, or a Hub out of reach, is one line."""
     if _is_hub_id(data.dataset_name):
@@ -317,12 +318,12 @@ def run(data: DataArguments, scoring: ScoringArguments | None = None, selection:
     rule = selection.rule() if selection else SelectionRule()
     if output.output_dir:  # before slow steps; score resumes its own output
         outputs.check(output.output_dir, f"hf-ches {stage}", overwrite=output.overwrite, resume=stage == "score")
-    check_inputs(data, [(scoring.model_name_or_path, scoring.model_revision)])
+    on_main_process(lambda: check_hub_ids(data, [(scoring.model_name_or_path, scoring.model_revision)]))
     dataset = load_source(data)
     for split, ds in dataset.items():
         check_selectable(ds, rule, split, require_score=scoring.model_name_or_path is None)
-    if hub.push_to_hub:  # the Hub checks, after the local ones and before the model is loaded
-        hub = groups[HubArguments] = check_target_repo(data, hub, output.overwrite)
+    if hub.push_to_hub:  # the push target, after the local checks and before the model is loaded; rank 0 asks
+        hub = groups[HubArguments] = on_main_process(lambda: check_target_repo(data, hub, output.overwrite))
     if stage == "score" and is_main_process():  # the chunks go into the output folder: claim it first
         record = outputs.begin(output.output_dir, f"hf-ches {stage}", outputs.source_name(data.dataset_name),
                                overwrite=output.overwrite, resume=True)

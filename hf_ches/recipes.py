@@ -24,7 +24,10 @@ check, run, and turn bad input and failed pushes into one ``error:`` line with e
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import logging
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, Field, dataclass, field, fields
@@ -34,6 +37,51 @@ from hf_ches.filtering import DEFAULT_REMOVE_TOP, DEFAULT_SCORE_COLUMN, PRESETS,
 from hf_ches.runner import DEFAULT_CHUNK_SIZE, Interrupted, is_main_process
 
 DTYPES = ["float32", "bfloat16", "float16"]
+
+
+class UsageError(ValueError):
+    """Options of a group that do not go together, raised by its ``__post_init__``: argparse's usage error on the
+    command line (exit status 2), like an option of another command; a ValueError from Python."""
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's device maps by name
+
+
+def parse_device_map(text: str) -> str | dict[str, int | str]:
+    """``--device_map``: a device map by name, or a JSON object of module name -> device (a GPU index, ``"cpu"`` or
+    ``"disk"``), as ``from_pretrained`` takes them.
+
+    >>> parse_device_map("auto"), parse_device_map('{"model": 0, "lm_head": "cpu"}')
+    ('auto', {'model': 0, 'lm_head': 'cpu'})
+    """
+    if text in DEVICE_MAPS:
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not (isinstance(value, dict) and value and all(
+            type(device) is int and device >= 0 or device in ("cpu", "disk") for device in value.values())):
+        raise ValueError(f"--device_map: expected one of {list(DEVICE_MAPS)} or a JSON object of module name -> "
+                         f"device (a GPU index, \"cpu\" or \"disk\"), found {text!r}")
+    return value
+
+
+def parse_max_memory(text: str) -> dict[int | str, int | str]:
+    """``--max_memory``: ``DEVICE=SIZE`` pairs, comma-separated, as the ``max_memory`` dict of ``from_pretrained``
+    (a SIZE without unit is in bytes).
+
+    >>> parse_max_memory("0=70GiB,1=70GiB,cpu=100GiB")
+    {0: '70GiB', 1: '70GiB', 'cpu': '100GiB'}
+    """
+    out: dict[int | str, int | str] = {}
+    for part in text.split(","):
+        device, _, size = (item.strip() for item in part.partition("="))
+        if not (re.fullmatch(r"\d+|cpu|disk", device) and re.fullmatch(r"\d+(\.\d+)?\s*([KMGT]i?B)?", size, re.I)):
+            raise ValueError(f"--max_memory: expected DEVICE=SIZE pairs, comma-separated (DEVICE: a GPU index, cpu or "
+                             f"disk; SIZE: e.g. 70GiB), found {text!r}")
+        out[int(device) if device.isdigit() else device] = int(size) if size.isdigit() else size
+    return out
 
 
 def _at_least(name: str, value: int | float | None, minimum: int) -> None:
@@ -139,6 +187,17 @@ class ScoringArguments:
                 "batches waste less padding."})
     dataset_num_proc: int | None = field(default=None, metadata={
         "help": "Processes for scoring (datasets' num_proc; each loads the scoring model)."})
+    device_map: str | None = field(default=None, metadata={
+        "help": "Split a model that does not fit one device across several GPUs, the CPU and the disk, as accelerate "
+                "loads big models: 'auto' (or 'balanced', 'balanced_low_0', 'sequential'), or a JSON object of module "
+                "name -> device (a GPU index, \"cpu\" or \"disk\"). Under torchrun each process splits its model "
+                "over its own GPUs, and GPU i means the i-th of them. Not with --device."})
+    max_memory: str | None = field(default=None, metadata={
+        "help": "With --device_map: the most memory each device holds, e.g. 0=70GiB,1=70GiB,cpu=100GiB (GPU i: the "
+                "i-th of this process's GPUs); when not given: what is free."})
+    offload_folder: str | None = field(default=None, metadata={
+        "help": "With --device_map: the folder for the weights it puts on \"disk\" (under a launcher, each process "
+                "writes to its own subfolder, rank-<RANK>)."})
 
     def __post_init__(self) -> None:
         if self.dtype is not None:
@@ -147,12 +206,29 @@ class ScoringArguments:
         _one_of("on_invalid", self.on_invalid, ["raise", "flag"])
         for name in ("max_length", "token_budget", "batch_size", "dataset_num_proc"):
             _at_least(name, getattr(self, name), 1)
+        if self.device_map is None and (self.max_memory or self.offload_folder):
+            raise UsageError("--max_memory and --offload_folder split the model: pass --device_map too")
+        if self.device_map is not None and self.device is not None:
+            raise UsageError("--device and --device_map: pass one (--device: the whole model on one device; "
+                             "--device_map: split across devices)")
+        if self.device_map is not None and (self.dataset_num_proc or 1) > 1:
+            raise UsageError("--dataset_num_proc and --device_map: a split model scores in one process; start "
+                             "several with torchrun, each on its own GPUs")
+        self.split  # noqa: B018 (parsed here, so that a bad value is an error before any work)
+
+    @functools.cached_property
+    def split(self) -> dict[str, Any]:
+        """The scorer options that split the model across devices (`CHESScorer`'s ``device_map``, ``max_memory``,
+        ``offload_folder``), parsed from the command line's text once."""
+        return dict(device_map=None if self.device_map is None else parse_device_map(self.device_map),
+                    max_memory=None if self.max_memory is None else parse_max_memory(self.max_memory),
+                    offload_folder=self.offload_folder)
 
     def scorer_options(self) -> dict[str, Any]:
         """The keyword arguments of `CHESScorer` / `LogProbScorer` that these options set."""
         return dict(revision=self.model_revision, dtype=self.dtype, device=self.device, max_length=self.max_length,
                     token_budget=self.token_budget, on_invalid=self.on_invalid, boundary=self.boundary,
-                    prefix_sharing=self.prefix_sharing)
+                    prefix_sharing=self.prefix_sharing, **self.split)
 
     def map_options(self, desc: str) -> dict[str, Any]:
         """The keyword arguments of ``scorer.map``: batches, processes (each on its own rank) and the bar's text."""
@@ -386,6 +462,8 @@ def parse_arguments(recipe: Recipe, argv: Sequence[str] | None = None,
     try:
         groups = tuple(group(**{f.name: values[f.name] for f in fields(group) if f.init}) for group in recipe.groups)
         check_arguments(recipe, groups)
+    except UsageError as error:
+        parser.error(str(error))
     except ValueError as error:
         parser.exit(1, f"{parser.prog}: error: {error}\n")
     return parser, groups

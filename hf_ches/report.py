@@ -461,21 +461,21 @@ def run_report(data: DataArguments, scoring: ScoringArguments, sampling: Samplin
     """Check, sample, score, compute, print; write ``--output_dir`` and push, as the options say; returns the report
     (under a launcher: on rank 0, and None on the other ranks, which only score)."""
     from hf_ches import outputs
-    from hf_ches.pipeline import check_inputs, load_source
-    from hf_ches.runner import is_main_process
+    from hf_ches.pipeline import check_hub_ids, load_source
+    from hf_ches.runner import is_main_process, on_main_process
 
     check_arguments(REPORT, [data, scoring, sampling, report_args, resume, hub, output])
     if output.output_dir:
         outputs.check(output.output_dir, COMMAND, overwrite=output.overwrite)
     options = RankingOptions(beta=report_args.beta, seed=sampling.seed)
-    check_inputs(data, [(scoring.model_name_or_path, scoring.model_revision),
-                        (report_args.ref_model_name_or_path, report_args.ref_model_revision)])
+    on_main_process(lambda: check_hub_ids(data, [(scoring.model_name_or_path, scoring.model_revision),
+                                              (report_args.ref_model_name_or_path, report_args.ref_model_revision)]))
     dataset = load_source(data)
     if report_args.preference_column:
         for split, rows in dataset.items():
             check_preference_column(rows, report_args.preference_column, split)
     config_name = report_args.config_name or run_name(scoring.model_name_or_path)
-    repo_id = check_report_hub(data, hub, config_name, output.overwrite)
+    repo_id = on_main_process(lambda: check_report_hub(data, hub, config_name, output.overwrite))  # rank 0 asks
     sampled = sample(dataset, sampling.num_samples, sampling.seed)
     dataset, policy, reference = score_models(sampled, scoring, report_args, resume, data.pair_columns())
     if not is_main_process():

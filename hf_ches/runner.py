@@ -40,7 +40,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -235,6 +235,27 @@ def _from_rank_0(value: Any, world_size: int) -> Any:
     return box[0]
 
 
+def on_main_process(function: Callable[[], Any]) -> Any:
+    """``function()``, called by rank 0 alone, and its value (or its error, raised) on every rank: for what every
+    rank needs to know but one process should ask, such as the Hub's read-only checks before any work. A process
+    on its own just calls it.
+
+    >>> on_main_process(lambda: 42)
+    42
+    """
+    rank, world_size = ranks()
+    outcome: tuple[Any, Exception | None] = (None, None)
+    if rank == 0:
+        try:
+            outcome = (function(), None)
+        except Exception as error:  # raised on every rank below, so that none waits for the others forever
+            outcome = (None, error)
+    value, error = _from_rank_0(outcome, world_size)
+    if error is not None:
+        raise error
+    return value
+
+
 def _wait_for(paths: list[Path], what: str) -> None:
     """Return once every path is a file; raise ValueError after `VISIBLE_WITHIN_S` without one (only a folder that
     is not shared by every rank shows a file that late)."""
@@ -250,17 +271,12 @@ def plan(folder: Path, manifest: dict[str, Any], names: list[str], overwrite: bo
     """The chunks still to score, the same list on every rank: rank 0 prepares ``folder`` (`prepare_folder`) and
     lists the chunks without a file, every rank gets that list (or rank 0's error, raised everywhere), and each of
     the other ranks checks that the folder's manifest is its own."""
-    rank, world_size = ranks()
-    found: list[int] | Exception | None = None
-    if rank == 0:
-        try:
-            prepare_folder(folder, manifest, overwrite)
-            found = [i for i, name in enumerate(names) if not (folder / name).is_file()]
-        except (ValueError, OSError) as error:
-            found = error
-    found = _from_rank_0(found, world_size)
-    if isinstance(found, Exception):
-        raise found
+    def missing() -> list[int]:
+        prepare_folder(folder, manifest, overwrite)
+        return [i for i, name in enumerate(names) if not (folder / name).is_file()]
+
+    found = on_main_process(missing)
+    rank = ranks()[0]
     if rank != 0:
         _wait_for([folder / MANIFEST], "rank 0 wrote it")
         changed = changes(json.loads((folder / MANIFEST).read_text(encoding="utf-8")), manifest)

@@ -81,6 +81,10 @@ class RunOptions:
     map is reused whichever is set."""
 
     prefix_sharing: bool = True  # each pair's prompt computed once (hf_ches.forward.encode_shared), where supported
+    # the model split across devices (hf_ches.loading.SplitSettings); None: on one device (ScorerConfig.device)
+    device_map: str | dict[str, int | str] | None = None
+    max_memory: dict[int | str, int | str] | None = None
+    offload_folder: str | None = None
 
 
 @functools.cache
@@ -126,6 +130,21 @@ def _split_map_args(args: tuple) -> tuple[list[int] | None, int | None]:
     return indices, rank
 
 
+def check_split(model: str | torch.nn.Module, device_map: Any, max_memory: Any, offload_folder: Any, device: Any
+                ) -> None:
+    """Raise a ValueError unless the options that split a model across devices make sense together."""
+    if device_map is None:
+        if max_memory is not None or offload_folder is not None:
+            raise ValueError("max_memory and offload_folder split a model across devices: pass device_map too")
+        return
+    if device is not None:
+        raise ValueError(f"pass device ({device!r}: the whole model on one device) or device_map (split across "
+                         "devices), not both")
+    if not isinstance(model, str):
+        raise ValueError("device_map applies when the scorer loads the model: pass a model id or path, or load the "
+                         "model yourself with from_pretrained(..., device_map=...) and pass it without device_map")
+
+
 class CHESScorer:
     """Adds CHES scores and DPO log-probs to a batch of preference rows; use with ``Dataset.map(batched=True)``.
 
@@ -143,6 +162,12 @@ class CHESScorer:
             (:func:`hf_ches.forward.encode_shared`), where the model's attention takes the layout
             (:func:`hf_ches.forward.inspect_sharing`; otherwise each sequence runs whole). The outputs agree to
             rounding either way, so it is not part of the ``datasets`` fingerprint (:class:`RunOptions`).
+        device_map, max_memory, offload_folder: split a model that does not fit one device across several, the
+            CPU and the disk, as ``from_pretrained`` (with ``accelerate``) takes them: ``device_map="auto"``, or
+            module name -> device; ``max_memory={0: "70GiB", 1: "70GiB", "cpu": "100GiB"}``; ``offload_folder`` for
+            the modules on ``"disk"``. GPU ``i`` is the ``i``-th of this process's own group under a launcher
+            (:func:`hf_ches.loading.process_split`). Not with ``device``. The scores agree to rounding with the
+            model on one device, so these are not part of the ``datasets`` fingerprint either.
         Other keyword arguments are the fields of :class:`ScorerConfig`.
 
     Columns added (``column_prefix`` before each): ``ches``, ``ln_ches`` (float64), ``chosen_logps``,
@@ -159,11 +184,13 @@ class CHESScorer:
     score_columns: dict[str, tuple[str, ...]] = {name: score.columns for name, score in SCORES.items()}
 
     def __init__(self, model: str | torch.nn.Module, tokenizer: Any = None, *, fingerprint: str | None = None,
-                 prefix_sharing: bool = True, prompt_column: str = "prompt", chosen_column: str = "chosen",
+                 prefix_sharing: bool = True, device_map: str | dict | None = None, max_memory: dict | None = None,
+                 offload_folder: str | None = None, prompt_column: str = "prompt", chosen_column: str = "chosen",
                  rejected_column: str = "rejected", **options):
         unknown = set(options) - set(self.config_class.__dataclass_fields__) - {"model"}
         if unknown:
             raise TypeError(f"unknown {type(self).__name__} options {sorted(unknown)}")
+        check_split(model, device_map, max_memory, offload_folder, options.get("device"))
         if not isinstance(model, str):
             if tokenizer is None:
                 raise ValueError(f"pass the tokenizer with an in-memory model: {type(self).__name__}(model, tokenizer)")
@@ -174,7 +201,7 @@ class CHESScorer:
         if not names or any(name not in self.score_columns for name in names):
             raise ValueError(f"scores must be a non-empty subset of {tuple(self.score_columns)}, got {names}")
         self.identity = loading.identify(model, tokenizer, self.config, fingerprint)
-        self.run = RunOptions(prefix_sharing)
+        self.run = RunOptions(prefix_sharing, device_map, max_memory, offload_folder)
         self.pair_columns = Columns(prompt_column, chosen_column, rejected_column)
 
     # --- pickling: settings and identity only (fast, process-independent hashing; workers load the model) ---
@@ -201,7 +228,7 @@ class CHESScorer:
 
     def load(self, rank: int | None = None) -> loading.Loaded:
         """The model, tokenizer and checked output head, loaded once per process (:func:`hf_ches.loading.load`)."""
-        return loading.load(self.config, self.identity, rank)
+        return loading.load(self.config, self.identity, rank, self.run)
 
     # --- the transform ---
     def columns(self) -> list[str]:

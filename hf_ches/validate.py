@@ -48,13 +48,14 @@ from hf_ches.kernels import _parse_parameters, _tracking_only, ntk_pair, select_
 from hf_ches.kernels import signgd_displacement as signgd_score
 from hf_ches.pairs import TokenizedPair
 from hf_ches.models import DEFAULT_MODEL
-from hf_ches.pipeline import check_inputs, load_source
+from hf_ches.pipeline import check_hub_ids, load_source
 from hf_ches.recipes import (
     DataArguments,
     OutputArguments,
     Recipe,
     SamplingArguments,
     ScoringArguments,
+    UsageError,
     check_arguments,
     run_recipe,
 )
@@ -112,10 +113,12 @@ class ValidateArguments:
 
 
 def _one_split(groups: dict[type, Any]) -> None:
-    """validate samples one split."""
+    """validate samples one split, and steps a model that is whole on one device."""
     splits = groups[DataArguments].dataset_splits
     if splits is not None and len(splits) != 1:
         raise ValueError(f"--dataset_splits: validate samples one split, got {splits}")
+    if groups[ScoringArguments].device_map is not None:
+        raise UsageError("--device_map: validate steps the whole model on one device (--device)")
 
 
 VALIDATE = Recipe(
@@ -276,7 +279,7 @@ def run(data: DataArguments, scoring: ScoringArguments | None = None, sampling: 
     options, output = groups[ValidateArguments], groups[OutputArguments]
     outputs.check(output.output_dir, COMMAND, overwrite=output.overwrite)
     (split,) = data.dataset_splits or ["train"]
-    check_inputs(data, [(scoring.model_name_or_path, scoring.model_revision)])
+    check_hub_ids(data, [(scoring.model_name_or_path, scoring.model_revision)])
     rows = load_source(replace(data, dataset_splits=[split]))[split]
     sample = subsample(rows, sampling.num_samples, sampling.seed)
     device = scoring.device or ("cuda" if torch.cuda.is_available() else "cpu")

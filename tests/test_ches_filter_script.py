@@ -383,7 +383,7 @@ def test_publish_prints_its_own_lines_once_and_no_library_chatter(hub_env, score
 DATA = {"--dataset_name", "--dataset_config", "--dataset_revision", "--dataset_splits", "--token"}
 SCORING = {"--model_name_or_path", "--model_revision", "--dtype", "--device", "--max_length", "--boundary",
            "--on_invalid", "--token_budget", "--prefix_sharing", "--no_prefix_sharing", "--batch_size",
-           "--dataset_num_proc"}
+           "--dataset_num_proc", "--device_map", "--max_memory", "--offload_folder"}
 SELECTION = {"--preset", "--score_column", "--remove_top", "--keep_bottom", "--threshold", "--group_by",
              "--card_examples"}
 HUB = {"--push_to_hub", "--repo_id", "--private", "--revision", "--create_pr", "--commit_message"}

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from datasets import Dataset, load_from_disk
 from datasets.fingerprint import Hasher
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -68,14 +69,18 @@ def test_second_run_loads_from_cache(tiny_model, tmp_path, monkeypatch):
     assert second["ches"] == first["ches"]
 
 
-def test_run_options_reach_workers_but_not_the_fingerprint(tiny_model):
-    """prefix_sharing changes how, not what: datasets' hash ignores it; the pickle a num_proc worker gets keeps it."""
+@pytest.mark.parametrize("options", [dict(prefix_sharing=False),
+                                     dict(device_map="auto", max_memory={"cpu": "1GiB"}, offload_folder="off")])
+def test_run_options_reach_workers_but_not_the_fingerprint(tiny_model, options):
+    """prefix_sharing and the split across devices change how, not what: datasets' hash ignores them (so the ranks
+    of a launcher, each on its own GPUs, agree on the chunks' manifest); the pickle a num_proc worker gets keeps
+    them."""
     import dill
 
-    off = CHESScorer(tiny_model, prefix_sharing=False)
-    assert Hasher.hash(off) == Hasher.hash(CHESScorer(tiny_model))
-    assert dill.loads(dill.dumps(off)).run.prefix_sharing is False  # multiprocess pickles with dill
-    assert pickle.loads(pickle.dumps(off)).run.prefix_sharing is False
+    other = CHESScorer(tiny_model, **options)
+    assert Hasher.hash(other) == Hasher.hash(CHESScorer(tiny_model))
+    for unpickled in (dill.loads(dill.dumps(other)), pickle.loads(pickle.dumps(other))):  # multiprocess uses dill
+        assert {name: getattr(unpickled.run, name) for name in options} == options
 
 
 def test_num_proc_2_with_rank_gives_identical_scores(tiny_model, tmp_path):

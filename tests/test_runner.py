@@ -209,7 +209,7 @@ def test_a_rank_scores_its_share_of_the_missing_chunks(tiny_model, dataset, tmp_
     for name in names[1:]:
         (tmp_path / name).unlink()
     monkeypatch.setattr(runner, "ranks", lambda: (1, 2))
-    monkeypatch.setattr(runner, "_from_rank_0", lambda value, world_size: [1, 2])  # what rank 0 found missing
+    monkeypatch.setattr(runner, "_from_rank_0", lambda value, world_size: ([1, 2], None))  # rank 0 found: missing
     monkeypatch.setattr(torch.distributed, "barrier", lambda: None)
     monkeypatch.setattr(runner, "VISIBLE_WITHIN_S", 0.0)
     calls.clear()
@@ -285,3 +285,65 @@ def test_torchrun_resumes_a_killed_run_and_equals_one_process(tiny_model, tmp_pa
     assert list(got) == list(want) == ["train", "test"]
     for split in want:
         assert_same(got[split], want[split])
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on now."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_nodes_of_two_ranks_equal_one_process(tiny_model, tmp_path):
+    """Two ``torchrun`` agents, as two nodes would start them (``--nnodes 2 --node_rank 0/1``, a c10d rendezvous,
+    gloo), each with two ranks, score into one shared ``--output_dir``: bit for bit what one process saves with
+    the same ``--chunk_size``."""
+    source, out, rows = str(tmp_path / "source"), str(tmp_path / "out"), 14
+    DatasetDict({"train": Dataset.from_dict(synthetic_pairs(rows, seed=8))}).save_to_disk(source)
+    argv = ["score", "--dataset_name", source, "--model_name_or_path", tiny_model, "--chunk_size", "2"]
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node",
+         "2", "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "two-nodes", "--rdzv_conf",
+         f"is_host={node == 0}", "--local_addr", "127.0.0.1", "-m", "hf_ches", *argv, "--output_dir", out],
+        env=ENV | {"OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for node in (0, 1)]
+    finished = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(err[-3000:] for _, err in finished)
+    logs = "\n".join(err for _, err in finished)
+    assert f"{out}/chunks/train: 7 of 7 chunks of 2 rows to score, by 4 processes" in logs, logs[-3000:]
+    assert cli.main([*argv, "--output_dir", str(tmp_path / "one")]) == 0
+    assert_same_saves(out, str(tmp_path / "one"))
+
+
+def test_torchrun_refuses_a_changed_option_and_asks_the_hub_from_rank_0(tiny_model, tmp_path, capfd):
+    """A model from the (loopback) Hub, scored by one process; the same command under ``torchrun`` with another
+    --max_length is refused on every rank before any chunk is scored, and the Hub's model check before it was made
+    once, by rank 0 (the server logs every request)."""
+    from huggingface_hub import HfApi
+
+    from hf_ches.testing.local_hub import LocalHub, clients_pointed_at
+
+    source, out = str(tmp_path / "source"), str(tmp_path / "out")
+    Dataset.from_dict(synthetic_pairs(6, seed=9)).save_to_disk(source)
+    with LocalHub(verbose=True) as hub, clients_pointed_at(hub.endpoint, hub.token, tmp_path / "hf_home"):
+        model_id = f"{hub.user}/tiny"
+        HfApi().create_repo(model_id)
+        HfApi().upload_folder(repo_id=model_id, folder_path=tiny_model)
+        argv = ["score", "--dataset_name", source, "--model_name_or_path", model_id, "--output_dir", out,
+                "--chunk_size", "2"]
+        assert cli.main(argv) == 0
+        capfd.readouterr()
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               "-m", "hf_ches", *argv, "--max_length", "512"], env=os.environ | ENV,
+                              capture_output=True, text=True, timeout=300)
+        requests = capfd.readouterr().err
+    assert done.returncode == 1, done.stderr[-3000:]
+    refused = [line for line in done.stderr.splitlines() if line.startswith("hf-ches score: error:")]
+    assert len(refused) == 2 and all("holds chunks scored with another scorer_fingerprint" in line
+                                     for line in refused), done.stderr  # each rank's error, rank 0's found
+    assert requests.count(f"GET /api/models/{model_id}") == 1, requests
+    assert sorted(p.name for p in Path(out, "chunks", "train").iterdir()) == [
+        *runner.chunk_names(6, 2), runner.MANIFEST]
