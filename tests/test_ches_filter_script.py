@@ -380,7 +380,8 @@ def test_publish_prints_its_own_lines_once_and_no_library_chatter(hub_env, score
 
 
 # The options of each group, written out here (not read from hf_ches.recipes), and the groups of each command.
-DATA = {"--dataset_name", "--dataset_config", "--dataset_revision", "--dataset_splits", "--token"}
+DATA = {"--dataset_name", "--dataset_config", "--dataset_revision", "--dataset_splits", "--data_dir", "--data_files",
+        "--prompt_column", "--chosen_column", "--rejected_column", "--token"}
 SCORING = {"--model_name_or_path", "--model_revision", "--dtype", "--device", "--max_length", "--boundary",
            "--on_invalid", "--token_budget", "--prefix_sharing", "--no_prefix_sharing", "--batch_size",
            "--dataset_num_proc", "--device_map", "--max_memory", "--offload_folder"}
