@@ -84,7 +84,7 @@ def token_weights(model, pairs) -> dict[str, float]:
                      needs={"states"}, head=head)
         n = len(pair.chosen_ids)
         y = torch.tensor(pair.chosen_ids + pair.rejected_ids)
-        alpha = output_gradient_gram(head, torch.cat(enc.states), y, torch.cat(enc.lse), 1 << 22, rows=n)[:, n:]
+        alpha = output_gradient_gram(head, torch.cat(enc.states), y, torch.cat(enc.lse), 1 << 24, rows=n)[:, n:]
         match = y[:n, None] == y[None, n:]  # [n+, n−]: same token at k and k'
         same.append(alpha[match].numpy())
         other.append(alpha[~match].numpy())

@@ -7,9 +7,10 @@ micro-batches (:func:`encode`), or over rows of whole pairs that compute each pr
 (:func:`encode_shared`, where :func:`inspect_sharing` finds the model's attention takes that layout), gather those
 states once, and from the same gathered states
 
-* accumulate ``S = Σ_k h_k`` in float32 (CHES needs nothing else),
-* optionally apply the output embedding **only at completion positions, in chunks**, for the completion-token
-  log-probabilities DPO trains on. ``[batch, seq, vocab]`` logits are never materialised;
+* accumulate ``S = Σ_k h_k`` in float32 (float64 for a float64 model; CHES needs nothing else),
+* optionally apply the output embedding **only at completion positions, in slices** of about ``head_bytes``
+  bytes of float32 logits (:data:`HEAD_BYTES`: a few positions for a 262,144-token vocabulary, hundreds for a small
+  one), for the completion-token log-probabilities DPO trains on. Logits are never held for a whole micro-batch;
 * optionally keep the gathered states themselves and their logits' log-sum-exp, per sequence, which is all the
   exact output-layer eNTK (:func:`hf_ches.scores.output_entk`) needs besides the output embedding.
 
@@ -45,6 +46,10 @@ logger = logging.getLogger(__name__)
 # What a caller may ask :func:`encode` for beyond the sums and token counts (the fields of :class:`Encoded`).
 NEEDS = frozenset({"logps", "last_hidden", "states"})
 
+# Bytes of logits computed at once, whatever the vocabulary and the micro-batch: positions × vocabulary
+# entries per slice of the output embedding (host or device memory: a few times this with the slice's temporaries).
+HEAD_BYTES = 64 << 20
+
 
 class UnsupportedModelError(ValueError):
     """The model's logits are not ``post(output_embedding(trunk(x)))`` for a post-processing we know."""
@@ -59,10 +64,16 @@ class OutputHead:
     scale: float = 1.0  # logits *= scale (Cohere's logit_scale, 1/Granite's logits_scaling)
     softcap: float | None = None  # logits = softcap * tanh(logits / softcap) (Gemma 2/3)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the logits and of what is summed from the states: float32, or float64 for a float64 model."""
+        return torch.promote_types(self.weight.dtype, torch.float32)
+
     def logits(self, h: torch.Tensor, vocab: slice = slice(None)) -> torch.Tensor:
-        """Float32 logits ``[N, V]`` for hidden states ``h`` ``[N, d]`` (or only the entries ``vocab``: ``[N, c]``)."""
+        """Logits ``[N, V]`` (:attr:`dtype`) for hidden states ``h`` ``[N, d]`` (or only the entries ``vocab``:
+        ``[N, c]``)."""
         bias = None if self.bias is None else self.bias[vocab]
-        z = torch.nn.functional.linear(h, self.weight[vocab], bias).float()  # [N, c]
+        z = torch.nn.functional.linear(h, self.weight[vocab], bias).to(self.dtype)  # [N, c]
         if self.scale != 1.0:
             z = z * self.scale
         if self.softcap is not None:
@@ -79,9 +90,18 @@ class OutputHead:
         """
         return self.scale if self.softcap is None else self.scale * (1 - (z / self.softcap) ** 2)
 
-    def token_logps(self, h: torch.Tensor, targets: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``log softmax(logits(h))[targets]`` and ``logsumexp(logits(h))``, ``[N]`` float32, ``chunk`` rows a pass."""
-        logps = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+    def token_logps(self, h: torch.Tensor, targets: torch.Tensor, max_bytes: int = HEAD_BYTES
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``log softmax(logits(h))[targets]`` and ``logsumexp(logits(h))``, ``[N]`` :attr:`dtype`, from slices of rows
+        whose logits take at most ``max_bytes`` (at least one row a slice).
+
+        >>> head = OutputHead(torch.eye(3), None)
+        >>> logps, lse = head.token_logps(torch.eye(3), torch.tensor([0, 2, 2]), max_bytes=1)  # one row a slice
+        >>> [round(x, 4) for x in logps.tolist()], round(float(lse[0]), 4)
+        ([-0.5514, -1.5514, -0.5514], 1.5514)
+        """
+        chunk = max(1, max_bytes // (self.dtype.itemsize * self.weight.shape[0]))
+        logps = torch.empty(h.shape[0], dtype=self.dtype, device=h.device)
         lse = torch.empty_like(logps)
         for start in range(0, h.shape[0], chunk):
             z = self.logits(h[start : start + chunk])  # [c, V]
@@ -95,12 +115,12 @@ class OutputHead:
 class Encoded:
     """Per-sequence results of :func:`encode`, on CPU, in the order of the input sequences."""
 
-    sums: torch.Tensor  # [N, d] float32: S = sum of completion-predicting hidden states
+    sums: torch.Tensor  # [N, d] float32 (float64 for float64 models): S = sum of completion-predicting states
     num_tokens: torch.Tensor  # [N] long: number of completion tokens (= summed states)
     logps: torch.Tensor | None  # [N] float64: sum of completion-token log-probs
-    last_hidden: torch.Tensor | None  # [N, d] float32: the state predicting the last completion token
+    last_hidden: torch.Tensor | None  # [N, d] as sums: the state predicting the last completion token
     states: tuple[torch.Tensor, ...] | None = None  # per sequence [n_i, d] float32 (float64 for float64 models)
-    lse: tuple[torch.Tensor, ...] | None = None  # per sequence [n_i] float32: logsumexp of each state's logits
+    lse: tuple[torch.Tensor, ...] | None = None  # per sequence [n_i] as sums: logsumexp of each state's logits
 
 
 def trunk_of(model: torch.nn.Module) -> torch.nn.Module:
@@ -168,7 +188,7 @@ def inspect_model(model: torch.nn.Module) -> OutputHead:
     moved = ((longer[0, :8].to(device) - h[0]).float().norm(dim=-1) / h[0].float().norm(dim=-1)).median()
     if moved > (1e-3 if h.dtype == torch.float32 else 5e-2):
         raise UnsupportedModelError(f"{name}: later tokens change the trunk's earlier states (not causal)")
-    if not torch.allclose(head.logits(h[0]), logits[0], **tol):
+    if not torch.allclose(head.logits(h[0]).float(), logits[0], **tol):
         raise UnsupportedModelError(
             f"{name}: its logits get a post-processing after the output embedding that hf-ches does not know "
             "(supported: none, final_logit_softcapping, logit_scale, output_multiplier, lm_head_multiplier, "
@@ -285,7 +305,7 @@ def encode(
     needs: Set[str] = frozenset(),
     pad_id: int = 0,
     head: OutputHead | None = None,
-    head_chunk: int = 1024,
+    head_bytes: int = HEAD_BYTES,
 ) -> Encoded:
     """Run the trunk over ``sequences`` (prompt + completion ids) and reduce each to its completion statistics.
 
@@ -306,7 +326,8 @@ def encode(
             token (a baseline of the paper); ``"states"``, every completion-predicting state and its logits'
             log-sum-exp, per sequence (applies the output embedding; host memory: ``completion tokens × d`` floats).
         head: the checked output head (default: :func:`output_head` of ``model``, unchecked).
-        head_chunk: completion positions per output-embedding chunk (memory: ``head_chunk × V`` floats).
+        head_bytes: most bytes of logits at once (:data:`HEAD_BYTES`): the output embedding runs over
+            ``head_bytes / (4 V)`` completion positions at a time (float32), however large the micro-batch.
     """
     head = head or output_head(model)
     if order is None:
@@ -314,7 +335,7 @@ def encode(
     groups = pack(order, lambda i: len(sequences[i]), token_budget, first_budget)
     micro = (_MicroBatch.padded([sequences[i] for i in group], [prompt_lens[i] for i in group], group, pad_id,
                                 head.weight.device) for group in groups)
-    return _reduce(model, head, micro, len(sequences), needs, head_chunk)
+    return _reduce(model, head, micro, len(sequences), needs, head_bytes)
 
 
 @torch.inference_mode()
@@ -329,7 +350,7 @@ def encode_shared(
     needs: Set[str] = frozenset(),
     pad_id: int = 0,
     head: OutputHead | None = None,
-    head_chunk: int = 1024,
+    head_bytes: int = HEAD_BYTES,
 ) -> Encoded:
     """:func:`encode` of ``batch.sequences``, computing each pair's prompt once (prefix sharing) and without padding
     between pairs.
@@ -359,20 +380,20 @@ def encode_shared(
         order = batch.runnable(longest_first(batch.segment_lengths))
     rows = pack_rows(order, batch.segment_lengths.__getitem__, token_budget, first_budget)
     micro = (_MicroBatch.shared(batch.shared_rows(r, pad_id), attention, head.weight.device) for r in rows)
-    return _reduce(model, head, micro, 2 * len(batch), needs, head_chunk)
+    return _reduce(model, head, micro, 2 * len(batch), needs, head_bytes)
 
 
 def _reduce(model: torch.nn.Module, head: OutputHead, micro_batches: Iterable[_MicroBatch], n: int, needs: Set[str],
-            head_chunk: int) -> Encoded:
+            head_bytes: int) -> Encoded:
     """Run the trunk over each micro-batch and reduce its states into the results of ``n`` sequences."""
     if not needs <= NEEDS:
         raise ValueError(f"needs: expected a subset of {sorted(NEEDS)}, got {sorted(needs)}")
     trunk = trunk_of(model)
-    out = _Results(n, head.weight.shape[1], head.weight.device, needs)
+    out = _Results(n, head.weight.shape[1], head.weight.device, head.dtype, needs)
     for batch in micro_batches:
         h = trunk(input_ids=batch.ids, position_ids=batch.positions, attention_mask=batch.mask,
                   use_cache=False).last_hidden_state  # [B, T, d]
-        out.add(batch, h, head, head_chunk)
+        out.add(batch, h, head, head_bytes)
     return out.encoded()
 
 
@@ -415,32 +436,31 @@ class _MicroBatch:
 class _Results:
     """The per-sequence results of :func:`encode`, filled in one micro-batch at a time."""
 
-    def __init__(self, n: int, d: int, device: torch.device, needs: Set[str]):
+    def __init__(self, n: int, d: int, device: torch.device, dtype: torch.dtype, needs: Set[str]):
         self.needs = needs
         self.num_tokens = torch.zeros(n, dtype=torch.long)
-        self.sums = torch.zeros(n, d, dtype=torch.float32, device=device)
+        self.sums = torch.zeros(n, d, dtype=dtype, device=device)
         self.logps = torch.zeros(n, dtype=torch.float64, device=device) if "logps" in needs else None
         self.last = torch.zeros_like(self.sums) if "last_hidden" in needs else None
         self.states: list = [None] * n
         self.lse: list = [None] * n
 
-    def add(self, batch: _MicroBatch, h: torch.Tensor, head: OutputHead, head_chunk: int) -> None:
+    def add(self, batch: _MicroBatch, h: torch.Tensor, head: OutputHead, head_bytes: int) -> None:
         """Reduce the trunk's states ``h`` ``[B, T, d]`` of ``batch`` into its sequences' results."""
         self.num_tokens[batch.members] = torch.tensor(batch.counts)
         # [M, d]: the completion-predicting states of every sequence, flattened; gathered on the device of the last
         # layer, then on the output head's (they differ in a model split across devices)
         sel = h[batch.rows.to(h.device), batch.cols.to(h.device)].to(self.sums.device)
-        self.sums.index_add_(0, batch.seq, sel.float())
+        self.sums.index_add_(0, batch.seq, sel.to(self.sums.dtype))
         if self.needs & {"logps", "states"}:
-            token_logps, token_lse = head.token_logps(sel, batch.targets, head_chunk)
+            token_logps, token_lse = head.token_logps(sel, batch.targets, head_bytes)
             if self.logps is not None:
                 self.logps.index_add_(0, batch.seq, token_logps.double())
             if "states" in self.needs:
-                keep = torch.promote_types(sel.dtype, torch.float32)
                 for i, h_i, lse_i in zip(batch.members, sel.split(batch.counts), token_lse.split(batch.counts)):
-                    self.states[i], self.lse[i] = h_i.to("cpu", keep), lse_i.cpu()  # [n_i, d], [n_i]
+                    self.states[i], self.lse[i] = h_i.to("cpu", self.sums.dtype), lse_i.cpu()  # [n_i, d], [n_i]
         if self.last is not None:
-            self.last[batch.seq[batch.ends]] = sel[batch.ends].float()
+            self.last[batch.seq[batch.ends]] = sel[batch.ends].to(self.last.dtype)
 
     def encoded(self) -> Encoded:
         states = "states" in self.needs

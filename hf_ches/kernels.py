@@ -57,7 +57,7 @@ _SKETCH_CHUNK = 1 << 24  # coordinates per random draw of the sketch (part of it
 
 @dataclass(frozen=True)
 class KernelScorerConfig(ScorerConfig):
-    """:class:`ScorerConfig` plus the parameter subset; ``token_budget`` and ``head_chunk`` do not apply here
+    """:class:`ScorerConfig` plus the parameter subset; ``token_budget`` and ``head_bytes`` do not apply here
     (one sequence per backward pass, through the model's own forward)."""
 
     scores: tuple[str, ...] = ("ntk", "signgd")

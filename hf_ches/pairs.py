@@ -329,6 +329,11 @@ def _texts(rows: list[Row], tokenizer) -> tuple[list[str], list[str], list[str],
         rejected = [r.prompt + add_eos(r.rejected) for r in rows]
         return prompts, chosen, rejected, False
 
+    if not tokenizer.chat_template:
+        raise PairError(rows[0].index, "prompt", "conversational rows need a chat template and this model's tokenizer "
+                        "has none (a base model?); pass one: --chat_template TEMPLATE_OR_FILE on the command line, "
+                        "chat_template=... to CHESScorer")
+
     def render(messages: list[dict], row: Row, generation_prompt: bool) -> str:
         return tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=generation_prompt, **row.template_kwargs

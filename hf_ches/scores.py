@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from hf_ches.batching import PairBatch
-from hf_ches.forward import Encoded, OutputHead
+from hf_ches.forward import HEAD_BYTES, Encoded, OutputHead
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -84,7 +84,8 @@ def alpha_ches(
 
 @torch.no_grad()  # the head's weight is a model parameter: no autograd graph
 def output_gradient_gram(
-    head: OutputHead, h: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, budget: int, rows: int | None = None
+    head: OutputHead, h: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, max_bytes: int = HEAD_BYTES,
+    rows: int | None = None,
 ) -> torch.Tensor:
     """The Gram matrix ``G[:rows] Gᵀ`` ``[rows, N]`` float64 of the per-token output-layer gradients.
 
@@ -92,17 +93,18 @@ def output_gradient_gram(
     ``ln π(targets_k)`` w.r.t. the pre-processing logits ``W h_k + b``, so ``<g_k, g_k'>`` are the α that make
     :func:`alpha_ches` the exact output-embedding kernel. States ``h`` ``[N, d]`` and their logits' log-sum-exp ``lse``
     ``[N]`` come from :func:`hf_ches.forward.encode` (``needs={"states"}``); the logits are recomputed for
-    ``budget // N`` vocabulary entries at a time, so about ``budget`` floats are live at once, never ``[N, V]``.
+    ``max_bytes / (4 N)`` vocabulary entries at a time (float32; at least one), so about ``max_bytes`` of logits
+    are live at once, never ``[N, V]``.
 
     >>> from hf_ches.forward import OutputHead
     >>> head = OutputHead(weight=torch.tensor([[1.0, 0.0], [0.0, 1.0]]), bias=None)
     >>> h, y = torch.tensor([[0.0, 0.0], [0.0, 0.0]]), torch.tensor([0, 1])   # uniform p = (1/2, 1/2)
-    >>> output_gradient_gram(head, h, y, torch.full((2,), 0.6931471805599453), budget=2).tolist()
+    >>> output_gradient_gram(head, h, y, torch.full((2,), 0.6931471805599453), max_bytes=8).tolist()
     [[0.5, -0.5], [-0.5, 0.5]]
     """
     n, vocab_size = h.shape[0], head.weight.shape[0]
     rows = n if rows is None else rows
-    step = max(1, budget // n)
+    step = max(1, max_bytes // (head.dtype.itemsize * n))
     x = h.to(head.weight.device, head.weight.dtype)  # [N, d]
     targets, lse = targets.to(x.device), lse.to(x.device)  # [N], [N]
     gram = torch.zeros(rows, n, dtype=torch.float64, device=x.device)
@@ -125,7 +127,7 @@ def output_entk(
     y_minus: torch.Tensor,
     lse_plus: torch.Tensor,
     lse_minus: torch.Tensor,
-    budget: int,
+    max_bytes: int = HEAD_BYTES,
 ) -> tuple[float, float]:
     """``(entk_w, ln_entk_w)`` of one pair: the exact output-embedding eNTK displacement, plain and length-normalized.
 
@@ -136,8 +138,8 @@ def output_entk(
     """
     n = h_plus.shape[0]
     alpha = output_gradient_gram(  # [n+, n+ + n−]
-        head, torch.cat([h_plus, h_minus]), torch.cat([y_plus, y_minus]), torch.cat([lse_plus, lse_minus]), budget, n
-    )
+        head, torch.cat([h_plus, h_minus]), torch.cat([y_plus, y_minus]), torch.cat([lse_plus, lse_minus]), max_bytes,
+        n)
     device = alpha.device
     entk_w, ln_entk_w = alpha_ches(h_plus.to(device), h_minus.to(device), alpha[:, n:], alpha[:, :n])
     return float(entk_w), float(ln_entk_w)
@@ -182,7 +184,7 @@ class ScoreInputs:
     batch: PairBatch
     encoded: Encoded
     head: OutputHead
-    head_chunk: int  # completion positions per output-embedding chunk
+    head_bytes: int  # most bytes of float32 logits at once (hf_ches.forward.HEAD_BYTES)
 
 
 @dataclass(frozen=True)
@@ -219,12 +221,11 @@ def _last_hidden_ip(x: ScoreInputs) -> tuple[np.ndarray]:
 
 
 def _entk_w(x: ScoreInputs) -> tuple[np.ndarray, np.ndarray]:
-    budget = x.head_chunk * x.head.weight.shape[0]  # floats per vocabulary chunk, as in encode
     (h_c, h_r), (lse_c, lse_r) = x.batch.split(x.encoded.states), x.batch.split(x.encoded.lse)
     chosen, rejected = x.batch.completions()
     values = [
         output_entk(x.head, h_c[j], h_r[j], torch.as_tensor(chosen[j]), torch.as_tensor(rejected[j]), lse_c[j],
-                    lse_r[j], budget) if ok else (np.nan, np.nan)
+                    lse_r[j], x.head_bytes) if ok else (np.nan, np.nan)
         for j, ok in enumerate(x.batch.scorable())
     ]
     table = np.array(values, dtype=np.float64).reshape(len(x.batch), 2)

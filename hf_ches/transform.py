@@ -29,7 +29,7 @@ import torch
 
 from hf_ches import loading
 from hf_ches.batching import PairBatch, longest_first
-from hf_ches.forward import encode, encode_shared
+from hf_ches.forward import HEAD_BYTES, encode, encode_shared
 from hf_ches.pairs import (
     SHIFT_COLUMN,
     Boundary,
@@ -63,7 +63,7 @@ class ScorerConfig:
     on_invalid: OnInvalid = "raise"
     boundary: Boundary = "trl"  # "strict": a prompt that is not a token prefix is a problem (on_invalid decides)
     column_prefix: str = ""  # e.g. "ref_" to write ref_chosen_logps / ref_rejected_logps
-    head_chunk: int = 1024  # completion positions per output-embedding chunk
+    head_bytes: int = HEAD_BYTES  # most bytes of float32 logits at once (positions × vocabulary per slice)
 
     def __post_init__(self):
         if self.on_invalid not in ("raise", "flag"):
@@ -344,7 +344,7 @@ class CHESScorer:
             token_budget=token_budget, first_budget=max(1, token_budget // 4) if ahead else None,
             needs=frozenset().union(*(entry.needs for entry in entries)),
             pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, head=head,
-            head_chunk=cfg.head_chunk,
+            head_bytes=cfg.head_bytes,
         )
         if self.shares_prefixes(loaded):  # whole pairs, longest first
             order = batch.pairs.pair_order() if ahead else longest_first(batch.segment_lengths)
@@ -352,7 +352,7 @@ class CHESScorer:
         else:  # sequences, longest first
             order = batch.pairs.sequence_order() if ahead else longest_first([len(s) for s in batch.sequences])
             encoded = encode(model, batch.sequences, batch.prompt_lens, order=batch.runnable(order), **options)
-        inputs = ScoreInputs(batch, encoded, head, cfg.head_chunk)
+        inputs = ScoreInputs(batch, encoded, head, cfg.head_bytes)
         return {column: values for entry in entries for column, values in zip(entry.columns, entry.compute(inputs))}
 
 

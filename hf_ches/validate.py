@@ -284,7 +284,8 @@ def run(data: DataArguments, scoring: ScoringArguments | None = None, sampling: 
     sample = subsample(rows, sampling.num_samples, sampling.seed)
     device = scoring.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model_and_tokenizer(scoring.model_name_or_path, revision=scoring.model_revision,
-                                                dtype=scoring.dtype, device=device)
+                                                dtype=scoring.dtype, device=device,
+                                                chat_template=scoring.scorer_options()["chat_template"])
     params = [p for _, p in select_parameters(model, options.parameters)]
     columns = forward_columns(sample, model, tokenizer, scoring, options, data.pair_columns())
     columns |= step_columns(sample, model, tokenizer, params, scoring, options, data.pair_columns())

@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
                              "1"], "chunked_over_map"),
         ("bench_host.py", ["--pairs", "8", "--batch_sizes", "4", "--repeats", "1"], "limit / map"),
         ("bench_kernel_cost.py", ["--pairs", "2"], "ntk+signgd[last:1]"),
+        ("bench_memory.py", ["--models", "tiny", "--data", "synthetic", "--pairs", "8", "--token_budgets", "256", "512",
+                             "--out", os.devnull], "MiB per 1,000 tokens of budget"),
         ("bench_kernels.py", ["--pairs", "6", "--pretrain-steps", "2"], "ntk[all], 512-sketch"),
         ("bench_metric.py", ["--pairs", "1000", "--repeats", "1"], "listwise  evaluate compute"),
         ("bench_trl.py", ["--pairs", "4", "--repeats", "1"], "speedup_over_trl_precompute"),

@@ -98,7 +98,7 @@ def test_output_kernel_equals_autograd(setups, arch):
         h_c, h_r = enc.states
         n = h_c.shape[0]
         targets = torch.tensor(pair.chosen_ids + pair.rejected_ids)
-        alpha = output_gradient_gram(head, torch.cat([h_c, h_r]), targets, torch.cat(enc.lse), budget=37 * 2 * n)
+        alpha = output_gradient_gram(head, torch.cat([h_c, h_r]), targets, torch.cat(enc.lse), max_bytes=4 * 37 * 2 * n)
         h = torch.cat([h_c, h_r]).double()
         kernel = alpha * (h @ h.T)  # [N, N]: K_W(a, b) is the sum of a block
         g_c = output_use_gradient(model, pair.prompt_ids, pair.chosen_ids)
@@ -117,8 +117,8 @@ def test_entk_w_columns_equal_the_output_gradient_kernel(setups):
     """For an untied head, the forward-only ``entk_w`` equals the autograd kernel of ``parameters="output"``."""
     model, tokenizer, rows, _ = setups["llama"]
     ds = Dataset.from_dict(rows)
-    # head_chunk=2: the vocabulary is processed in chunks of about 2 V / (n+ + n−) entries
-    scored = CHESScorer(model, tokenizer, scores=("ches", "ln_ches", "entk_w"), head_chunk=2).map(ds)
+    # head_bytes=256: the log-probs one position a slice, the kernel 64 / (n+ + n−) vocabulary entries (at least 1)
+    scored = CHESScorer(model, tokenizer, scores=("ches", "ln_ches", "entk_w"), head_bytes=256).map(ds)
     kernel = GradientKernelScorer(model, tokenizer, scores=("ntk",)).map(ds)
     plain = CHESScorer(model, tokenizer).map(ds)
     for row, k, base in zip(scored, kernel, plain):

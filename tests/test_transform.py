@@ -39,16 +39,21 @@ def cases(tiny_models):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gemma2"])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_matches_float64_reference(cases, tiny_models, arch, fmt, monkeypatch):
-    """Any batch size, token budget, row order and packing order, with and without prefix sharing, gives the paper's
-    per-example float64 numbers."""
+    """Any batch size, token budget, row order, packing order and slicing of the output embedding, with and without
+    prefix sharing, gives the paper's per-example float64 numbers. (``head_bytes=1``: the log-probs one completion
+    position a slice, where the default takes a tiny model's whole micro-batch in one.)"""
     rows, _, refs = cases[arch, fmt]
     ds = Dataset.from_dict(rows)
-    runs = [(False, 1, 1 << 20, False, True), (False, 64, 16, True, True), (False, 64, 1 << 20, True, False),
-            (False, 7, 300, False, True), (True, 64, 2000, True, True), (True, 64, 2000, True, False)]
-    for ahead, batch_size, token_budget, shuffle, sharing in runs:
+    default = transform.HEAD_BYTES
+    runs = [(False, 1, 1 << 20, False, True, default), (False, 64, 16, True, True, default),
+            (False, 64, 1 << 20, True, False, default), (False, 7, 300, False, True, default),
+            (True, 64, 2000, True, True, default), (True, 64, 2000, True, False, default),
+            (False, 64, 2000, True, True, 1), (True, 7, 300, False, False, 1)]
+    for ahead, batch_size, token_budget, shuffle, sharing, head_bytes in runs:
         monkeypatch.setattr(transform, "tokenize_ahead", lambda device: ahead)  # True: the accelerator's order
         data = ds.shuffle(seed=batch_size) if shuffle else ds
-        scorer = CHESScorer(tiny_models[arch], token_budget=token_budget, prefix_sharing=sharing)
+        scorer = CHESScorer(tiny_models[arch], token_budget=token_budget, prefix_sharing=sharing,
+                            head_bytes=head_bytes)
         assert scorer.shares_prefixes(scorer.load()) is sharing  # every tiny architecture takes the shared layout
         assert_matches_reference(scorer.map(data, batch_size=batch_size), refs)
 
