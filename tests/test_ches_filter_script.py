@@ -325,7 +325,7 @@ def test_missing_model_is_a_one_line_error(hub_env, source_dir, tmp_path, capsys
     assert cli_error(capsys, "score", "--dataset_name", source_dir, "--model_name_or_path", "./models/no_such_model",
                      "--output_dir", out) == (
         "hf-ches score: error: model './models/no_such_model': no such file or folder; pass an existing model "
-        "folder, a .gguf file, a Hub id (namespace/name) or 'smollm2'")
+        "folder, a .gguf file, a Hub id (namespace/name) or one of 'smollm2', 'gemma3-270m'")
     assert cli_error(capsys, "score", "--dataset_name", source_dir, "--model_name_or_path", "nobody/no-such-model",
                      "--output_dir", out) == (
         f"hf-ches score: error: model 'nobody/no-such-model': no such local file or folder, and no such model on the Hub at "
@@ -384,7 +384,7 @@ DATA = {"--dataset_name", "--dataset_config", "--dataset_revision", "--dataset_s
         "--prompt_column", "--chosen_column", "--rejected_column", "--token"}
 SCORING = {"--model_name_or_path", "--model_revision", "--dtype", "--device", "--max_length", "--boundary",
            "--on_invalid", "--token_budget", "--prefix_sharing", "--no_prefix_sharing", "--batch_size",
-           "--dataset_num_proc", "--device_map", "--max_memory", "--offload_folder"}
+           "--dataset_num_proc", "--device_map", "--max_memory", "--offload_folder", "--chat_template"}
 SELECTION = {"--preset", "--score_column", "--remove_top", "--keep_bottom", "--threshold", "--group_by",
              "--card_examples"}
 HUB = {"--push_to_hub", "--repo_id", "--private", "--revision", "--create_pr", "--commit_message"}

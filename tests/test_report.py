@@ -334,7 +334,7 @@ def test_script_checks_the_hub_and_the_models_before_scoring(hub_env, pairs_file
     assert script_error(capsys, monkeypatch, *data, "--model_name_or_path", tiny_model, "--ref_model_name_or_path",
                         "./models/no_such_model") == (
         "ranking_accuracy_report.py: error: model './models/no_such_model': no such file or folder; pass an existing "
-        "model folder, a .gguf file, a Hub id (namespace/name) or 'smollm2'")
+        "model folder, a .gguf file, a Hub id (namespace/name) or one of 'smollm2', 'gemma3-270m'")
     (tmp_path / "notes.txt").write_text("mine")
     assert script_error(capsys, monkeypatch, *data, "--model_name_or_path", tiny_model, "--output_dir",
                         str(tmp_path)) == (
