@@ -209,10 +209,11 @@ def compute_results(
 def model_info(scorer: Any) -> dict:
     """What identifies a `LogProbScorer`'s model in the report: its name, revision and commit, the dtype and device
     it was loaded with (resolved), and its weights fingerprint."""
+    from hf_ches.card import public_name
     from hf_ches.models import loaded_as, model_commit
 
     config, loaded = scorer.config, scorer.load()
-    return {"name_or_path": config.model, "revision": config.revision,
+    return {"name_or_path": public_name(config.model), "revision": config.revision,
             "commit": model_commit(config.model, config.revision), **loaded_as(loaded.model),
             "fingerprint": scorer.identity, "prefix_sharing": scorer.shares_prefixes(loaded)}
 
@@ -403,6 +404,7 @@ def check_report_hub(data: DataArguments, scoring: ScoringArguments, report: Rep
     dataset. Returns the full repo id."""
     from hf_ches.hub import check_target
     from hf_ches.models import check_model
+    from hf_ches.pipeline import source_name
 
     for name, revision in ((scoring.model_name_or_path, scoring.model_revision),
                            (report.ref_model_name_or_path, report.ref_model_revision)):
@@ -410,7 +412,7 @@ def check_report_hub(data: DataArguments, scoring: ScoringArguments, report: Rep
             check_model(name, revision, data.token)
     if not hub.push_to_hub:
         return None
-    repo_id = check_target(hub.repo_id, data.token, (data.dataset_name, data.dataset_config),
+    repo_id = check_target(hub.repo_id, data.token, (source_name(data), data.dataset_config),
                            record_path=f"{config_name}/{REPORT_FILE}", record_source=report_source,
                            overwrite=hub.overwrite, revision=hub.revision)
     logger.info("Pushing to %s, config %r", repo_id, config_name)
@@ -466,7 +468,7 @@ def run_report(data: DataArguments, scoring: ScoringArguments, sampling: Samplin
     """Check, sample, score, compute, print; write ``--output_dir`` and push, as the options say; returns the report
     (under a launcher: on rank 0, and None on the other ranks, which only score)."""
     from hf_ches.hub import check_output_dir, write_local
-    from hf_ches.pipeline import load_source
+    from hf_ches.pipeline import load_source, source_name
     from hf_ches.runner import is_main_process
 
     check_arguments(REPORT, [data, scoring, sampling, report_args, resume, hub, output])
@@ -490,7 +492,7 @@ def run_report(data: DataArguments, scoring: ScoringArguments, sampling: Samplin
         per_example[split] = concatenate_datasets([scored, Dataset.from_dict(flags)], axis=1)
     report = build_report(
         results,
-        dataset={"name": data.dataset_name, "config": data.dataset_config, "revision": data.dataset_revision,
+        dataset={"name": source_name(data), "config": data.dataset_config, "revision": data.dataset_revision,
                  "splits": list(dataset), "preference_column": report_args.preference_column,
                  "num_samples": {split: len(rows) for split, rows in dataset.items()},
                  "num_samples_requested": sampling.num_samples, "sample_seed": sampling.seed,

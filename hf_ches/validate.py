@@ -120,6 +120,10 @@ def _one_split(groups: dict[type, Any]) -> None:
 VALIDATE = Recipe(
     "validate", (DataArguments, ScoringArguments, SamplingArguments, ValidateArguments, OutputArguments),
     required=("output_dir",), defaults={"model_name_or_path": DEFAULT_MODEL, "dtype": "float32", "num_samples": 100},
+    helps={"num_samples": "Pairs drawn from the split without replacement by numpy default_rng(seed).choice; each "
+                          "takes one DPO step of the whole model, so the default is a small sample.",
+           "model_name_or_path": "Model to step and score with: Hub id, local folder, .gguf file or 'smollm2' (the "
+                                 "real SmolLM2-135M-Instruct)."},
     check=_one_split, description="""\
 Does a score predict likelihood displacement for your model and data? Draws a seeded sample of pairs, scores them,
 then for each pair on its own takes one DPO step with the model itself as the reference (so the margin starts at
@@ -308,20 +312,19 @@ def run(data: DataArguments, scoring: ScoringArguments | None = None, sampling: 
 def forward_columns(sample: Any, model: torch.nn.Module, tokenizer: Any, scoring: ScoringArguments,
                     options: ValidateArguments) -> dict[str, np.ndarray]:
     """``row_index`` and the columns of the scores that `CHESScorer` computes (the forward-pass scores)."""
-    from datasets import disable_progress_bars, enable_progress_bars
-
     from hf_ches.report import ROW_INDEX
+    from hf_ches.runner import counted_pass, progress_bars_off
     from hf_ches.transform import CHESScorer
 
     columns: dict[str, np.ndarray] = {ROW_INDEX: np.asarray(sample[ROW_INDEX])}
     forward_scores = tuple(s for s in options.scores if s not in KERNEL_SCORES)
-    (enable_progress_bars if options.progress else disable_progress_bars)()
     if forward_scores:
         settings = {k: v for k, v in scoring.scorer_options().items()
                     if k in ("max_length", "token_budget", "on_invalid", "boundary", "prefix_sharing")}  # model loaded
         scorer = CHESScorer(model, tokenizer, scores=forward_scores, **settings)
-        scored = scorer.map(sample.select_columns([c for c in ("prompt", "chosen", "rejected")
-                                                  if c in sample.column_names]), **scoring.map_options("Scoring"))
+        with counted_pass(len(sample), "Scoring") if options.progress else progress_bars_off():
+            scored = scorer.map(sample.select_columns([c for c in ("prompt", "chosen", "rejected")
+                                                      if c in sample.column_names]), **scoring.map_options("Scoring"))
         columns |= {c: np.asarray(scored[c], dtype=np.float64) for c in score_columns(forward_scores)}
     return columns
 
@@ -329,16 +332,15 @@ def forward_columns(sample: Any, model: torch.nn.Module, tokenizer: Any, scoring
 def step_columns(sample: Any, model: torch.nn.Module, tokenizer: Any, params: list[torch.nn.Parameter],
                  scoring: ScoringArguments, options: ValidateArguments) -> dict[str, np.ndarray]:
     """One `dpo_step` per pair of ``sample``: the kernel scores and `MEASURED` (NaN for an unscorable pair)."""
-    from tqdm.auto import tqdm
-
     from hf_ches.pairs import read_rows, tokenize_pairs
     from hf_ches.report import ROW_INDEX
+    from hf_ches.runner import progress_bar
 
     batch = sample.remove_columns(ROW_INDEX).to_dict()
     pairs = tokenize_pairs(read_rows(batch, list(sample[ROW_INDEX])), tokenizer, scoring.max_length,
                            scoring.on_invalid, scoring.boundary)
     stepped = []
-    for pair in tqdm(pairs, desc="One DPO step per pair", disable=not options.progress):
+    for pair in progress_bar(len(pairs), "One DPO step per pair", pairs, shown=options.progress, unit=" pairs"):
         if not pair.scorable:
             stepped.append({})
             continue
