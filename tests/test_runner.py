@@ -152,9 +152,9 @@ def test_cli_score_twice_scores_nothing_the_second_time(tiny_model, tmp_path, ca
     with pytest.raises(SystemExit) as refused:
         cli.main([*argv, "--max_length", "512"])
     assert refused.value.code == 1 and calls == []
-    refusal = capsys.readouterr().err  # one line naming the option that changed, and the flag that overrides
-    assert refusal.count("\n") == 1 and "other options: --max_length (None then, 512 now). Rerun with " \
-        "--overwrite_chunks" in refusal
+    refusal = capsys.readouterr().err.splitlines()[-1]  # one line naming the option that changed, and the flag
+    assert refusal.startswith("hf-ches score: error: ") and "other options: --max_length (None then, 512 now). " \
+        "Rerun with --overwrite_chunks" in refusal
     assert cli.main([*argv, "--max_length", "512", "--overwrite_chunks"]) == 0
     assert "truncated" in load_from_disk(out)["train"].column_names
 
