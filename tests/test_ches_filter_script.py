@@ -317,7 +317,7 @@ def test_hub_target_is_checked_before_the_model_is_loaded(hub_env, source_dir, s
     assert cli.main(["publish", "--dataset_name", scored_dir, "--push_to_hub", "--repo_id", bare]) == 0  # same source
     assert cli.main(["publish", "--dataset_name", other, "--push_to_hub", "--repo_id", bare, "--overwrite"]) == 0
     record = json.load(open(hf_hub_download(f"{hub_env.user}/{bare}", RUN_JSON_PATH, repo_type="dataset")))
-    assert record["source"]["dataset"] == other
+    assert record["source"]["dataset"] == "other"  # the folder's name, never its path
 
 
 def test_missing_model_is_a_one_line_error(hub_env, source_dir, tmp_path, capsys):
