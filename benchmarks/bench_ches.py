@@ -235,7 +235,7 @@ RATIOS = {  # name: (numerator run, denominator run, what), each a throughput ra
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="cpu-small", choices=sorted(SHAPES), help="a random model of this shape")
     parser.add_argument("--model", default=None, choices=["smollm2"], help="a real model instead of --shape")
     parser.add_argument("--data", default="realistic", choices=["realistic", "hh-shaped", "hh", "shipped"],

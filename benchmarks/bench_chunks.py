@@ -38,7 +38,7 @@ def same_rows(a: Dataset, b: Dataset) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=1156, help="first rows of the HH-RLHF sample (1,156 in all)")
     parser.add_argument("--chunk_size", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=64, help="map batch; divides --chunk_size")

@@ -24,7 +24,7 @@ NO_CACHE = dict(keep_in_memory=True, load_from_cache_file=False)  # every map sc
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=64, help="HH-RLHF pairs scored per run")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=2)

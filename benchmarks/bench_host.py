@@ -87,7 +87,7 @@ def _synchronized(encode, device: EmulatedDevice):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=512)
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[256, 512], help="rows per Dataset.map batch")
     parser.add_argument("--tokens_per_s", type=float, default=312e3, help="emulated device throughput")

@@ -76,7 +76,7 @@ def compute(config_name: str, inputs: dict, options: dict, stock: bool = False) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=1_000_000, help="number of pairs (listwise: pairs / 2 lists)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per timing; the best is reported")
     parser.add_argument("--per-example", action="store_true", help="also return the per-example flags")

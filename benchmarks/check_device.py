@@ -35,7 +35,7 @@ def probe(device: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=64, help="preference rows per architecture and format")
     args = parser.parse_args()
     disable_progress_bars()

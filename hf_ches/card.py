@@ -18,8 +18,10 @@ no rows at all is not published. Next to the data: ``PLOT_PATH`` (the score hist
 
 from __future__ import annotations
 
+import glob
 import io
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +84,22 @@ class RunInfo:
     rule: SelectionRule = field(default_factory=SelectionRule)
     command: str | None = None
     hf_ches_version: str = __version__
+
+
+def public_name(name_or_path: str, pretty_name: str | None = None) -> str:
+    """How what hf-ches publishes (cards, ``ches/run.json``, reports) names a dataset or a model: ``pretty_name``
+    when given; a local file or folder by its own name, never its path (which would publish the user's folders);
+    a Hub id, or a built-in name such as ``smollm2``, as it is.
+
+    >>> public_name("/home/me/work/prefs.jsonl"), public_name("org/prefs"), public_name("./data/", "My prefs")
+    ('prefs.jsonl', 'org/prefs', 'My prefs')
+    """
+    if pretty_name:
+        return pretty_name
+    path = os.path.expanduser(name_or_path)
+    local = (os.path.exists(path) or os.path.isabs(path) or name_or_path.startswith(".") or glob.has_magic(path)
+             or name_or_path.count("/") > 1)
+    return (os.path.basename(os.path.normpath(path)) or name_or_path) if local else name_or_path
 
 
 def config_data_dir(config: str) -> str:

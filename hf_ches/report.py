@@ -209,10 +209,11 @@ def compute_results(
 def model_info(scorer: Any) -> dict:
     """What identifies a `LogProbScorer`'s model in the report: its name, revision and commit, the dtype and device
     it was loaded with (resolved), and its weights fingerprint."""
+    from hf_ches.card import public_name
     from hf_ches.models import loaded_as, model_commit
 
     config, loaded = scorer.config, scorer.load()
-    return {"name_or_path": config.model, "revision": config.revision,
+    return {"name_or_path": public_name(config.model), "revision": config.revision,
             "commit": model_commit(config.model, config.revision), **loaded_as(loaded.model),
             "fingerprint": scorer.identity, "prefix_sharing": scorer.shares_prefixes(loaded)}
 
@@ -401,10 +402,11 @@ def check_report_hub(data: DataArguments, hub: HubArguments, config_name: str, o
     goes to the token's user) and its ``config_name`` holds no report on another dataset (unless ``overwrite``).
     Returns the full repo id."""
     from hf_ches.hub import check_target
+    from hf_ches.pipeline import source_name
 
     if not hub.push_to_hub:
         return None
-    repo_id = check_target(hub.repo_id, data.token, (data.dataset_name, data.dataset_config),
+    repo_id = check_target(hub.repo_id, data.token, (source_name(data), data.dataset_config),
                            record_path=f"{config_name}/{REPORT_FILE}", record_source=report_source,
                            overwrite=overwrite, revision=hub.revision)
     logger.info("Pushing to %s, config %r", repo_id, config_name)
@@ -461,7 +463,7 @@ def run_report(data: DataArguments, scoring: ScoringArguments, sampling: Samplin
     """Check, sample, score, compute, print; write ``--output_dir`` and push, as the options say; returns the report
     (under a launcher: on rank 0, and None on the other ranks, which only score)."""
     from hf_ches import outputs
-    from hf_ches.pipeline import check_hub_ids, load_source
+    from hf_ches.pipeline import check_hub_ids, load_source, source_name
     from hf_ches.runner import is_main_process, on_main_process
 
     check_arguments(REPORT, [data, scoring, sampling, report_args, resume, hub, output])
@@ -487,7 +489,7 @@ def run_report(data: DataArguments, scoring: ScoringArguments, sampling: Samplin
         per_example[split] = concatenate_datasets([scored, Dataset.from_dict(flags)], axis=1)
     report = build_report(
         results,
-        dataset={"name": data.dataset_name, "config": data.dataset_config, "revision": data.dataset_revision,
+        dataset={"name": source_name(data), "config": data.dataset_config, "revision": data.dataset_revision,
                  "data_dir": data.data_dir, "data_files": data.data_files, "columns": data.pair_columns(),
                  "splits": list(dataset), "preference_column": report_args.preference_column,
                  "num_samples": {split: len(rows) for split, rows in dataset.items()},

@@ -41,7 +41,8 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, is_dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -73,9 +74,14 @@ def chunk_names(num_rows: int, chunk_size: int) -> list[str]:
 
 
 def build_manifest(scorer: Any, dataset: Dataset, chunk_size: int) -> dict[str, Any]:
-    """What the chunks depend on: a rerun with other values would mix rows scored differently."""
+    """What the chunks depend on: a rerun with other values would mix rows scored differently. The fingerprints
+    decide; ``scorer_options`` (the scorer's settings and the identity of its model's weights) say which option
+    changed (`changes`)."""
+    options = asdict(scorer.config) if is_dataclass(getattr(scorer, "config", None)) else {}
+    options["model_identity"] = getattr(scorer, "identity", None)
     return {"dataset_fingerprint": dataset._fingerprint, "scorer_fingerprint": Hasher.hash(scorer),
-            "chunk_size": chunk_size, "num_rows": len(dataset)}
+            "scorer_options": json.loads(json.dumps(options, default=str)), "chunk_size": chunk_size,
+            "num_rows": len(dataset)}
 
 
 def cache_folder(manifest: dict[str, Any]) -> Path:
@@ -137,16 +143,40 @@ def _remove(folder: Path, patterns: tuple[str, ...]) -> None:
             path.unlink()
 
 
+# How `changes` names what changed: the command-line option of a setting, or what a fingerprint stands for.
+CHANGE_NAMES = {"chunk_size": "--chunk_size", "num_rows": "the number of rows", "model": "--model_name_or_path",
+                "revision": "--model_revision", "dtype": "--dtype", "device": "--device",
+                "token_budget": "--token_budget", "max_length": "--max_length", "on_invalid": "--on_invalid",
+                "boundary": "--boundary", "model_identity": "the model's weights (its files changed)"}
+DATA_CHANGED = "the data (another --dataset_name, --dataset_config or split, or its files changed)"
+
+
 def changes(then: dict[str, Any], now: dict[str, Any]) -> str | None:
-    """The manifest entries that differ, as a message part; None when there are none.
+    """What differs between an earlier manifest and this run's, named as the options a user sets (with both
+    values) or, for the data, in words; None when nothing does.
 
     >>> changes({"chunk_size": 4, "num_rows": 9}, {"chunk_size": 8, "num_rows": 9})
-    'chunk_size (4 then, 8 now)'
+    '--chunk_size (4 then, 8 now)'
+    >>> changes({"scorer_fingerprint": "a", "scorer_options": {"max_length": None}},
+    ...         {"scorer_fingerprint": "b", "scorer_options": {"max_length": 512}})
+    '--max_length (None then, 512 now)'
     """
-    changed = [key for key in now if then.get(key) != now[key]]
-    if not changed:
-        return None
-    return ", ".join(changed) + f" ({', '.join(f'{then.get(k)!r} then, {now[k]!r} now' for k in changed)})"
+    def named(key: str, old: Any, new: Any) -> str:
+        return f"{CHANGE_NAMES.get(key, key)} ({old!r} then, {new!r} now)"
+
+    changed = []
+    for key, value in now.items():
+        if key == "scorer_options" or then.get(key) == value:
+            continue
+        if key == "dataset_fingerprint":
+            changed.append(DATA_CHANGED)
+        elif key == "scorer_fingerprint":
+            old, new = then.get("scorer_options") or {}, now.get("scorer_options") or {}
+            options = [named(k, old.get(k), new[k]) for k in new if old.get(k) != new[k]]
+            changed += options or ["the scorer (another hf-ches version or scorer)"]
+        else:
+            changed.append(named(key, then.get(key), value))
+    return "; ".join(changed) or None
 
 
 def prepare_folder(folder: Path, manifest: dict[str, Any], overwrite: bool) -> None:
@@ -157,8 +187,8 @@ def prepare_folder(folder: Path, manifest: dict[str, Any], overwrite: bool) -> N
     if path.is_file() and not overwrite:
         changed = changes(json.loads(path.read_text(encoding="utf-8")), manifest)
         if changed:
-            raise ValueError(f"{folder} holds chunks scored with another {changed}; pass overwrite=True "
-                             "(--overwrite_chunks) to score afresh, or choose another folder")
+            raise ValueError(f"{folder} holds chunks scored with other options: {changed}. Rerun with "
+                             "--overwrite_chunks to score afresh, or choose another --output_dir")
         _remove(folder, TEMPORARY)
         return
     folder.mkdir(parents=True, exist_ok=True)
@@ -300,41 +330,74 @@ def progress_bars_off() -> Iterator[bool]:
             enable_progress_bars()
 
 
-@contextmanager
-def _progress(paths: list[Path], sizes: list[int], desc: str) -> Iterator[None]:
-    """One process: datasets' bar of each chunk's map. Several: none of those; on rank 0, one bar over the rows of
-    the chunk files that exist, counted every `POLL_S` seconds, so that it shows the rate and the time left of all
-    ranks together."""
+_bars_shown = True  # hf-ches' own bars, one per scoring pass (`show_progress_bars`)
+
+
+def show_progress_bars(shown: bool) -> None:
+    """Show hf-ches' progress bars (`progress_bar`), or not: the commands hide them on every rank but rank 0."""
+    global _bars_shown
+    _bars_shown = shown
+
+
+def progress_bar(total: int, desc: str, iterable: Any = None, shown: bool = True, unit: str = " examples") -> Any:
+    """The one bar of a pass over ``total`` rows (a tqdm bar, over ``iterable`` when given); hidden when not
+    ``shown`` or after ``show_progress_bars(False)``."""
     from tqdm.auto import tqdm
 
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not (shown and _bars_shown))
+
+
+@contextmanager
+def counted_pass(total: int, desc: str, count_rows: bool = True) -> Iterator[Any]:
+    """One progress bar over a scoring pass of ``total`` rows, with datasets' own bars (one per map, per chunk)
+    off; ``count_rows``: moved by every map batch this process scores (`hf_ches.transform.counting_rows`); full
+    when the block ends without an error. Yields the bar."""
+    from hf_ches.transform import counting_rows
+
+    with progress_bars_off(), progress_bar(total, desc) as bar:
+        with counting_rows(bar.update) if count_rows else nullcontext():
+            yield bar
+        bar.update(total - bar.n)  # the pass is done: rows that a cache or a forked worker served count too
+
+
+@contextmanager
+def _progress(paths: list[Path], sizes: list[int], desc: str) -> Iterator[Any]:
+    """The pass's one bar, on rank 0 alone, over the rows of all chunks, those scored earlier included; yields a
+    function that moves it to the chunk files that exist. One process: the bar also follows each map batch
+    (`counted_pass`). Several: rank 0 counts the chunk files of all ranks every `POLL_S` seconds, so that the bar
+    shows the rate and the time left of all ranks together."""
     rank, world_size = ranks()
-    if world_size == 1:
-        yield
+
+    def done() -> int:
+        return sum(size for path, size in zip(paths, sizes) if path.is_file())
+
+    if rank != 0:
+        with progress_bars_off():
+            yield lambda: None
         return
-    with progress_bars_off() as show:
-        if rank != 0 or not show:
-            yield
-            return
+    several = world_size > 1
+    with counted_pass(sum(sizes), desc + (f" ({world_size} processes)" if several else ""), not several) as bar:
 
-        def done() -> int:
-            return sum(size for path, size in zip(paths, sizes) if path.is_file())
+        def sync() -> None:
+            bar.update(max(0, done() - bar.n))
 
-        bar = tqdm(total=sum(sizes), initial=done(), desc=f"{desc} ({world_size} processes)", unit=" examples")
+        sync()
         stop = threading.Event()
 
         def poll() -> None:
             while not stop.wait(POLL_S):
-                bar.update(done() - bar.n)
+                sync()
 
-        thread = threading.Thread(target=poll, daemon=True)
-        thread.start()
+        thread = threading.Thread(target=poll, daemon=True) if several else None
+        if thread:
+            thread.start()
         try:
-            yield
+            yield sync
         finally:
             stop.set()
-            thread.join()
-            bar.update(done() - bar.n)
-            bar.close()
+            if thread:
+                thread.join()
+            sync()
 
 
 def score_in_chunks(scorer: Any, dataset: Dataset, folder: str | Path | None = None, *,
@@ -356,17 +419,20 @@ def score_in_chunks(scorer: Any, dataset: Dataset, folder: str | Path | None = N
         raise ValueError("num_proc (--dataset_num_proc): under a launcher each rank scores in one process (on its "
                          "own GPU); leave it unset")
     missing = plan(folder, manifest, names, overwrite)
-    if rank == 0:
-        logger.info("%s: %d of %d chunks of %d rows to score%s", folder, len(missing), len(names), chunk_size,
-                    f", by {world_size} processes" if world_size > 1 else "")
     desc = map_kwargs.pop("desc", "Scoring preference pairs")
+    if rank == 0:
+        logger.debug("%s: %d of %d chunks of %d rows to score%s", folder, len(missing), len(names), chunk_size,
+                     f", by {world_size} processes" if world_size > 1 else "")
+        if len(missing) < len(names):
+            logger.info("%s: %d of %d chunks scored earlier, %d to score", desc, len(names) - len(missing),
+                        len(names), len(missing))
     rows = [range(i * chunk_size, min((i + 1) * chunk_size, len(dataset))) for i in range(len(names))]
     paths = [folder / name for name in names]
     try:
-        with _progress(paths, [len(r) for r in rows], desc), _ctrl_c() as pressed:
+        with _progress(paths, [len(r) for r in rows], desc) as sync, _ctrl_c() as pressed:
             for i in missing[rank::world_size]:  # disjoint shares, whichever chunks are missing
-                chunk_desc = f"{desc}, chunk {i + 1}/{len(names)}"
-                score_chunk(scorer, dataset, rows[i], paths[i], map_kwargs | {"desc": chunk_desc})
+                score_chunk(scorer, dataset, rows[i], paths[i], map_kwargs)
+                sync()
                 if pressed.is_set():  # a Ctrl-C that a library swallowed
                     raise KeyboardInterrupt
             if world_size > 1:

@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -44,6 +47,33 @@ from hf_ches.scores import SCORES, ScoreInputs
 
 logger = logging.getLogger(__name__)
 
+# Who counts the rows scored in this process (`counting_rows`): the process that listens, and its callback.
+_row_counter: tuple[int, Callable[[int], None]] | None = None
+
+
+@contextmanager
+def counting_rows(callback: Callable[[int], None]) -> Iterator[None]:
+    """Within the block, every map batch a scorer finishes in this process calls ``callback(rows)``: how one
+    progress bar (`hf_ches.runner.progress_bar`) follows a whole scoring pass, chunk after chunk. Batches scored in
+    forked ``num_proc`` workers are not counted (the callback lives in this process).
+
+    >>> from datasets import Dataset
+    >>> from hf_ches.testing import build_tiny_model, synthetic_pairs
+    >>> import tempfile
+    >>> counted = []
+    >>> with counting_rows(counted.append):
+    ...     _ = CHESScorer(build_tiny_model(tempfile.mkdtemp())).map(Dataset.from_dict(synthetic_pairs(5)),
+    ...                                                               batch_size=2)
+    >>> counted
+    [2, 2, 1]
+    """
+    global _row_counter
+    previous, _row_counter = _row_counter, (os.getpid(), callback)
+    try:
+        yield
+    finally:
+        _row_counter = previous
+
 DEFAULT_SCORES = ("ches", "ln_ches", "logps")
 
 
@@ -53,7 +83,7 @@ class ScorerConfig:
 
     model: str  # Hub id, local path, "smollm2", or "<in-memory>"
     revision: str | None = None
-    dtype: str | None = None  # None: float32 on CPU, bfloat16 on CUDA
+    dtype: str | None = None  # None: hf_ches.models.default_dtype of the device
     device: str | None = None  # None: cuda:rank % n_gpus when CUDA is available, else cpu
     token_budget: int | None = None  # most rows x padded length per micro-batch; None: 16384 (GPU), 2048 (CPU)
     max_length: int | None = None  # None: no truncation; else TRL's keep_start
@@ -308,12 +338,15 @@ class CHESScorer:
                              cfg.on_invalid, self.pair_columns)
             pairs = PendingPairs(rows, loaded.tokenizer, cfg.max_length, cfg.on_invalid,
                                  tokenizer_threads(len(rows)), boundary=cfg.boundary)
-            return self._columns(pairs, loaded)
+            columns = self._columns(pairs, loaded)
         except PairError as err:
             if indices is None:
                 raise PairError(err.row, err.column, err.message + " [row = position in this map "
                                 "batch; use scorer.map(ds) or with_indices=True for dataset row indices]") from None
             raise
+        if _row_counter is not None and _row_counter[0] == os.getpid():
+            _row_counter[1](len(rows))
+        return columns
 
     def _columns(self, pairs: PendingPairs, loaded: loading.Loaded) -> dict[str, np.ndarray]:
         """Every output column of a map batch: the scores (NaN where a pair cannot be scored), the token counts,

@@ -124,6 +124,10 @@ def _one_split(groups: dict[type, Any]) -> None:
 VALIDATE = Recipe(
     "validate", (DataArguments, ScoringArguments, SamplingArguments, ValidateArguments, OutputArguments),
     required=("output_dir",), defaults={"model_name_or_path": DEFAULT_MODEL, "dtype": "float32", "num_samples": 100},
+    helps={"num_samples": "Pairs drawn from the split without replacement by numpy default_rng(seed).choice; each "
+                          "takes one DPO step of the whole model, so the default is a small sample.",
+           "model_name_or_path": "Model to step and score with: Hub id, local folder, .gguf file or 'smollm2' (the "
+                                 "real SmolLM2-135M-Instruct)."},
     check=_one_split, description="""\
 Does a score predict likelihood displacement for your model and data? Draws a seeded sample of pairs, scores them,
 then for each pair on its own takes one DPO step with the model itself as the reference (so the margin starts at
@@ -315,20 +319,19 @@ def forward_columns(sample: Any, model: torch.nn.Module, tokenizer: Any, scoring
                     options: ValidateArguments, columns: dict[str, str]) -> dict[str, np.ndarray]:
     """``row_index`` and the columns of the scores that `CHESScorer` computes (the forward-pass scores), the pairs
     read from ``columns`` (`DataArguments.pair_columns`)."""
-    from datasets import disable_progress_bars, enable_progress_bars
-
     from hf_ches.report import ROW_INDEX
+    from hf_ches.runner import counted_pass, progress_bars_off
     from hf_ches.transform import CHESScorer
 
     out: dict[str, np.ndarray] = {ROW_INDEX: np.asarray(sample[ROW_INDEX])}
     forward_scores = tuple(s for s in options.scores if s not in KERNEL_SCORES)
-    (enable_progress_bars if options.progress else disable_progress_bars)()
     if forward_scores:
         settings = {k: v for k, v in scoring.scorer_options().items()
                     if k in ("max_length", "token_budget", "on_invalid", "boundary", "prefix_sharing")}  # model loaded
         scorer = CHESScorer(model, tokenizer, scores=forward_scores, **settings, **columns)
         pairs = sample.select_columns(scorer.pair_columns.used(sample.column_names))
-        scored = scorer.map(pairs, **scoring.map_options("Scoring"))
+        with counted_pass(len(sample), "Scoring") if options.progress else progress_bars_off():
+            scored = scorer.map(pairs, **scoring.map_options("Scoring"))
         out |= {c: np.asarray(scored[c], dtype=np.float64) for c in score_columns(forward_scores)}
     return out
 
@@ -337,16 +340,15 @@ def step_columns(sample: Any, model: torch.nn.Module, tokenizer: Any, params: li
                  scoring: ScoringArguments, options: ValidateArguments, columns: dict[str, str]
                  ) -> dict[str, np.ndarray]:
     """One `dpo_step` per pair of ``sample``: the kernel scores and `MEASURED` (NaN for an unscorable pair)."""
-    from tqdm.auto import tqdm
-
     from hf_ches.pairs import Columns, read_rows, tokenize_pairs
     from hf_ches.report import ROW_INDEX
+    from hf_ches.runner import progress_bar
 
     batch = sample.remove_columns(ROW_INDEX).to_dict()
     rows = read_rows(batch, list(sample[ROW_INDEX]), columns=Columns.named(columns))
     pairs = tokenize_pairs(rows, tokenizer, scoring.max_length, scoring.on_invalid, scoring.boundary)
     stepped = []
-    for pair in tqdm(pairs, desc="One DPO step per pair", disable=not options.progress):
+    for pair in progress_bar(len(pairs), "One DPO step per pair", pairs, shown=options.progress, unit=" pairs"):
         if not pair.scorable:
             stepped.append({})
             continue

@@ -70,3 +70,18 @@ def test_reproduce_displacement_runs(tiny_model, tmp_path):
     assert set(results["filtering"]) == {"whole sample", "less top 10% ln_ches", "less random 10%"}
     assert results["filtering"]["less top 10% ln_ches"]["num_trained"] == 9
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "benchmarks").glob("*.py")
+                                          if "ArgumentParser(" in p.read_text() and p.name != "__init__.py"))
+def test_help_describes_the_script_in_whole_sentences(script, monkeypatch, capsys):
+    """``--help`` opens with the docstring's first paragraph, whole, not its first line cut mid-sentence."""
+    import ast
+    import runpy
+
+    doc = ast.get_docstring(ast.parse((ROOT / "benchmarks" / script).read_text()))
+    monkeypatch.setattr(sys, "argv", [script, "--help"])
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    with pytest.raises(SystemExit):
+        runpy.run_path(str(ROOT / "benchmarks" / script), run_name="__main__")
+    assert " ".join(doc.split("\n\n")[0].split()) in " ".join(capsys.readouterr().out.split())

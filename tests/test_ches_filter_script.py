@@ -84,7 +84,7 @@ def test_script_scores_filters_publishes_and_updates(hub_env, tiny_model, source
     meta, body = card(repo_id)
     assert [c["config_name"] for c in meta["configs"]] == ["default", "removed", "scored"]
     assert {"dpo", "preference", "ches", "trl"} <= set(meta["tags"])
-    assert meta["hf_ches"]["scoring"]["model"] == tiny_model and meta["hf_ches"]["scoring"]["dtype"] == "float32"
+    assert meta["hf_ches"]["scoring"]["model"] == Path(tiny_model).name and meta["hf_ches"]["scoring"]["dtype"] == "float32"
     assert meta["hf_ches"]["command"].startswith("hf-ches publish --dataset_name")
     files = HfApi().list_repo_files(repo_id, repo_type="dataset")
     assert PLOT_PATH in files and RUN_JSON_PATH in files and f"]({PLOT_PATH})" in body
@@ -219,10 +219,11 @@ def test_score_then_filter_locally_with_the_cli(scored_dir, tiny_model, tmp_path
     assert sizes(datasets.load_dataset(str(out))) == {"train": 150, "test": 30}
     assert sizes(datasets.load_dataset(str(out), "removed")) == {"train": 150, "test": 30}
     run = json.loads((out / RUN_JSON_PATH).read_text())
-    assert run["command"] == f"hf-ches filter --dataset_name {scored_dir} --keep_bottom 0.5 --output_dir {out}"
+    # by folder names: no local path in what is published
+    assert run["command"] == f"hf-ches filter --dataset_name {Path(scored_dir).name} --keep_bottom 0.5 --output_dir filtered"
     # issue 15: the scores' provenance comes from the scored folder (it used to be `scoring.model: None`)
     assert run["scoring"] == json.loads(Path(scored_dir, RUN_JSON_PATH).read_text())["scoring"]
-    assert run["scoring"]["model"] == tiny_model and run["scoring"]["dtype"] == "float32"
+    assert run["scoring"]["model"] == Path(tiny_model).name and run["scoring"]["dtype"] == "float32"
     # the filtered folder is itself a valid --dataset_name: re-select from its `scored` config
     again = tmp_path / "again"
     assert cli.main(["filter", "--dataset_name", str(out), "--dataset_config", "scored", "--threshold", "0",
@@ -311,12 +312,12 @@ def test_hub_target_is_checked_before_the_model_is_loaded(hub_env, source_dir, s
     other = str(Path(scored_dir).parent / "other")  # another source dataset, into the same repo
     datasets.load_from_disk(scored_dir).save_to_disk(other)
     assert cli_error(capsys, "publish", "--dataset_name", other, "--push_to_hub", "--repo_id", bare) == (
-        f"hf-ches publish: error: --repo_id {hub_env.user}/{bare} already holds a publication of {scored_dir!r} "
-        f"(ches/run.json), not of {other!r}; pass --overwrite to replace it, or choose another --repo_id")
+        f"hf-ches publish: error: --repo_id {hub_env.user}/{bare} already holds a publication of 'prefs' "
+        f"(ches/run.json), not of 'other'; pass --overwrite to replace it, or choose another --repo_id")  # by name
     assert cli.main(["publish", "--dataset_name", scored_dir, "--push_to_hub", "--repo_id", bare]) == 0  # same source
     assert cli.main(["publish", "--dataset_name", other, "--push_to_hub", "--repo_id", bare, "--overwrite"]) == 0
     record = json.load(open(hf_hub_download(f"{hub_env.user}/{bare}", RUN_JSON_PATH, repo_type="dataset")))
-    assert record["source"]["dataset"] == other
+    assert record["source"]["dataset"] == "other"  # the folder's name, never its path
 
 
 def test_missing_model_is_a_one_line_error(hub_env, source_dir, tmp_path, capsys):
@@ -369,19 +370,19 @@ def test_publish_prints_its_own_lines_once_and_no_library_chatter(hub_env, score
     err = capfd.readouterr().err
     for chatter in ("Setting num_proc", "Uploading the dataset shards", "Creating parquet", "WARNING datasets"):
         assert chatter not in err
-    own = [line for line in err.splitlines() if line.startswith("INFO hf_ches")]
-    assert own[0] == f"INFO hf_ches.pipeline: Publishing to {repo_id}" and len(own) == len(set(own))
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert f"Publishing to {repo_id}" in lines and len(lines) == len(set(lines))
     # hf-ches' warnings are printed once, by its own handler (none on the root, which datasets' records reach too)
     assert not [h for h in logging.getLogger().handlers if type(h) is logging.StreamHandler]
     logging.getLogger("hf_ches.pipeline").warning("just once")
     logging.getLogger("datasets.arrow_dataset").warning("library chatter")
     err = capfd.readouterr().err
-    assert err.count("just once") == 1 and "library chatter" not in err
+    assert err.count("warning: just once") == 1 and "library chatter" not in err
 
 
 # The options of each group, written out here (not read from hf_ches.recipes), and the groups of each command.
 DATA = {"--dataset_name", "--dataset_config", "--dataset_revision", "--dataset_splits", "--data_dir", "--data_files",
-        "--prompt_column", "--chosen_column", "--rejected_column", "--token"}
+        "--prompt_column", "--chosen_column", "--rejected_column", "--token", "--pretty_name"}
 SCORING = {"--model_name_or_path", "--model_revision", "--dtype", "--device", "--max_length", "--boundary",
            "--on_invalid", "--token_budget", "--prefix_sharing", "--no_prefix_sharing", "--batch_size",
            "--dataset_num_proc", "--device_map", "--max_memory", "--offload_folder", "--chat_template"}

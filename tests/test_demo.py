@@ -30,12 +30,11 @@ def test_real_model_scores_near_duplicates_higher():
     """Razin et al.: the more alike chosen and rejected look to the model, the higher their CHES. On the shipped data
     with the real SmolLM2-135M-Instruct, near-duplicate pairs must have a higher mean ln_ches than the others."""
     from hf_ches import CHESScorer
-    from hf_ches.demo import default_dtype
     from hf_ches.shipped import load_shipped_pairs
 
     ds = load_shipped_pairs("standard")
     near = [i for i, flag in enumerate(ds["near_duplicate"]) if flag][:24]
     other = [i for i, flag in enumerate(ds["near_duplicate"]) if not flag][:24]
-    scored = CHESScorer("smollm2", dtype=default_dtype()).map(ds.select(near + other), batch_size=64)
+    scored = CHESScorer("smollm2").map(ds.select(near + other), batch_size=64)
     ln = np.asarray(scored["ln_ches"])
     assert ln[: len(near)].mean() > ln[len(near):].mean()

@@ -53,8 +53,6 @@ def cache(tmp_path, monkeypatch):
     "dtype, device, expected",
     [
         (None, "cpu", torch.float32),
-        (None, "cuda", torch.bfloat16),
-        (None, torch.device("cuda", 1), torch.bfloat16),
         ("float16", "cpu", torch.float16),
         ("float32", "cuda", torch.float32),
         (torch.bfloat16, "cpu", torch.bfloat16),
@@ -62,6 +60,15 @@ def cache(tmp_path, monkeypatch):
 )
 def test_resolve_dtype(dtype, device, expected):
     assert resolve_dtype(dtype, device) == expected
+
+
+@pytest.mark.parametrize("bf16, expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_default_dtype_is_bfloat16_on_a_cuda_gpu_that_supports_it_else_float32(monkeypatch, bf16, expected):
+    """The one rule: bfloat16 on CUDA with bfloat16 support; float32 on every CPU, whatever its units."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    assert resolve_dtype(None, "cuda") == resolve_dtype(None, torch.device("cuda", 1)) == expected
+    assert resolve_dtype(None, "cpu") == torch.float32
 
 
 def test_resolve_dtype_rejects_unknown_names():

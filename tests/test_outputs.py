@@ -14,7 +14,7 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
-from datasets import Dataset, DatasetDict, load_from_disk
+from datasets import Dataset, load_from_disk
 
 from hf_ches import cli, outputs, runner
 from hf_ches.report import main as report_main

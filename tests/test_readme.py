@@ -4,9 +4,9 @@ The Hub (`hf_ches.testing.local_hub.LocalHub`) belongs to user ``you`` with the 
 what they load: `HUB_MODELS` (each a tiny random model) and `HUB_DATASETS` (small synthetic pairs). So the blocks run
 unchanged; the only text substituted is the token placeholder ``hf_...``. ``python`` blocks of one file run in
 order in one namespace (a ``>>>`` block as a doctest); ``bash`` blocks run with ``bash -e`` and this environment's
-``python`` and ``hf-ches`` first on the PATH, in a scratch folder that links ``hub_scripts`` and ``metrics``. A
-block that cannot run here must say so with ``<!-- readme-test: skip (reason) -->`` on the line above it: it is
-reported as skipped with that reason. A new block that names a model or dataset missing here fails with that name:
+``python`` and ``hf-ches`` first on the PATH, in a scratch folder that links ``hub_scripts``, ``metrics`` and
+``.venv`` (this environment). A block that cannot run here must say so with ``<!-- readme-test: skip (reason) -->``
+on the line above it: it is reported as skipped with that reason. A new block that names a model or dataset missing here fails with that name:
 add it to `HUB_MODELS` or `HUB_DATASETS`.
 """
 
@@ -65,6 +65,7 @@ def hub(tiny_model, tmp_path_factory):
     work.mkdir()
     for name in ("hub_scripts", "metrics"):
         (work / name).symlink_to(ROOT / name)
+    (work / ".venv").symlink_to(sys.prefix)  # `.venv/bin/python`, as README writes the environment's python
     with LocalHub(data_dir=root / "hub", user="you", orgs=("Qwen", "trl-lib", "my")) as server, \
             clients_pointed_at(server.endpoint, server.token, root / "hf_home"):
         api = HfApi(token=server.token)

@@ -261,7 +261,8 @@ def test_script_offline_then_pushes_the_same_report(hub_env, tiny_model, ref_mod
     results = report["results"]["train"]
     assert results["num_pairs"] == 16 and report["dataset"]["num_samples"] == {"train": 16}
     assert report["policy"]["dtype"] == "float32" and report["policy"]["device"] == "cpu"  # resolved, never null
-    assert report["policy"]["name_or_path"] == tiny_model and report["reference"]["name_or_path"] == ref_model
+    assert report["policy"]["name_or_path"] == Path(tiny_model).name  # by folder name: the report is published
+    assert report["reference"]["name_or_path"] == Path(ref_model).name and report["dataset"]["name"] == "pairs.jsonl"
     assert results["policy"]["ranking_accuracy"] == np.mean(local["correct"][:])
     assert results["reference"]["ranking_accuracy"] == np.mean(local["ref_correct"][:])
     assert results["reward"]["reward_accuracy"] == np.mean(local["reward_correct"][:], axis=0).tolist()
@@ -352,7 +353,7 @@ def test_script_keeps_the_scores_when_the_push_fails(hub_env, pairs_file, tiny_m
         run_script("--dataset_name", str(pairs_file), "--model_name_or_path", tiny_model, "--num_samples", "1000",
                    "--push_to_hub", "--repo_id", bare, "--private", monkeypatch=monkeypatch)
     err = capsys.readouterr().err
-    assert "WARNING hf_ches.report: split 'train' has 6 rows, fewer than --num_samples 1000: using all of them" in err
+    assert "warning: split 'train' has 6 rows, fewer than --num_samples 1000: using all of them" in err
     message = error_line(err)
     prefix = (f"ranking_accuracy_report.py: error: pushing to {hub_env.user}/{bare} failed ({hub_env.user}/{bare} "
               "already exists and is public, but private=True was asked: make it private on the Hub first, or push "
