@@ -32,7 +32,6 @@ ValueError: output_dir ... holds an earlier `hf-ches filter` output (from org/pr
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -60,16 +59,6 @@ def _files(folder: Path) -> set[str]:
     """The files under ``folder``, as relative paths, but the record itself."""
     return {p.relative_to(folder).as_posix() for p in folder.rglob("*")
             if p.is_file() and not p.name.startswith(MARKER)}
-
-
-def source_name(dataset_name: str) -> str:
-    """How an output names its source: a Hub id as it is, a local file or folder by its name alone (an output
-    never holds a local path).
-
-    >>> source_name("org/prefs"), source_name("/home/me/data/prefs.jsonl")
-    ('org/prefs', 'prefs.jsonl')
-    """
-    return Path(dataset_name).name if os.path.isabs(dataset_name) or os.path.exists(dataset_name) else dataset_name
 
 
 def read(folder: str | Path) -> Record | None:

@@ -80,7 +80,7 @@ logger = logging.getLogger(__name__)
 Stage = Literal["score", "filter", "publish"]
 DATA_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
-DESCRIPTION = f"""\
+DESCRIPTION = """\
 Score preference pairs (prompt/chosen/rejected, TRL's standard or conversational format) by CHES (Razin et al. 2024,
 arXiv 2410.08847), remove the pairs likely to cause likelihood displacement in DPO, and publish the cleaned dataset
 with configs "default" (kept pairs), "removed" and "scored", a dataset card, a score histogram and the run's
@@ -350,7 +350,7 @@ def run(data: DataArguments, scoring: ScoringArguments | None = None, selection:
     if hub.push_to_hub:  # the push target, after the local checks and before the model is loaded; rank 0 asks
         hub = groups[HubArguments] = on_main_process(lambda: check_target_repo(data, hub, output.overwrite))
     if stage == "score" and is_main_process():  # the chunks go into the output folder: claim it first
-        record = outputs.begin(output.output_dir, f"hf-ches {stage}", outputs.source_name(data.dataset_name),
+        record = outputs.begin(output.output_dir, f"hf-ches {stage}", source_name(data),
                                overwrite=output.overwrite, resume=True)
     if scoring.model_name_or_path:
         from hf_ches.transform import CHESScorer
@@ -388,7 +388,7 @@ def select_and_write(dataset: DatasetDict, info: RunInfo, selection: SelectionAr
     publication = build_publication(hub.repo_id or output.output_dir, info, selections,
                                     examples=selection.card_examples)
     if not hub.push_to_hub:
-        files = outputs.write(output.output_dir, f"hf-ches {stage}", outputs.source_name(info.source_dataset),
+        files = outputs.write(output.output_dir, f"hf-ches {stage}", info.source_dataset,
                               publication.local_files(), overwrite=output.overwrite)
         logger.info("Dry run: wrote %d files to %s", len(files), output.output_dir)
         return RunResult(scored=dataset, selections=selections, files=files)

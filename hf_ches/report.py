@@ -503,7 +503,7 @@ def run_report(data: DataArguments, scoring: ScoringArguments, sampling: Samplin
     print(render_table(report))
     per_example = DatasetDict(per_example)
     if output.output_dir:
-        files = outputs.write(output.output_dir, COMMAND, outputs.source_name(data.dataset_name),
+        files = outputs.write(output.output_dir, COMMAND, source_name(data),
                               report_files(report, per_example), overwrite=output.overwrite)
         logger.info("Wrote %s", ", ".join(str(Path(output.output_dir, name)) for name in files))
     if repo_id:
@@ -527,7 +527,7 @@ def push(report: dict, per_example: DatasetDict, hub: HubArguments, token: str |
     except Exception as error:
         folder = output.output_dir or tempfile.mkdtemp(prefix="ranking-report-")
         if not output.output_dir:
-            outputs.write(folder, COMMAND, outputs.source_name(report["dataset"]["name"]),
+            outputs.write(folder, COMMAND, report["dataset"]["name"],
                           report_files(report, per_example))
         raise PublishError(f"pushing to {options.repo_id} failed ({str(error).splitlines()[0]}); the report and the "
                            f"per-pair scores are kept in {folder}") from None

@@ -48,7 +48,7 @@ from hf_ches.kernels import _parse_parameters, _tracking_only, ntk_pair, select_
 from hf_ches.kernels import signgd_displacement as signgd_score
 from hf_ches.pairs import TokenizedPair
 from hf_ches.models import DEFAULT_MODEL
-from hf_ches.pipeline import check_hub_ids, load_source
+from hf_ches.pipeline import check_hub_ids, load_source, source_name
 from hf_ches.recipes import (
     DataArguments,
     OutputArguments,
@@ -308,7 +308,7 @@ def run(data: DataArguments, scoring: ScoringArguments | None = None, sampling: 
     }
     order = [ROW_INDEX, *score_columns([s for s in options.scores if s not in KERNEL_SCORES]),
              *score_columns([s for s in options.scores if s in KERNEL_SCORES]), *MEASURED]
-    outputs.write(output.output_dir, COMMAND, outputs.source_name(data.dataset_name), {
+    outputs.write(output.output_dir, COMMAND, source_name(data), {
         PAIRS_FILE: Dataset.from_dict({name: columns[name] for name in order}),
         RESULTS_FILE: (json.dumps(results, indent=2, allow_nan=True) + "\n").encode("utf-8"),
         PLOT_FILE: scatter_png(columns, results)}, overwrite=output.overwrite)
