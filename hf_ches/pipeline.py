@@ -26,19 +26,15 @@ Hub and tells the others (`hf_ches.runner.on_main_process`).
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import json
 import logging
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
-from huggingface_hub import DatasetCard
+from datasets import DatasetDict
 
-from hf_ches.card import RUN_JSON_PATH, SCORING_FIELDS, RunInfo, public_name
+from hf_ches.card import RunInfo, public_name
 from hf_ches.filtering import (
     DEFAULT_REMOVE_TOP,
     DEFAULT_SCORE_COLUMN,
@@ -48,18 +44,8 @@ from hf_ches.filtering import (
     select_splits,
 )
 from hf_ches import outputs
-from hf_ches.hub import (
-    DEFAULT_COMMIT_MESSAGE,
-    CHUNKS_DIR,
-    PublishResult,
-    build_publication,
-    check_repo,
-    check_target,
-    holds_save,
-    publish,
-    write_scored,
-)
-from hf_ches.models import check_model, loaded_as, model_commit
+from hf_ches.hub import DEFAULT_COMMIT_MESSAGE, PublishResult, build_publication, check_target, publish
+from hf_ches.models import loaded_as, model_commit
 from hf_ches.recipes import (
     MODEL_HELP,
     DataArguments,
@@ -74,11 +60,11 @@ from hf_ches.recipes import (
     run_recipe,
 )
 from hf_ches.runner import is_main_process, on_main_process
+from hf_ches.sources import check_hub_ids, inherited_scoring, load_source, source_metadata, source_name
 
 logger = logging.getLogger(__name__)
 
 Stage = Literal["score", "filter", "publish"]
-DATA_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
 DESCRIPTION = f"""\
 Score preference pairs (prompt/chosen/rejected, TRL's standard or conversational format) by CHES (Razin et al. 2024,
@@ -144,134 +130,6 @@ class RunResult:
     pushed: PublishResult | None = None
 
 
-def _is_hub_id(name: str) -> bool:
-    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
-
-    return (not os.path.exists(name) and not glob.has_magic(name) and Path(name).suffix not in DATA_FILE_BUILDERS
-            and name not in _PACKAGED_DATASETS_MODULES)
-
-
-def folder_data_files(folder: str, config: str | None) -> dict[str, list[str]] | None:
-    """The data files per split of ``config`` (default: the card's default config) of a local dataset folder, as
-    its card's YAML ``configs`` declare them; None when it declares none.
-
-    Loading such a folder by its path would be cached by the folder's name and the config alone (datasets 5.2): an
-    earlier folder of the same name would come back, or fail to cast. Its files, given as ``data_files``, are
-    cached by what they are. An hf-ches output holds the kept pairs in ``default`` and every pair in ``scored``, so
-    there the config must be named.
-    """
-    readme = Path(folder, "README.md")
-    configs = (DatasetCard.load(readme).data.to_dict().get("configs") or []) if readme.is_file() else []
-    if not configs:
-        return None
-    names = [c["config_name"] for c in configs]
-    if config is None and Path(folder, RUN_JSON_PATH).is_file():
-        raise ValueError(f"--dataset_name {folder!r} is an hf-ches output: pass --dataset_config scored (every pair, "
-                         "to select again) or default (the kept pairs)")
-    default = [c["config_name"] for c in configs if c.get("default") or c["config_name"] == "default"]
-    wanted = config or (default[0] if default else None)
-    if wanted not in names:
-        raise ValueError(f"--dataset_name {folder!r}: " + (f"no config {config!r}" if config else "no default config")
-                         + f"; pass --dataset_config with one of {names}")
-    (entry,) = [c for c in configs if c["config_name"] == wanted]
-    declared = entry.get("data_files") or []
-    if not (isinstance(declared, list) and declared and isinstance(declared[0], dict)):
-        declared = [{"split": "train", "path": declared}]  # the short forms: one pattern or a list of them
-    files = {}
-    for item in declared:
-        patterns = [item["path"]] if isinstance(item["path"], str) else item["path"]
-        files[item["split"]] = sorted(f for p in patterns for f in glob.glob(os.path.join(folder, p)))
-    return files
-
-
-def data_builder(name: str, files: dict[str, list[str]]) -> str:
-    """The `datasets` builder of data files, from their suffix (one kind per dataset).
-
-    >>> data_builder("x", {"train": ["x/data/train-00000-of-00001.parquet"]})
-    'parquet'
-    """
-    suffixes = sorted({Path(f).suffix for split_files in files.values() for f in split_files})
-    if len(suffixes) != 1 or suffixes[0] not in DATA_FILE_BUILDERS:
-        raise ValueError(f"--dataset_name {name!r}: unknown data file type {', '.join(map(repr, suffixes)) or 'none'}; "
-                         f"expected files of one type in {sorted(DATA_FILE_BUILDERS)}")
-    return DATA_FILE_BUILDERS[suffixes[0]]
-
-
-def check_hub_ids(data: DataArguments, models: list[tuple[str | None, str | None]]) -> None:
-    """Before any work, one Hub request each: the dataset, when it is a Hub id, and each ``(model, revision)`` exist
-    (`hf_ches.hub.check_repo`, `hf_ches.models.check_model`); a missing one, or a Hub out of reach, is one line."""
-    if _is_hub_id(data.dataset_name):
-        check_repo(data.dataset_name, "dataset", data.dataset_revision, data.token)
-    for name, revision in models:
-        if name:
-            check_model(name, revision, data.token)
-
-
-def load_source(args: DataArguments) -> DatasetDict:
-    """The requested splits of ``--dataset_name`` (Hub id, ``save_to_disk`` folder, dataset folder, data files, or
-    a packaged builder such as ``json``), with ``--data_dir`` and ``--data_files`` passed to ``load_dataset``."""
-    name, within = args.dataset_name, dict(data_dir=args.data_dir, data_files=args.data_files)
-    saved = os.path.isdir(name) and (Path(name, "dataset_dict.json").is_file() or Path(name, "state.json").is_file())
-    if (saved or os.path.isfile(name)) and any(within.values()):
-        raise ValueError(f"--dataset_name {name!r} is {'a saved dataset' if saved else 'a data file'}: --data_dir and "
-                         "--data_files choose files within a Hub dataset or a folder (or give --dataset_name json "
-                         "--data_files FILE ...)")
-    if saved:
-        loaded: Any = load_from_disk(name)
-    elif any(within.values()):
-        loaded = load_dataset(name, args.dataset_config, revision=args.dataset_revision, token=args.token, **within)
-    elif os.path.isfile(name) or glob.has_magic(name) or Path(name).suffix in DATA_FILE_BUILDERS:
-        files = sorted(glob.glob(name))
-        empty = [f for f in files if os.path.getsize(f) == 0]
-        if not files or empty:
-            raise ValueError(f"--dataset_name {name!r}: " + (f"split 'train' has no rows (empty file(s) {empty})"
-                                                             if files else "no file matches"))
-        loaded = load_dataset(data_builder(name, {"train": files}), data_files=files)
-    elif os.path.isdir(name) and (files := folder_data_files(name, args.dataset_config)) is not None:
-        loaded = load_dataset(data_builder(name, files), data_files=files)
-    else:
-        loaded = load_dataset(name, args.dataset_config, revision=args.dataset_revision, token=args.token)
-    dataset = DatasetDict({"train": loaded}) if isinstance(loaded, Dataset) else loaded
-    if not isinstance(dataset, DatasetDict):
-        raise ValueError(f"--dataset_name {name!r}: expected a map-style dataset, got {type(dataset).__name__}")
-    wanted = args.dataset_splits or list(dataset)
-    missing = [split for split in wanted if split not in dataset]
-    if missing:
-        raise ValueError(f"--dataset_splits: {missing} not in {name!r}; available splits: {list(dataset)}")
-    logger.info("Read %s: %s", name, ", ".join(f"{split} {len(dataset[split])} pairs" for split in wanted))
-    return DatasetDict({split: dataset[split] for split in wanted})
-
-
-def source_name(args: DataArguments) -> str:
-    """The data's name in what is published: ``--pretty_name``, the Hub id, or a local source's file or folder name
-    (`hf_ches.card.public_name`); a publication of the same source replaces an earlier one by this name."""
-    return public_name(args.dataset_name, args.pretty_name)
-
-
-def source_metadata(args: DataArguments, dataset: DatasetDict) -> dict[str, Any]:
-    """Source fields of `RunInfo`: the data files read (``--data_dir``, ``--data_files``) and the pair's columns when
-    not TRL's names; for a Hub dataset the commit sha and the license of the card at that commit; for local data the
-    license in its dataset info."""
-    read = {"source_data_dir": args.data_dir, "source_data_files": args.data_files,
-            "source_columns": args.pair_columns()}
-    if not _is_hub_id(args.dataset_name):
-        license_ = next((ds.info.license for ds in dataset.values() if ds.info.license), None)
-        return read | {"source_is_hub": False, "source_license": license_}
-    from huggingface_hub import DatasetCard, HfApi
-
-    api, found = HfApi(token=args.token), read | {"source_is_hub": True}
-    try:  # provenance is best effort: the data itself loaded fine
-        found["source_revision"] = api.dataset_info(args.dataset_name, revision=args.dataset_revision).sha
-        readme = api.hf_hub_download(args.dataset_name, "README.md", repo_type="dataset",
-                                     revision=found["source_revision"])
-        license_ = DatasetCard.load(readme).data.license
-        found["source_license"] = license_ if isinstance(license_, str) else None
-    except Exception as error:
-        logger.warning("Could not read the %s of %s: %s", "license" if found.get("source_revision") else "commit",
-                       args.dataset_name, error)
-    return found
-
-
 def score_splits(scorer: Any, scoring: ScoringArguments, dataset: DatasetDict, resume: ResumeArguments,
                  chunks_dir: str | Path | None = None) -> DatasetDict:
     """Add ``scorer``'s columns to every split, in chunks (`hf_ches.runner`) under ``chunks_dir``/<split>, or in
@@ -311,24 +169,6 @@ def check_target_repo(data: DataArguments, hub: HubArguments, overwrite: bool) -
     return replace(hub, repo_id=repo_id)
 
 
-def inherited_scoring(args: DataArguments) -> dict[str, Any]:
-    """The model fields of `RunInfo` recorded with already-scored data (``RUN_JSON_PATH`` of an hf-ches output
-    folder or Hub repo), so that filtering again keeps where the scores came from; empty when there is none."""
-    name = args.dataset_name
-    try:
-        if _is_hub_id(name):
-            from huggingface_hub import hf_hub_download
-
-            path = hf_hub_download(name, RUN_JSON_PATH, repo_type="dataset", revision=args.dataset_revision,
-                                   token=args.token)
-        else:
-            path = Path(name, RUN_JSON_PATH)
-        scoring = json.loads(Path(path).read_text(encoding="utf-8"))["scoring"]
-    except Exception:  # no record (most data): the provenance says the scores came with the input
-        return {}
-    return {key: scoring.get(key) for key in SCORING_FIELDS}
-
-
 def run(data: DataArguments, scoring: ScoringArguments | None = None, selection: SelectionArguments | None = None,
         hub: HubArguments | None = None, output: OutputArguments | None = None,
         resume: ResumeArguments | None = None, *, stage: Stage = "publish") -> RunResult:
@@ -357,10 +197,10 @@ def run(data: DataArguments, scoring: ScoringArguments | None = None, selection:
 
         scorer = CHESScorer(scoring.model_name_or_path, **scoring.scorer_options(), **data.pair_columns())
         dataset = score_splits(scorer, scoring, dataset, resume,
-                               Path(output.output_dir, CHUNKS_DIR) if stage == "score" else None)
+                               Path(output.output_dir, outputs.CHUNKS_DIR) if stage == "score" else None)
     if not is_main_process():  # under a launcher, rank 0 alone writes and pushes
         return RunResult(scored=dataset, selections={}, files=[])
-    if selection is None and holds_save(output.output_dir, dataset):  # a finished score: nothing to load or write
+    if selection is None and outputs.holds_save(output.output_dir, dataset):  # a finished score: nothing to load or write
         outputs.finish(output.output_dir, record)
         logger.info("%s holds these scored splits %s already", output.output_dir, list(dataset))
         return RunResult(scored=dataset, selections={}, files=[output.output_dir])
@@ -369,7 +209,7 @@ def run(data: DataArguments, scoring: ScoringArguments | None = None, selection:
                   command=command_line(recipe, list(groups.values())), **source_metadata(data, dataset),
                   **model_fields)
     if selection is None:
-        write_scored(dataset, RunInfo(**source), output.output_dir)
+        outputs.write_scored(dataset, RunInfo(**source), output.output_dir)
         outputs.finish(output.output_dir, record)
         logger.info("Saved the scored splits %s to %s", list(dataset), output.output_dir)
         return RunResult(scored=dataset, selections={}, files=[output.output_dir])

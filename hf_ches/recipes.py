@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import logging
 import os
 import re
 import sys
@@ -35,6 +34,7 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from hf_ches.console import command_logging
 from hf_ches.filtering import DEFAULT_REMOVE_TOP, DEFAULT_SCORE_COLUMN, PRESETS, SelectionRule
 from hf_ches.runner import DEFAULT_CHUNK_SIZE, Interrupted, is_main_process
 
@@ -538,70 +538,3 @@ def command_line(recipe: Recipe, groups: Sequence[Group], command: str | None = 
                     values = [public_name(str(v)) for v in values]
                 parts += [f"--{f.name}", *(shlex.quote(str(v)) for v in values)]
     return " ".join(parts)
-
-
-LIBRARIES = ("datasets", "transformers", "huggingface_hub", "evaluate", "accelerate")
-
-
-class _Stderr(logging.StreamHandler):
-    """A handler that writes to whatever ``sys.stderr`` is when a record comes (pytest's capsys swaps it)."""
-
-    def __init__(self) -> None:
-        super().__init__(sys.stderr)
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value) -> None:
-        pass
-
-
-class _PlainFormatter(logging.Formatter):
-    """A step or a result as the line itself; anything else with its level in front (``warning: ...``)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        message = super().format(record)
-        return message if record.levelno == logging.INFO else f"{record.levelname.lower()}: {message}"
-
-
-def command_logging(verbose: bool = False, quiet: bool = False) -> None:
-    """What a command prints besides its report: hf-ches' steps and results, one line each, on stderr; its warnings
-    as ``warning: ...``; and hf-ches' own progress bar, one per scoring pass (`hf_ches.runner.progress_bar`).
-    Nothing else: from the libraries (`LIBRARIES`) and Python's ``warnings`` only errors, and none of their progress
-    bars (datasets' "Generating train split", "Map", "Saving"; transformers' "Loading weights" and the GGUF reader's,
-    `hf_ches.models`; huggingface_hub's downloads and uploads).
-
-    ``verbose`` (``-v``) brings the details back: hf-ches' debug messages (e.g. where the chunks are kept) as
-    ``LEVEL name: message``, the libraries' warnings and their progress bars. ``quiet``: errors only and no progress
-    bars at all, as on every rank of a launcher but rank 0, which speaks for them all.
-
-    datasets' logger has a handler of its own and also passes its records on to the root's, so a root handler
-    (``logging.basicConfig``) printed each of its warnings twice; hf-ches adds none there, and its records still
-    reach the root for whoever listens."""
-    from datasets.utils import disable_progress_bars, enable_progress_bars
-    from huggingface_hub.utils import disable_progress_bars as disable_hub_bars
-    from huggingface_hub.utils import enable_progress_bars as enable_hub_bars
-    from transformers.utils.logging import disable_progress_bar as disable_transformers_bars
-    from transformers.utils.logging import enable_progress_bar as enable_transformers_bars
-
-    from hf_ches.runner import show_progress_bars
-
-    package = logging.getLogger("hf_ches")
-    handler = next((h for h in package.handlers if isinstance(h, _Stderr)), None)
-    if handler is None:
-        handler = _Stderr()
-        package.addHandler(handler)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s") if verbose else _PlainFormatter())
-    package.setLevel(logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO)
-    library_level = logging.WARNING if verbose and not quiet else logging.ERROR
-    for name in LIBRARIES:
-        logging.getLogger(name).setLevel(library_level)
-    logging.captureWarnings(not verbose)  # Python's warnings go to the "py.warnings" logger, which shows errors only
-    logging.getLogger("py.warnings").setLevel(logging.ERROR)
-    library_bars = verbose and not quiet
-    for enable, disable in ((enable_progress_bars, disable_progress_bars), (enable_hub_bars, disable_hub_bars),
-                            (enable_transformers_bars, disable_transformers_bars)):
-        (enable if library_bars else disable)()
-    show_progress_bars(not quiet)

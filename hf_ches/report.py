@@ -6,7 +6,6 @@ resume, Hub and output groups of `hf_ches.recipes` and its own `ReportArguments`
 cache (`hf_ches.runner`: a rerun scores only what is missing; under ``torchrun`` the ranks share the chunks and rank
 0 alone reports, writes and pushes), then calls the functions here:
 
-- `subsample`: the paper's seeded draw of ``num_samples`` rows (``default_rng(0).choice``, no replacement).
 - `check_preference_column`: the rater-agreement column α is there and holds shares in [0, 1].
 - `compute_results`: the `RankingAccuracy` metric on one split, as a summary and as per-example columns.
 - `build_report`, `render_table`, `report_json`: the JSON report and a Markdown table, pure.
@@ -64,7 +63,6 @@ from hf_ches.recipes import (
 logger = logging.getLogger(__name__)
 
 REPORT_FILE = "report.json"
-ROW_INDEX = "row_index"  # the row's position in its split before sampling
 PAPER_URL = "https://arxiv.org/abs/2405.19534"
 LOGPS = "sum of the completion-token log-probs given the prompt, EOS included (TRL's DPOTrainer)"
 # Outputs of the metric that are per example; everything else is a summary.
@@ -77,28 +75,6 @@ REWARD_KEYS = ("beta", "reward_accuracy", "reward_accuracy_ci", "num_reference_w
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Inputs
-
-
-def subsample(dataset: Dataset, num_samples: int | None = None, seed: int = 0) -> Dataset:
-    """``num_samples`` rows drawn as the paper's code draws them, ``np.random.default_rng(seed).choice(n,
-    num_samples, replace=False)``, in draw order, with their position in the split in a ``row_index`` column.
-
-    All rows, in order, when ``num_samples`` is None or not below the number of rows.
-
-    >>> rows = Dataset.from_dict({"prompt": list("abcdef")})
-    >>> subsample(rows, 3)["row_index"][:], subsample(rows)["row_index"][:]
-    ([4, 5, 3], [0, 1, 2, 3, 4, 5])
-    """
-    if ROW_INDEX in dataset.column_names:
-        raise ValueError(f"column {ROW_INDEX!r}: the report adds it (each row's position in its split), but the "
-                         f"dataset already has it; rename or remove that column")
-    if num_samples is not None and num_samples < 1:
-        raise ValueError(f"num_samples: expected an integer >= 1, found {num_samples}")
-    n = len(dataset)
-    if num_samples is None or num_samples >= n:
-        return dataset.add_column(ROW_INDEX, list(range(n)))
-    indices = np.random.default_rng(seed).choice(n, num_samples, replace=False).tolist()
-    return dataset.select(indices).add_column(ROW_INDEX, indices)
 
 
 def check_preference_column(dataset: Dataset, column: str, split: str) -> None:
@@ -402,7 +378,7 @@ def check_report_hub(data: DataArguments, hub: HubArguments, config_name: str, o
     goes to the token's user) and its ``config_name`` holds no report on another dataset (unless ``overwrite``).
     Returns the full repo id."""
     from hf_ches.hub import check_target
-    from hf_ches.pipeline import source_name
+    from hf_ches.sources import source_name
 
     if not hub.push_to_hub:
         return None
@@ -411,15 +387,6 @@ def check_report_hub(data: DataArguments, hub: HubArguments, config_name: str, o
                            overwrite=overwrite, revision=hub.revision)
     logger.info("Pushing to %s, config %r", repo_id, config_name)
     return repo_id
-
-
-def sample(dataset: DatasetDict, num_samples: int | None, seed: int) -> DatasetDict:
-    """`subsample` of every split, with a warning for a split that has fewer rows than asked for."""
-    for split, rows in dataset.items():
-        if num_samples is not None and num_samples > len(rows):
-            logger.warning("split %r has %d rows, fewer than --num_samples %d: using all of them", split, len(rows),
-                           num_samples)
-    return DatasetDict({split: subsample(rows, num_samples, seed) for split, rows in dataset.items()})
 
 
 def score_models(dataset: DatasetDict, scoring: ScoringArguments, report: ReportArguments,
@@ -463,7 +430,7 @@ def run_report(data: DataArguments, scoring: ScoringArguments, sampling: Samplin
     """Check, sample, score, compute, print; write ``--output_dir`` and push, as the options say; returns the report
     (under a launcher: on rank 0, and None on the other ranks, which only score)."""
     from hf_ches import outputs
-    from hf_ches.pipeline import check_hub_ids, load_source, source_name
+    from hf_ches.sources import check_hub_ids, load_source, sample, source_name
     from hf_ches.runner import is_main_process, on_main_process
 
     check_arguments(REPORT, [data, scoring, sampling, report_args, resume, hub, output])

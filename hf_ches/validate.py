@@ -48,7 +48,6 @@ from hf_ches.kernels import _parse_parameters, _tracking_only, ntk_pair, select_
 from hf_ches.kernels import signgd_displacement as signgd_score
 from hf_ches.pairs import TokenizedPair
 from hf_ches.models import DEFAULT_MODEL
-from hf_ches.pipeline import check_hub_ids, load_source
 from hf_ches.recipes import (
     DataArguments,
     OutputArguments,
@@ -59,6 +58,7 @@ from hf_ches.recipes import (
     check_arguments,
     run_recipe,
 )
+from hf_ches.sources import ROW_INDEX, check_hub_ids, load_source, subsample
 
 logger = logging.getLogger(__name__)
 
@@ -268,7 +268,6 @@ def run(data: DataArguments, scoring: ScoringArguments | None = None, sampling: 
     from hf_ches import __version__
     from hf_ches import outputs
     from hf_ches.models import load_model_and_tokenizer, model_fingerprint
-    from hf_ches.report import ROW_INDEX, subsample
     from hf_ches.runner import ranks
 
     start = time.perf_counter()
@@ -319,7 +318,6 @@ def forward_columns(sample: Any, model: torch.nn.Module, tokenizer: Any, scoring
                     options: ValidateArguments, columns: dict[str, str]) -> dict[str, np.ndarray]:
     """``row_index`` and the columns of the scores that `CHESScorer` computes (the forward-pass scores), the pairs
     read from ``columns`` (`DataArguments.pair_columns`)."""
-    from hf_ches.report import ROW_INDEX
     from hf_ches.runner import counted_pass, progress_bars_off
     from hf_ches.transform import CHESScorer
 
@@ -341,7 +339,6 @@ def step_columns(sample: Any, model: torch.nn.Module, tokenizer: Any, params: li
                  ) -> dict[str, np.ndarray]:
     """One `dpo_step` per pair of ``sample``: the kernel scores and `MEASURED` (NaN for an unscorable pair)."""
     from hf_ches.pairs import Columns, read_rows, tokenize_pairs
-    from hf_ches.report import ROW_INDEX
     from hf_ches.runner import progress_bar
 
     batch = sample.remove_columns(ROW_INDEX).to_dict()

@@ -22,8 +22,9 @@ from huggingface_hub import DatasetCard, HfApi, hf_hub_download
 
 from hf_ches import cli
 from hf_ches.card import PLOT_PATH, RUN_JSON_PATH
-from hf_ches.pipeline import PUBLISH, load_source
+from hf_ches.pipeline import PUBLISH
 from hf_ches.recipes import DataArguments, HubArguments, SelectionArguments, command_line
+from hf_ches.sources import load_source
 from hf_ches.testing import error_line, synthetic_pairs
 
 SCRIPT = Path(__file__).resolve().parents[1] / "hub_scripts" / "ches_filter.py"
