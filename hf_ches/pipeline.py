@@ -1,8 +1,8 @@
 """The score → select → publish recipe behind ``hub_scripts/ches_filter.py`` and ``hf-ches score|filter|publish``.
 
 Each stage is a `hf_ches.recipes.Recipe` (`SCORE`, `FILTER`, `PUBLISH`): the argument groups of
-`hf_ches.recipes` it needs, as TRL's scripts compose theirs; the script and the CLI only parse them and call `run`.
-Stages:
+`hf_ches.recipes` it needs, as TRL's scripts compose theirs; the script and the CLI only parse them and call its
+function (`run_score`, `run_filter`, `run_publish`), which reads top to bottom, one comment per step. Stages:
 
 * ``score`` (data, scoring, resume, output): load the pairs, add the CHES columns ``--chunk_size`` rows at a time,
   keeping the finished chunks under ``--output_dir``/chunks (`hf_ches.runner`: the same command run again resumes),
@@ -26,7 +26,6 @@ Hub and tells the others (`hf_ches.runner.on_main_process`).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,7 +33,8 @@ from typing import Any, Literal
 
 from datasets import DatasetDict
 
-from hf_ches.card import RunInfo, public_name
+from hf_ches.card import RunInfo
+from hf_ches import outputs
 from hf_ches.filtering import (
     DEFAULT_REMOVE_TOP,
     DEFAULT_SCORE_COLUMN,
@@ -43,9 +43,7 @@ from hf_ches.filtering import (
     check_selectable,
     select_splits,
 )
-from hf_ches import outputs
-from hf_ches.hub import DEFAULT_COMMIT_MESSAGE, PublishResult, build_publication, check_target, publish
-from hf_ches.models import loaded_as, model_commit
+from hf_ches.hub import DEFAULT_COMMIT_MESSAGE, PublishResult, build_publication, publish
 from hf_ches.recipes import (
     MODEL_HELP,
     DataArguments,
@@ -59,8 +57,16 @@ from hf_ches.recipes import (
     command_line,
     run_recipe,
 )
-from hf_ches.runner import is_main_process, on_main_process
-from hf_ches.sources import check_hub_ids, inherited_scoring, load_source, source_metadata, source_name
+from hf_ches.runner import is_main_process, on_main_process, score_splits
+from hf_ches.sources import (
+    check_hub_ids,
+    inherited_scoring,
+    load_source,
+    model_provenance,
+    push_target,
+    source_metadata,
+    source_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +123,7 @@ histogram, ches/run.json), or write the same files to --output_dir. hub_scripts/
 """ + SELECTION + "\n\n" + ABOUT)
 RECIPES: dict[str, Recipe] = {recipe.name: recipe for recipe in (SCORE, FILTER, PUBLISH)}
 ROLES = {DataArguments: "data", ScoringArguments: "scoring", SelectionArguments: "selection", HubArguments: "hub",
-         OutputArguments: "output", ResumeArguments: "resume"}  # the keyword of `run` that takes each group
+         OutputArguments: "output", ResumeArguments: "resume"}  # the keyword of the run functions that takes each group
 
 
 @dataclass(frozen=True)
@@ -130,114 +136,153 @@ class RunResult:
     pushed: PublishResult | None = None
 
 
-def score_splits(scorer: Any, scoring: ScoringArguments, dataset: DatasetDict, resume: ResumeArguments,
-                 chunks_dir: str | Path | None = None) -> DatasetDict:
-    """Add ``scorer``'s columns to every split, in chunks (`hf_ches.runner`) under ``chunks_dir``/<split>, or in
-    the datasets cache when ``chunks_dir`` is None; under a launcher, every rank scores its share."""
-    from hf_ches.runner import score_in_chunks
-
-    return DatasetDict({split: score_in_chunks(scorer, ds, Path(chunks_dir, split) if chunks_dir else None,
-                                               chunk_size=resume.chunk_size, overwrite=resume.overwrite_chunks,
-                                               **scoring.map_options(f"Scoring {split}"))
-                        for split, ds in dataset.items()})
+# The fields of `RunInfo` that `model_provenance` fills, by their name there.
+RUN_INFO_MODEL = {"name_or_path": "model", "revision": "model_revision", "commit": "model_commit",
+                  "fingerprint": "model_fingerprint", "tokenizer": "tokenizer",
+                  "chat_template_sha256": "chat_template_sha256", "dtype": "dtype", "device": "device",
+                  "prefix_sharing": "prefix_sharing"}
 
 
-def scoring_provenance(scorer: Any, scoring: ScoringArguments) -> dict[str, Any]:
-    """The model fields of `RunInfo`: the model's identity and commit, its tokenizer and chat template, the dtype
-    and device it was loaded with (rank 0's under a launcher) and whether it shared prefixes (which takes the loaded
-    model: loaded once per process, so a process that scored here loads nothing more)."""
-    model_id, revision = scoring.model_name_or_path, scoring.model_revision
-    loaded = scorer.load()
-    template = loaded.tokenizer.chat_template if isinstance(loaded.tokenizer.chat_template, str) else None
-    return {
-        "model": public_name(model_id), "model_revision": revision, "model_commit": model_commit(model_id, revision),
-        "model_fingerprint": scorer.identity,
-        "tokenizer": public_name(model_id),  # the model's own, read from its files (a GGUF file holds it too)
-        "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if template else None,
-        **loaded_as(loaded.model), "max_length": scoring.max_length, "boundary": scoring.boundary,
-        "prefix_sharing": scorer.shares_prefixes(loaded),
-    }
-
-
-def check_target_repo(data: DataArguments, hub: HubArguments, overwrite: bool) -> HubArguments:
-    """Before any work: ``--repo_id`` as `hf_ches.hub.check_target` resolves it (a bare name goes to the token's
-    user; a namespace the token cannot write, or a repo holding a publication of another source, is refused
-    unless ``overwrite``)."""
-    repo_id = check_target(hub.repo_id, data.token, (source_name(data), data.dataset_config),
-                           overwrite=overwrite, revision=hub.revision)
-    logger.info("Publishing to %s", repo_id)
-    return replace(hub, repo_id=repo_id)
-
-
-def run(data: DataArguments, scoring: ScoringArguments | None = None, selection: SelectionArguments | None = None,
-        hub: HubArguments | None = None, output: OutputArguments | None = None,
-        resume: ResumeArguments | None = None, *, stage: Stage = "publish") -> RunResult:
-    """Load → (score) → select → write locally or push, as ``stage`` and the groups say (module docstring); a
-    group of ``stage`` that is not given has its defaults."""
-    if stage not in RECIPES:
-        raise ValueError(f"stage: expected one of {list(RECIPES)}, got {stage!r}")
-    recipe = RECIPES[stage]
-    groups = check_arguments(recipe, [g for g in (data, scoring, selection, hub, output, resume) if g is not None])
-    scoring, output, resume = groups[ScoringArguments], groups[OutputArguments], groups[ResumeArguments]
-    selection, hub = groups.get(SelectionArguments), groups.get(HubArguments, HubArguments())
-    rule = selection.rule() if selection else SelectionRule()
-    if output.output_dir:  # before slow steps; score resumes its own output
-        outputs.check(output.output_dir, f"hf-ches {stage}", overwrite=output.overwrite, resume=stage == "score")
+def load_pairs(data: DataArguments, scoring: ScoringArguments, rule: SelectionRule) -> DatasetDict:
+    """The dataset and the model exist (rank 0 asks the Hub, `check_hub_ids`), the pairs loaded, and each split has
+    what ``rule`` needs (the score column, unless a model is to add it)."""
     on_main_process(lambda: check_hub_ids(data, [(scoring.model_name_or_path, scoring.model_revision)]))
     dataset = load_source(data)
-    for split, ds in dataset.items():
-        check_selectable(ds, rule, split, require_score=scoring.model_name_or_path is None)
-    if hub.push_to_hub:  # the push target, after the local checks and before the model is loaded; rank 0 asks
-        hub = groups[HubArguments] = on_main_process(lambda: check_target_repo(data, hub, output.overwrite))
-    if stage == "score" and is_main_process():  # the chunks go into the output folder: claim it first
-        record = outputs.begin(output.output_dir, f"hf-ches {stage}", outputs.source_name(data.dataset_name),
-                               overwrite=output.overwrite, resume=True)
-    if scoring.model_name_or_path:
-        from hf_ches.transform import CHESScorer
-
-        scorer = CHESScorer(scoring.model_name_or_path, **scoring.scorer_options(), **data.pair_columns())
-        dataset = score_splits(scorer, scoring, dataset, resume,
-                               Path(output.output_dir, outputs.CHUNKS_DIR) if stage == "score" else None)
-    if not is_main_process():  # under a launcher, rank 0 alone writes and pushes
-        return RunResult(scored=dataset, selections={}, files=[])
-    if selection is None and outputs.holds_save(output.output_dir, dataset):  # a finished score: nothing to load or write
-        outputs.finish(output.output_dir, record)
-        logger.info("%s holds these scored splits %s already", output.output_dir, list(dataset))
-        return RunResult(scored=dataset, selections={}, files=[output.output_dir])
-    model_fields = scoring_provenance(scorer, scoring) if scoring.model_name_or_path else inherited_scoring(data)
-    source = dict(source_dataset=source_name(data), source_config=data.dataset_config,
-                  command=command_line(recipe, list(groups.values())), **source_metadata(data, dataset),
-                  **model_fields)
-    if selection is None:
-        outputs.write_scored(dataset, RunInfo(**source), output.output_dir)
-        outputs.finish(output.output_dir, record)
-        logger.info("Saved the scored splits %s to %s", list(dataset), output.output_dir)
-        return RunResult(scored=dataset, selections={}, files=[output.output_dir])
-    return select_and_write(dataset, RunInfo(rule=rule, **source), selection, hub, output, data.token, stage)
+    for split, rows in dataset.items():
+        check_selectable(rows, rule, split, require_score=scoring.model_name_or_path is None)
+    return dataset
 
 
-def select_and_write(dataset: DatasetDict, info: RunInfo, selection: SelectionArguments, hub: HubArguments,
-                     output: OutputArguments, token: str | None, stage: Stage) -> RunResult:
-    """Select every split by ``info.rule``, then write the publication to ``--output_dir`` (as ``stage``'s
-    output) or push it."""
-    selections = select_splits(dataset, info.rule)
+def scorer_of(data: DataArguments, scoring: ScoringArguments) -> Any:
+    """The `CHESScorer` of the scoring options, reading the pairs from ``data``'s columns."""
+    from hf_ches.transform import CHESScorer
+
+    return CHESScorer(scoring.model_name_or_path, **scoring.scorer_options(), **data.pair_columns())
+
+
+def run_info(recipe: Recipe, groups: dict[type, Any], dataset: DatasetDict, scorer: Any,
+             rule: SelectionRule | None = None) -> RunInfo:
+    """The provenance of a run: its source, its command line, and where the scores came from (``scorer``'s model,
+    or with ``scorer`` None the record that came with already-scored data)."""
+    data, scoring = groups[DataArguments], groups[ScoringArguments]
+    if scorer is None:
+        model = inherited_scoring(data)
+    else:
+        model = {RUN_INFO_MODEL[k]: v for k, v in model_provenance(scorer).items()}
+        model |= {"max_length": scoring.max_length, "boundary": scoring.boundary}
+    return RunInfo(source_dataset=source_name(data), source_config=data.dataset_config,
+                   command=command_line(recipe, list(groups.values())), **source_metadata(data, dataset), **model,
+                   **({"rule": rule} if rule else {}))
+
+
+def select(dataset: DatasetDict, rule: SelectionRule) -> dict[str, Selection]:
+    """Select every split by ``rule``, one line each."""
+    selections = select_splits(dataset, rule)
     for split, sel in selections.items():
         r = sel.report
         logger.info("%s: kept %d of %d pairs, removed %d (%d unscorable); rule: %s", split, r.num_kept, r.num_rows,
-                    r.num_removed, r.num_unscorable, info.rule.describe())
-    publication = build_publication(hub.repo_id or output.output_dir, info, selections,
+                    r.num_removed, r.num_unscorable, rule.describe())
+    return selections
+
+
+def run_score(data: DataArguments, scoring: ScoringArguments, resume: ResumeArguments | None = None,
+              output: OutputArguments | None = None) -> RunResult:
+    """``hf-ches score``: load, score in chunks kept under ``--output_dir``, save the scored splits there."""
+    groups = check_arguments(SCORE, [g for g in (data, scoring, resume, output) if g is not None])
+    resume, output, command = groups[ResumeArguments], groups[OutputArguments], "hf-ches score"
+    # The output folder before any slow step (the same command's earlier output is resumed)
+    outputs.check(output.output_dir, command, overwrite=output.overwrite, resume=True)
+    # The dataset and the model exist; load the pairs
+    dataset = load_pairs(data, scoring, SelectionRule())
+    # Claim the output folder: the chunks go into it (rank 0 alone writes)
+    if is_main_process():
+        record = outputs.begin(output.output_dir, command, outputs.source_name(data.dataset_name),
+                               overwrite=output.overwrite, resume=True)
+    # Score, in chunks kept under --output_dir/chunks/<split>; every rank scores its share
+    scorer = scorer_of(data, scoring)
+    dataset = score_splits(scorer, dataset, scoring, resume, Path(output.output_dir, outputs.CHUNKS_DIR))
+    if not is_main_process():
+        return RunResult(scored=dataset, selections={}, files=[])
+    # Save the scored splits with their provenance, unless the folder holds them already (a finished score)
+    if outputs.holds_save(output.output_dir, dataset):
+        logger.info("%s holds these scored splits %s already", output.output_dir, list(dataset))
+    else:
+        outputs.write_scored(dataset, run_info(SCORE, groups, dataset, scorer), output.output_dir)
+        logger.info("Saved the scored splits %s to %s", list(dataset), output.output_dir)
+    outputs.finish(output.output_dir, record)
+    return RunResult(scored=dataset, selections={}, files=[output.output_dir])
+
+
+def run_filter(data: DataArguments, scoring: ScoringArguments | None = None,
+               selection: SelectionArguments | None = None, resume: ResumeArguments | None = None,
+               output: OutputArguments | None = None) -> RunResult:
+    """``hf-ches filter``: load, score if a model is given, select, write the publication's files to
+    ``--output_dir``."""
+    groups = check_arguments(FILTER, [g for g in (data, scoring, selection, resume, output) if g is not None])
+    scoring, selection, output = groups[ScoringArguments], groups[SelectionArguments], groups[OutputArguments]
+    rule, command = selection.rule(), "hf-ches filter"
+    # The output folder before any slow step
+    outputs.check(output.output_dir, command, overwrite=output.overwrite)
+    # The dataset and the model exist; load the pairs
+    dataset = load_pairs(data, scoring, rule)
+    # Score them, in chunks kept in the datasets cache, when a model is given; every rank scores its share
+    scorer = scorer_of(data, scoring) if scoring.model_name_or_path else None
+    if scorer:
+        dataset = score_splits(scorer, dataset, scoring, groups[ResumeArguments])
+    if not is_main_process():
+        return RunResult(scored=dataset, selections={}, files=[])
+    # Select
+    selections = select(dataset, rule)
+    # Write what a push would publish to --output_dir
+    publication = build_publication(output.output_dir, run_info(FILTER, groups, dataset, scorer, rule), selections,
                                     examples=selection.card_examples)
+    files = outputs.write(output.output_dir, command, outputs.source_name(data.dataset_name),
+                          publication.local_files(), overwrite=output.overwrite)
+    logger.info("Dry run: wrote %d files to %s", len(files), output.output_dir)
+    return RunResult(scored=dataset, selections=selections, files=files)
+
+
+def run_publish(data: DataArguments, scoring: ScoringArguments | None = None,
+                selection: SelectionArguments | None = None, resume: ResumeArguments | None = None,
+                hub: HubArguments | None = None, output: OutputArguments | None = None) -> RunResult:
+    """``hf-ches publish``: load, score if a model is given, select, push to ``--repo_id`` (or write the same files
+    to ``--output_dir``)."""
+    groups = check_arguments(PUBLISH, [g for g in (data, scoring, selection, resume, hub, output) if g is not None])
+    scoring, selection, hub = groups[ScoringArguments], groups[SelectionArguments], groups[HubArguments]
+    output, rule, command = groups[OutputArguments], selection.rule(), "hf-ches publish"
+    # The output folder (a dry run) before any slow step
+    if output.output_dir:
+        outputs.check(output.output_dir, command, overwrite=output.overwrite)
+    # The dataset and the model exist; load the pairs
+    dataset = load_pairs(data, scoring, rule)
+    # The push target, before the model is loaded
+    if repo_id := push_target(data, hub, output.overwrite):
+        logger.info("Publishing to %s", repo_id)
+        hub = groups[HubArguments] = replace(hub, repo_id=repo_id)
+    # Score them, in chunks kept in the datasets cache, when a model is given; every rank scores its share
+    scorer = scorer_of(data, scoring) if scoring.model_name_or_path else None
+    if scorer:
+        dataset = score_splits(scorer, dataset, scoring, groups[ResumeArguments])
+    if not is_main_process():
+        return RunResult(scored=dataset, selections={}, files=[])
+    # Select
+    selections = select(dataset, rule)
+    publication = build_publication(hub.repo_id or output.output_dir, run_info(PUBLISH, groups, dataset, scorer, rule),
+                                    selections, examples=selection.card_examples)
+    # Push, or write the same files to --output_dir
     if not hub.push_to_hub:
-        files = outputs.write(output.output_dir, f"hf-ches {stage}", outputs.source_name(info.source_dataset),
+        files = outputs.write(output.output_dir, command, outputs.source_name(data.dataset_name),
                               publication.local_files(), overwrite=output.overwrite)
         logger.info("Dry run: wrote %d files to %s", len(files), output.output_dir)
         return RunResult(scored=dataset, selections=selections, files=files)
-    pushed = publish(publication, hub.publish_options(token, DEFAULT_COMMIT_MESSAGE, output.overwrite))
+    pushed = publish(publication, hub.publish_options(data.token, DEFAULT_COMMIT_MESSAGE, output.overwrite))
     return RunResult(scored=dataset, selections=selections, files=pushed.files, pushed=pushed)
 
 
+RUNS = {"score": run_score, "filter": run_filter, "publish": run_publish}
+
+
 def main(argv: list[str] | None = None, stage: Stage = "publish", prog: str | None = None) -> RunResult:
-    """Parse ``argv`` (default ``sys.argv[1:]``) into the groups of ``stage`` and `run`; bad input and failed pushes
-    exit with a one-line error."""
-    return run_recipe(RECIPES[stage], lambda *groups: run(**{ROLES[type(g)]: g for g in groups}, stage=stage), argv,
-                      prog)
+    """Parse ``argv`` (default ``sys.argv[1:]``) into the groups of ``stage`` and run it (`run_score`, `run_filter`,
+    `run_publish`); bad input and failed pushes exit with a one-line error."""
+    return run_recipe(RECIPES[stage], lambda *groups: RUNS[stage](**{ROLES[type(g)]: g for g in groups}), argv, prog)

@@ -182,18 +182,6 @@ def compute_results(
 # The report
 
 
-def model_info(scorer: Any) -> dict:
-    """What identifies a `LogProbScorer`'s model in the report: its name, revision and commit, the dtype and device
-    it was loaded with (resolved), and its weights fingerprint."""
-    from hf_ches.card import public_name
-    from hf_ches.models import loaded_as, model_commit
-
-    config, loaded = scorer.config, scorer.load()
-    return {"name_or_path": public_name(config.model), "revision": config.revision,
-            "commit": model_commit(config.model, config.revision), **loaded_as(loaded.model),
-            "fingerprint": scorer.identity, "prefix_sharing": scorer.shares_prefixes(loaded)}
-
-
 def report_source(report: dict) -> tuple[str, str | None]:
     """The (dataset, config) a report was made on: what `hf_ches.hub.check_target` compares before a push.
 
@@ -373,30 +361,14 @@ REPORT = Recipe("report", (DataArguments, ScoringArguments, SamplingArguments, R
                 description=REPORT_DESCRIPTION)
 
 
-def check_report_hub(data: DataArguments, hub: HubArguments, config_name: str, overwrite: bool) -> str | None:
-    """The push target, before any scoring: with ``--push_to_hub`` the token can write ``--repo_id`` (a bare name
-    goes to the token's user) and its ``config_name`` holds no report on another dataset (unless ``overwrite``).
-    Returns the full repo id."""
-    from hf_ches.hub import check_target
-    from hf_ches.sources import source_name
-
-    if not hub.push_to_hub:
-        return None
-    repo_id = check_target(hub.repo_id, data.token, (source_name(data), data.dataset_config),
-                           record_path=f"{config_name}/{REPORT_FILE}", record_source=report_source,
-                           overwrite=overwrite, revision=hub.revision)
-    logger.info("Pushing to %s, config %r", repo_id, config_name)
-    return repo_id
-
-
 def score_models(dataset: DatasetDict, scoring: ScoringArguments, report: ReportArguments,
                  resume: ResumeArguments, columns: dict[str, str] | None = None) -> tuple[DatasetDict, Any, list]:
     """The policy's log-prob columns (and the reference's, ``ref_`` in front) on every split, each model's scored
     from the rows alone (read from ``columns``, `DataArguments.pair_columns`), in chunks kept in the datasets cache
-    (`hf_ches.runner.score_in_chunks`), with the rows that ``--on_invalid flag`` flagged left out; returns the
+    (`hf_ches.runner.score_splits`), with the rows that ``--on_invalid flag`` flagged left out; returns the
     scored splits and the two scorers."""
     from hf_ches import LogProbScorer
-    from hf_ches.runner import score_in_chunks
+    from hf_ches.runner import score_splits
 
     options = scoring.scorer_options() | (columns or {})
     policy = LogProbScorer(scoring.model_name_or_path, **options)
@@ -404,11 +376,11 @@ def score_models(dataset: DatasetDict, scoring: ScoringArguments, report: Report
     if report.ref_model_name_or_path:
         options |= {"revision": report.ref_model_revision}
         scorers.append(LogProbScorer(report.ref_model_name_or_path, column_prefix="ref_", **options))
+    chunked = [score_splits(scorer, dataset, scoring, resume) for scorer in scorers]
     scored = {}
     for split, rows in dataset.items():
-        chunked = [score_in_chunks(scorer, rows, chunk_size=resume.chunk_size, overwrite=resume.overwrite_chunks,
-                                   **scoring.map_options(f"Scoring {split}")) for scorer in scorers]
-        added = [ds.select_columns(list(scorer.output_features())) for ds, scorer in zip(chunked, scorers)]
+        added = [by_split[split].select_columns(list(scorer.output_features()))
+                 for by_split, scorer in zip(chunked, scorers)]
         scored[split] = _scorable(concatenate_datasets([rows, *added], axis=1), split)
     return DatasetDict(scored), policy, scorers[1:]
 
@@ -430,7 +402,7 @@ def run_report(data: DataArguments, scoring: ScoringArguments, sampling: Samplin
     """Check, sample, score, compute, print; write ``--output_dir`` and push, as the options say; returns the report
     (under a launcher: on rank 0, and None on the other ranks, which only score)."""
     from hf_ches import outputs
-    from hf_ches.sources import check_hub_ids, load_source, sample, source_name
+    from hf_ches.sources import check_hub_ids, load_source, model_provenance, push_target, sample, source_name
     from hf_ches.runner import is_main_process, on_main_process
 
     check_arguments(REPORT, [data, scoring, sampling, report_args, resume, hub, output])
@@ -444,7 +416,10 @@ def run_report(data: DataArguments, scoring: ScoringArguments, sampling: Samplin
         for split, rows in dataset.items():
             check_preference_column(rows, report_args.preference_column, split)
     config_name = report_args.config_name or run_name(scoring.model_name_or_path)
-    repo_id = on_main_process(lambda: check_report_hub(data, hub, config_name, output.overwrite))  # rank 0 asks
+    repo_id = push_target(data, hub, output.overwrite, record_path=f"{config_name}/{REPORT_FILE}",
+                          record_source=report_source)
+    if repo_id:
+        logger.info("Pushing to %s, config %r", repo_id, config_name)
     sampled = sample(dataset, sampling.num_samples, sampling.seed)
     dataset, policy, reference = score_models(sampled, scoring, report_args, resume, data.pair_columns())
     if not is_main_process():
@@ -462,7 +437,7 @@ def run_report(data: DataArguments, scoring: ScoringArguments, sampling: Samplin
                  "num_samples": {split: len(rows) for split, rows in dataset.items()},
                  "num_samples_requested": sampling.num_samples, "sample_seed": sampling.seed,
                  "num_unscorable": {split: len(sampled[split]) - len(rows) for split, rows in dataset.items()}},
-        policy=model_info(policy), reference=model_info(reference[0]) if reference else None,
+        policy=model_provenance(policy), reference=model_provenance(reference[0]) if reference else None,
         scoring={"max_length": scoring.max_length, "token_budget": scoring.token_budget,
                  "boundary": scoring.boundary, "on_invalid": scoring.on_invalid},
         options=options,

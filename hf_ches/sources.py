@@ -1,6 +1,7 @@
 """Where the pairs come from: reading a source (a Hub dataset, a ``save_to_disk`` folder, a dataset folder, data
 files or a packaged builder), checking it exists on the Hub before any work, naming it in what is published, its
-provenance, and a seeded sample of its rows. Every command reads its pairs through here (`load_source`), as TRL's
+provenance and the scoring model's (`model_provenance`), the push target checked against it (`push_target`), and a
+seeded sample of its rows. Every command reads its pairs through here (`load_source`), as TRL's
 scripts read theirs through ``trl/scripts/utils.py``; none reads another command's module for them.
 
 >>> import tempfile
@@ -17,6 +18,7 @@ scripts read theirs through ``trl/scripts/utils.py``; none reads another command
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -28,11 +30,13 @@ from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from huggingface_hub import DatasetCard
 
 from hf_ches.card import RUN_JSON_PATH, SCORING_FIELDS, public_name
-from hf_ches.hub import check_repo
-from hf_ches.models import check_model
+from hf_ches.hub import check_repo, check_target
+from hf_ches.models import check_model, loaded_as, model_commit
+from hf_ches.runner import on_main_process
 
 if TYPE_CHECKING:
-    from hf_ches.recipes import DataArguments
+    from hf_ches.recipes import DataArguments, HubArguments
+    from hf_ches.transform import CHESScorer
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +188,32 @@ def inherited_scoring(args: DataArguments) -> dict[str, Any]:
     except Exception:  # no record (most data): the provenance says the scores came with the input
         return {}
     return {key: scoring.get(key) for key in SCORING_FIELDS}
+
+
+def model_provenance(scorer: CHESScorer) -> dict[str, Any]:
+    """What identifies a scorer's model wherever a command records it (the publication's ``ches/run.json`` and card,
+    the ranking-accuracy report, ``validate``'s results): its public name (`hf_ches.card.public_name`), revision and
+    commit, its weights fingerprint (the scorer's identity, a GGUF file's included), its tokenizer and chat template,
+    the dtype and device it was loaded with (rank 0's under a launcher; resolved, never None) and whether it shared
+    prefixes. The model is loaded once per process, so a process that scored with it loads nothing more."""
+    config, loaded = scorer.config, scorer.load()
+    template = loaded.tokenizer.chat_template if isinstance(loaded.tokenizer.chat_template, str) else None
+    return {"name_or_path": public_name(config.model), "revision": config.revision,
+            "commit": model_commit(config.model, config.revision), "fingerprint": scorer.identity,
+            "tokenizer": public_name(config.model),  # the model's own, read from its files (a GGUF file holds it too)
+            "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if template else None,
+            **loaded_as(loaded.model), "prefix_sharing": scorer.shares_prefixes(loaded)}
+
+
+def push_target(data: DataArguments, hub: HubArguments, overwrite: bool, **record: Any) -> str | None:
+    """Before any scoring, with ``--push_to_hub``: ``--repo_id`` as `hf_ches.hub.check_target` resolves it (a bare
+    name goes to the token's user; a namespace the token cannot write, or a repo holding a record, ``record_path``
+    read by ``record_source``, of another source than ``data``'s, is refused unless ``overwrite``); None without
+    ``--push_to_hub``. Under a launcher rank 0 asks and every rank gets the answer."""
+    if not hub.push_to_hub:
+        return None
+    return on_main_process(lambda: check_target(hub.repo_id, data.token, (source_name(data), data.dataset_config),
+                                                overwrite=overwrite, revision=hub.revision, **record))
 
 
 # ---- a seeded sample -------------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ from hf_ches.recipes import (
     check_arguments,
     run_recipe,
 )
-from hf_ches.sources import ROW_INDEX, check_hub_ids, load_source, subsample
+from hf_ches.sources import ROW_INDEX, check_hub_ids, load_source, model_provenance, subsample
 
 logger = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ def run(data: DataArguments, scoring: ScoringArguments | None = None, sampling: 
 
     from hf_ches import __version__
     from hf_ches import outputs
-    from hf_ches.models import load_model_and_tokenizer, model_fingerprint
+    from hf_ches.transform import CHESScorer
     from hf_ches.runner import ranks
 
     start = time.perf_counter()
@@ -285,20 +285,15 @@ def run(data: DataArguments, scoring: ScoringArguments | None = None, sampling: 
     check_hub_ids(data, [(scoring.model_name_or_path, scoring.model_revision)])
     rows = load_source(replace(data, dataset_splits=[split]))[split]
     sample = subsample(rows, sampling.num_samples, sampling.seed)
-    device = scoring.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model_and_tokenizer(scoring.model_name_or_path, revision=scoring.model_revision,
-                                                dtype=scoring.dtype, device=device,
-                                                chat_template=scoring.scorer_options()["chat_template"])
+    scorer = CHESScorer(scoring.model_name_or_path, **scoring.scorer_options())  # loaded as every command loads it
+    model, tokenizer = scorer.load().model, scorer.load().tokenizer
     params = [p for _, p in select_parameters(model, options.parameters)]
     columns = forward_columns(sample, model, tokenizer, scoring, options, data.pair_columns())
     columns |= step_columns(sample, model, tokenizer, params, scoring, options, data.pair_columns())
     results = {
         "options": {k: v for g in groups.values() for k, v in asdict(g).items()
                     if k not in ("token", "dataset_splits")} | {"dataset_split": split},
-        "model": {"name_or_path": scoring.model_name_or_path, "revision": scoring.model_revision,
-                  "dtype": scoring.dtype, "device": device,
-                  "fingerprint": model_fingerprint(scoring.model_name_or_path, scoring.model_revision),
-                  "num_step_parameters": sum(p.numel() for p in params)},
+        "model": model_provenance(scorer) | {"num_step_parameters": sum(p.numel() for p in params)},
         "counts": {"num_rows": len(rows), "num_samples": len(sample),
                    "num_scored": int(np.sum(~np.isnan(columns["delta_chosen_logps"])))},
         **summarize(columns, options, sampling.seed),
