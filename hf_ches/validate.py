@@ -288,7 +288,7 @@ def run(data: DataArguments, scoring: ScoringArguments | None = None, sampling: 
     scorer = CHESScorer(scoring.model_name_or_path, **scoring.scorer_options())  # loaded as every command loads it
     model, tokenizer = scorer.load().model, scorer.load().tokenizer
     params = [p for _, p in select_parameters(model, options.parameters)]
-    columns = forward_columns(sample, model, tokenizer, scoring, options, data.pair_columns())
+    columns = forward_columns(sample, scoring, options, data.pair_columns())
     columns |= step_columns(sample, model, tokenizer, params, scoring, options, data.pair_columns())
     results = {
         "options": {k: v for g in groups.values() for k, v in asdict(g).items()
@@ -309,8 +309,8 @@ def run(data: DataArguments, scoring: ScoringArguments | None = None, sampling: 
     return results
 
 
-def forward_columns(sample: Any, model: torch.nn.Module, tokenizer: Any, scoring: ScoringArguments,
-                    options: ValidateArguments, columns: dict[str, str]) -> dict[str, np.ndarray]:
+def forward_columns(sample: Any, scoring: ScoringArguments, options: ValidateArguments, columns: dict[str, str]
+                    ) -> dict[str, np.ndarray]:
     """``row_index`` and the columns of the scores that `CHESScorer` computes (the forward-pass scores), the pairs
     read from ``columns`` (`DataArguments.pair_columns`)."""
     from hf_ches.runner import counted_pass, progress_bars_off
@@ -319,9 +319,8 @@ def forward_columns(sample: Any, model: torch.nn.Module, tokenizer: Any, scoring
     out: dict[str, np.ndarray] = {ROW_INDEX: np.asarray(sample[ROW_INDEX])}
     forward_scores = tuple(s for s in options.scores if s not in KERNEL_SCORES)
     if forward_scores:
-        settings = {k: v for k, v in scoring.scorer_options().items()
-                    if k in ("max_length", "token_budget", "on_invalid", "boundary", "prefix_sharing")}  # model loaded
-        scorer = CHESScorer(model, tokenizer, scores=forward_scores, **settings, **columns)
+        scorer = CHESScorer(scoring.model_name_or_path, scores=forward_scores, **scoring.scorer_options(),
+                            **columns)  # the model `run` loaded, from the process's loaded models
         pairs = sample.select_columns(scorer.pair_columns.used(sample.column_names))
         with counted_pass(len(sample), "Scoring") if options.progress else progress_bars_off():
             scored = scorer.map(pairs, **scoring.map_options("Scoring"))
