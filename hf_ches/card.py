@@ -4,7 +4,7 @@ A published repo holds three configs (``CONFIGS``): ``default`` = the kept pairs
 ready for TRL's ``DPOTrainer``), ``removed`` = the removed pairs with ``removal_reason``, ``scored`` = every input pair
 with its scores. A config split with no rows is left out (``datasets`` cannot load an empty split), and a config with
 no rows at all is not published. Next to the data: ``PLOT_PATH`` (the score histogram with the cut-off, see
-`write_histogram`) and ``RUN_JSON_PATH`` (`run_record`, also the card's ``hf_ches`` YAML block).
+`histogram_bytes`) and ``RUN_JSON_PATH`` (`run_record`, also the card's ``hf_ches`` YAML block).
 
 >>> from datasets import Dataset
 >>> from hf_ches.filtering import select_pairs
@@ -215,16 +215,8 @@ def _histogram_figure(selections: dict[str, Selection], rule: SelectionRule) -> 
     return fig
 
 
-def write_histogram(selections: dict[str, Selection], rule: SelectionRule, path: str | Path) -> Path:
-    """Write the PNG histogram of ``rule.score_column`` per split, with the cut-off line, to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(histogram_bytes(selections, rule))
-    return path
-
-
 def histogram_bytes(selections: dict[str, Selection], rule: SelectionRule) -> bytes:
-    """The PNG bytes `write_histogram` writes (what is uploaded as ``PLOT_PATH``)."""
+    """The PNG histogram of ``rule.score_column`` per split, with the cut-off line: what is uploaded as ``PLOT_PATH``."""
     buffer = io.BytesIO()
     _histogram_figure(selections, rule).savefig(buffer, format="png", metadata={"Software": None})
     return buffer.getvalue()
