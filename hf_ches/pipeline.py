@@ -160,6 +160,24 @@ def scorer_of(data: DataArguments, scoring: ScoringArguments) -> Any:
     return CHESScorer(scoring.model_name_or_path, **scoring.scorer_options(), **data.pair_columns())
 
 
+def score_if_asked(dataset: DatasetDict, data: DataArguments, scoring: ScoringArguments, resume: ResumeArguments
+                   ) -> tuple[DatasetDict, Any]:
+    """``dataset`` scored by `scorer_of` in chunks kept in the datasets cache, and the scorer, when a model is given;
+    as it is, and None, when not (the data holds the scores)."""
+    if not scoring.model_name_or_path:
+        return dataset, None
+    scorer = scorer_of(data, scoring)
+    return score_splits(scorer, dataset, scoring, resume), scorer
+
+
+def write_dry_run(publication: Any, command: str, data: DataArguments, output: OutputArguments) -> list[str]:
+    """Write what a push of ``publication`` would create to ``--output_dir``, as ``command``'s output."""
+    files = outputs.write(output.output_dir, command, outputs.source_name(data.dataset_name),
+                          publication.local_files(), overwrite=output.overwrite)
+    logger.info("Dry run: wrote %d files to %s", len(files), output.output_dir)
+    return files
+
+
 def run_info(recipe: Recipe, groups: dict[type, Any], dataset: DatasetDict, scorer: Any,
              rule: SelectionRule | None = None) -> RunInfo:
     """The provenance of a run: its source, its command line, and where the scores came from (``scorer``'s model,
@@ -226,9 +244,7 @@ def run_filter(data: DataArguments, scoring: ScoringArguments | None = None,
     # The dataset and the model exist; load the pairs
     dataset = load_pairs(data, scoring, rule)
     # Score them, in chunks kept in the datasets cache, when a model is given; every rank scores its share
-    scorer = scorer_of(data, scoring) if scoring.model_name_or_path else None
-    if scorer:
-        dataset = score_splits(scorer, dataset, scoring, groups[ResumeArguments])
+    dataset, scorer = score_if_asked(dataset, data, scoring, groups[ResumeArguments])
     if not is_main_process():
         return RunResult(scored=dataset, selections={}, files=[])
     # Select
@@ -236,9 +252,7 @@ def run_filter(data: DataArguments, scoring: ScoringArguments | None = None,
     # Write what a push would publish to --output_dir
     publication = build_publication(output.output_dir, run_info(FILTER, groups, dataset, scorer, rule), selections,
                                     examples=selection.card_examples)
-    files = outputs.write(output.output_dir, command, outputs.source_name(data.dataset_name),
-                          publication.local_files(), overwrite=output.overwrite)
-    logger.info("Dry run: wrote %d files to %s", len(files), output.output_dir)
+    files = write_dry_run(publication, command, data, output)
     return RunResult(scored=dataset, selections=selections, files=files)
 
 
@@ -260,9 +274,7 @@ def run_publish(data: DataArguments, scoring: ScoringArguments | None = None,
         logger.info("Publishing to %s", repo_id)
         hub = groups[HubArguments] = replace(hub, repo_id=repo_id)
     # Score them, in chunks kept in the datasets cache, when a model is given; every rank scores its share
-    scorer = scorer_of(data, scoring) if scoring.model_name_or_path else None
-    if scorer:
-        dataset = score_splits(scorer, dataset, scoring, groups[ResumeArguments])
+    dataset, scorer = score_if_asked(dataset, data, scoring, groups[ResumeArguments])
     if not is_main_process():
         return RunResult(scored=dataset, selections={}, files=[])
     # Select
@@ -271,9 +283,7 @@ def run_publish(data: DataArguments, scoring: ScoringArguments | None = None,
                                     selections, examples=selection.card_examples)
     # Push, or write the same files to --output_dir
     if not hub.push_to_hub:
-        files = outputs.write(output.output_dir, command, outputs.source_name(data.dataset_name),
-                              publication.local_files(), overwrite=output.overwrite)
-        logger.info("Dry run: wrote %d files to %s", len(files), output.output_dir)
+        files = write_dry_run(publication, command, data, output)
         return RunResult(scored=dataset, selections=selections, files=files)
     pushed = publish(publication, hub.publish_options(data.token, DEFAULT_COMMIT_MESSAGE, output.overwrite))
     return RunResult(scored=dataset, selections=selections, files=pushed.files, pushed=pushed)
