@@ -123,8 +123,8 @@ def test_the_wheel_holds_no_third_party_data(tmp_path):
                     "-w", str(tmp_path / "wheel"), str(source)], check=True, capture_output=True)
     (wheel,) = (tmp_path / "wheel").glob("hf_ches-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    allowed = re.compile(r"hf_ches/[\w/]+\.py|hf_ches/data/(README\.md|pairs_[a-z]+\.jsonl)|hf_ches-[\w.]+\.dist-info/\w+(\.txt)?")
-    assert "hf_ches/data/pairs_standard.jsonl" in names
+    allowed = re.compile(r"hf_ches/[\w/]+\.py|hf_ches/data/(README\.md|pairs_[a-z]+\.jsonl)|hf_ches/templates/\w+\.md|hf_ches-[\w.]+\.dist-info/\w+(\.txt)?")
+    assert "hf_ches/data/pairs_standard.jsonl" in names and "hf_ches/templates/dataset_card.md" in names
     assert not [name for name in names if not allowed.fullmatch(name)]
 
 
