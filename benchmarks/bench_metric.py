@@ -5,11 +5,11 @@ Run: `.venv/bin/python benchmarks/bench_metric.py [--pairs N] [--repeats R] [--p
 Timings per config, each the best of `--repeats` runs on the same inputs (Python lists, as a dataset column gives
 them), with 1000-resample bootstrap intervals:
 - `hf_ches.ranking`: the math alone, what `_compute` runs.
-- `evaluate compute`: `RankingAccuracy(...).compute(**inputs)` end to end, with its Arrow cache file: our
-  `add_batch` converts each column with pyarrow, datasets writes the cache file and reads it back, then the math.
-  Both timings are checked to give the same result.
-- `--stock`: the same compute through evaluate's own `add_batch`, which encodes every value in Python
-  (`Features.encode_batch`): the cost our `add_batch` removes. Slow (seconds per config).
+- `evaluate compute`: `RankingAccuracy(...).compute(**inputs)` end to end: pyarrow converts each column to its
+  declared type, then the math, with no Arrow cache file. Both timings are checked to give the same result.
+- `--stock`: the same compute through `add_batch` (evaluate's own, public), which encodes every value in Python
+  (`Features.encode_batch`), writes the cache file and reads it back: the cost `compute(**inputs)` skips. Slow
+  (seconds per config).
 
 "listwise" gets N / 2 prompts of 2 to 4 responses. evaluate reads its list inputs back as Python lists (it allows
 no other format for list features), which is most of its time.

@@ -15,7 +15,7 @@
 The GGUF-loaded model is marked quantized and ``Trainer`` refuses it, so every run trains a plain float32 copy.
 Results: ``benchmarks/results/reproduce_displacement.json`` and ``.png``.
 
-    OMP_NUM_THREADS=1 python benchmarks/reproduce_displacement.py      # the README's numbers (28 min, 2 CPU cores)
+    OMP_NUM_THREADS=1 python benchmarks/reproduce_displacement.py      # docs/validation.md's numbers (28 min, 2 CPU cores)
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
-"""The dataset card of a CHES-filtered preference dataset: a pure function of the selection and its provenance.
+"""The dataset card of a CHES-filtered preference dataset: a pure function of the selection and its provenance,
+its prose in the template ``hf_ches/templates/dataset_card.md`` (`TEMPLATE`, rendered by ``DatasetCard.from_template``).
 
 A published repo holds three configs (``CONFIGS``): ``default`` = the kept pairs (what ``load_dataset(repo)`` gives,
 ready for TRL's ``DPOTrainer``), ``removed`` = the removed pairs with ``removal_reason``, ``scored`` = every input pair
 with its scores. A config split with no rows is left out (``datasets`` cannot load an empty split), and a config with
 no rows at all is not published. Next to the data: ``PLOT_PATH`` (the score histogram with the cut-off, see
-`write_histogram`) and ``RUN_JSON_PATH`` (`run_record`, also the card's ``hf_ches`` YAML block).
+`histogram_bytes`) and ``RUN_JSON_PATH`` (`run_record`, also the card's ``hf_ches`` YAML block).
 
 >>> from datasets import Dataset
 >>> from hf_ches.filtering import select_pairs
@@ -215,16 +216,8 @@ def _histogram_figure(selections: dict[str, Selection], rule: SelectionRule) -> 
     return fig
 
 
-def write_histogram(selections: dict[str, Selection], rule: SelectionRule, path: str | Path) -> Path:
-    """Write the PNG histogram of ``rule.score_column`` per split, with the cut-off line, to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(histogram_bytes(selections, rule))
-    return path
-
-
 def histogram_bytes(selections: dict[str, Selection], rule: SelectionRule) -> bytes:
-    """The PNG bytes `write_histogram` writes (what is uploaded as ``PLOT_PATH``)."""
+    """The PNG histogram of ``rule.score_column`` per split, with the cut-off line: what is uploaded as ``PLOT_PATH``."""
     buffer = io.BytesIO()
     _histogram_figure(selections, rule).savefig(buffer, format="png", metadata={"Software": None})
     return buffer.getvalue()
@@ -291,92 +284,42 @@ def loading_code(repo_id: str, layout: dict[str, list[str]], local: bool = False
     return lines
 
 
-def _body(repo_id: str, info: RunInfo, selections: dict[str, Selection], layout: dict[str, list[str]],
-          examples: int, local: bool = False) -> str:
+TEMPLATE = Path(__file__).parent / "templates" / "dataset_card.md"  # the card's prose; the tables come from here
+CONFIG_CONTENTS = {"default": "kept pairs, with their scores (train on this)",
+                   "removed": f"removed pairs, with `{REASON_COLUMN}`", "scored": "every input pair with its scores"}
+
+
+def _number(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4g}"
+
+
+def _card_fields(repo_id: str, info: RunInfo, selections: dict[str, Selection], layout: dict[str, list[str]],
+                 examples: int, local: bool = False) -> dict[str, Any]:
+    """What `TEMPLATE` fills in: the source, the rule, and the lines of each table and list."""
     rule, record = info.rule, run_record(info, selections)
     source = f"[{info.source_dataset}](https://huggingface.co/datasets/{info.source_dataset})" if info.source_is_hub \
         else f"`{info.source_dataset}`"
-    lines = [
-        f"# {info.source_dataset.rstrip('/').split('/')[-1]}, filtered by CHES",
-        "",
-        f"The preference pairs of {source} (`prompt` / `chosen` / `rejected`), scored with "
-        f"hf-ches and filtered by CHES: **{rule.describe()}**. The pairs most "
-        "likely to make DPO *lower* the probability of the preferred response are set apart in the `removed` config.",
-        "",
-        "## Configs",
-        "",
-        "| config | contents | " + " | ".join(f"{split} rows" for split in selections) + " |",
-        "|---|---|" + "---|" * len(selections),
-    ]
-    what = {"default": "kept pairs, with their scores (train on this)", "removed": "removed pairs, with "
-            f"`{REASON_COLUMN}`", "scored": "every input pair with its scores"}
+    config_table = ["| config | contents | " + " | ".join(f"{split} rows" for split in selections) + " |",
+                    "|---|---|" + "---|" * len(selections)]
     for config in CONFIGS:
         counts = [str(len(config_part(s, config))) for s in selections.values()]
         name = f"`{config}`" if config in layout else f"`{config}` (not published: no rows)"
-        lines.append(f"| {name} | {what[config]} | " + " | ".join(counts) + " |")
-    lines += [
-        "",
-        "Kept and removed rows carry `original_index`, the row's index in the source split, so the two add up to "
-        "the `scored` config row for row.",
-        "",
-        "```python",
-        "from datasets import load_dataset",
-        "",
-        *loading_code(repo_id, layout, local),
-        "```",
-        "",
-        "The default config has TRL's preference format, so it goes straight into `trl.DPOTrainer(..., "
-        'train_dataset=ds["train"])`; the extra score columns are ignored by the trainer.',
-        "",
-        "## Why remove high-CHES pairs",
-        "",
-        "DPO raises the margin between the preferred response y⁺ and the dispreferred y⁻, yet often lowers the "
-        "probability of y⁺ as well (*likelihood displacement*), which can shift mass to responses nobody preferred "
-        f"— e.g. a refusal turning into compliance. [Razin et al. 2024]({PAPER_URL}) show that the *centered hidden "
-        "embedding similarity* (CHES) of a pair predicts how strongly it displaces y⁺. With h the model's last "
-        "hidden states that produce the logits of the response tokens, S± their sum over y± and n± the token "
-        "counts:",
-        "",
-        "$$\\mathrm{CHES}_x(y^+, y^-) = \\langle S^+, S^- \\rangle - \\lVert S^+ \\rVert^2, \\qquad "
-        "\\overline{\\mathrm{CHES}}_x = \\frac{\\langle S^+, S^- \\rangle}{n^+ n^-} - "
-        "\\frac{\\lVert S^+ \\rVert^2}{(n^+)^2}$$",
-        "",
-        "A high score means the two responses look alike to the model. The paper filters by the length-normalised "
-        "score (`ln_ches`): on SORRY-Bench, DPO on the lowest-CHES pairs kept the refusal rates that DPO on all "
-        "pairs lowered (Sec. 6, where it keeps the lowest 5%). Here the rule is applied to "
-        f"`{rule.score_column}`; rows whose score is NaN (not scorable) are removed with "
-        f"`{REASON_COLUMN}=nan_score`.",
-        "",
-        "## Selection",
-        "",
-        f"Rule: **{rule.describe()}** (ties broken by row order).",
-        "",
-        "| split | rows | kept | removed | of which unscorable | cut-off | mean | p50 | p90 | max |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for split, sel in selections.items():
-        r, s = sel.report, sel.report.summary
-        fmt = lambda v: "—" if v is None else f"{v:.4g}"  # noqa: E731
-        lines.append(f"| {split} | {r.num_rows} | {r.num_kept} | {r.num_removed} | {r.num_unscorable} | "
-                     f"{fmt(r.cutoff)} | {fmt(s['mean'])} | {fmt(s['p50'])} | {fmt(s['p90'])} | {fmt(s['max'])} |")
-    lines += ["", f"![Histogram of {rule.score_column} with the cut-off]({PLOT_PATH})", ""]
+        config_table.append(f"| {name} | {CONFIG_CONTENTS[config]} | " + " | ".join(counts) + " |")
+    selection_rows = [f"| {split} | {r.num_rows} | {r.num_kept} | {r.num_removed} | {r.num_unscorable} | "
+                      f"{_number(r.cutoff)} | {_number(s['mean'])} | {_number(s['p50'])} | {_number(s['p90'])} | "
+                      f"{_number(s['max'])} |"
+                      for split, sel in selections.items() for r, s in [(sel.report, sel.report.summary)]]
     top = _top_removed(selections, rule.score_column, examples)
-    lines += ["## Highest-scoring removed pairs", ""]
-    if top:
-        lines += [f"| {rule.score_column} | split | index | prompt | chosen | rejected |", "|---|---|---|---|---|---|"]
-        lines += [f"| {score:.4g} | {split} | {row['original_index']} | {_cell(pair.prompt, end=True)} | "
-                  f"{_cell(pair.chosen)} | {_cell(pair.rejected)} |"
-                  for score, split, row in top for pair in [_split_prompt(row, info.source_columns)]]
-    else:
-        lines.append("No pair was removed for its score.")
+    removed_table = [f"| {rule.score_column} | split | index | prompt | chosen | rejected |",
+                     "|---|---|---|---|---|---|"] + [
+        f"| {score:.4g} | {split} | {row['original_index']} | {_cell(pair.prompt, end=True)} | {_cell(pair.chosen)} | "
+        f"{_cell(pair.rejected)} |" for score, split, row in top for pair in [_split_prompt(row, info.source_columns)]
+    ] if top else ["No pair was removed for its score."]
     scoring = record["scoring"]
     model = "scores provided with the input" if info.model is None else (
         f"`{info.model}`" + (f" (revision `{info.model_revision}`)" if info.model_revision else "")
         + (f", commit `{info.model_commit}`" if info.model_commit else ""))
-    lines += [
-        "",
-        "## Provenance",
-        "",
+    provenance = [
         f"- source: {source}" + (f", config `{info.source_config}`" if info.source_config else "")
         + (f", revision `{info.source_revision}`" if info.source_revision else ""),
         f"- model: {model}" + (f"; weights fingerprint `{info.model_fingerprint}`" if info.model_fingerprint else ""),
@@ -386,21 +329,12 @@ def _body(repo_id: str, info: RunInfo, selections: dict[str, Selection], layout:
         *_shift_lines(record),
         f"- hf-ches {info.hf_ches_version}; all parameters and statistics: [`{RUN_JSON_PATH}`]({RUN_JSON_PATH}) "
         "(also the `hf_ches` block of this card's YAML)",
-        "",
-        "## Reproduce",
-        "",
-        "```bash",
-        info.command or "# (the command was not recorded)",
-        "```",
-        "",
-        "## Citation",
-        "",
-        "```bibtex",
-        CITATION,
-        "```",
-        "",
     ]
-    return "\n".join(lines)
+    return dict(title=info.source_dataset.rstrip("/").split("/")[-1], source=source, rule=rule.describe(),
+                score_column=rule.score_column, reason_column=REASON_COLUMN, paper_url=PAPER_URL, plot_path=PLOT_PATH,
+                config_table=config_table, loading_code=loading_code(repo_id, layout, local),
+                selection_rows=selection_rows, removed_table=removed_table, provenance=provenance,
+                command=info.command or "# (the command was not recorded)", citation=CITATION)
 
 
 def _shift_lines(record: dict[str, Any]) -> list[str]:
@@ -434,7 +368,8 @@ def render_card(repo_id: str, info: RunInfo, selections: dict[str, Selection], d
         dataset_info=dataset_info,
         hf_ches=run_record(info, selections),
     )
-    return DatasetCard(f"---\n{data.to_yaml()}\n---\n\n{_body(repo_id, info, selections, layout, examples, local)}")
+    return DatasetCard.from_template(data, template_path=str(TEMPLATE),
+                                     **_card_fields(repo_id, info, selections, layout, examples, local))
 
 
 def card_bytes(card: DatasetCard) -> bytes:

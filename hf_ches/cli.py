@@ -1,5 +1,5 @@
 """The ``hf-ches`` command: ``score``, ``filter`` and ``publish`` run `hf_ches.pipeline` (``publish`` is
-``hub_scripts/ches_filter.py``); ``demo`` runs ``hf_ches.demo`` when that module is installed; ``validate`` runs
+``hub_scripts/ches_filter.py``); ``demo`` runs `hf_ches.demo`; ``validate`` runs
 `hf_ches.validate`. Each command is a `hf_ches.recipes.Recipe` and takes only the options of its groups.
 
 >>> main(["--help"])  # doctest: +ELLIPSIS
@@ -10,7 +10,6 @@ usage: hf-ches {score,filter,publish,demo,validate} [options]
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 
 from hf_ches.pipeline import DESCRIPTION
@@ -42,9 +41,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "demo":
-        if importlib.util.find_spec("hf_ches.demo") is None:
-            print("hf-ches demo: hf_ches.demo is not part of this installation", file=sys.stderr)
-            return 2
         result = importlib.import_module("hf_ches.demo").main(rest)
         return result if isinstance(result, int) else 0
     if command == "validate":

@@ -82,7 +82,7 @@ def demo_report(scoring: ScoringArguments, selection: SelectionArguments, out: P
 
     from hf_ches.card import public_name
     from hf_ches.models import loaded_as
-    from hf_ches.pipeline import run
+    from hf_ches.pipeline import run_publish
     from hf_ches.recipes import DataArguments, HubArguments
     from hf_ches.testing.local_hub import LocalHub, clients_pointed_at
     from hf_ches.transform import CHESScorer
@@ -103,7 +103,7 @@ def demo_report(scoring: ScoringArguments, selection: SelectionArguments, out: P
             data = DataArguments(str(SHIPPED_DATA_DIR), dataset_config=config, token=hub.token,
                                  pretty_name=PRETTY_NAME)
             with step(timings, config, f"score, select, card and publish the {config} pairs to {repo_id}"):
-                run(data, scoring, selection, HubArguments(push_to_hub=True, repo_id=repo_id), stage="publish")
+                run_publish(data, scoring, selection, hub=HubArguments(push_to_hub=True, repo_id=repo_id))
             with step(timings, f"{config} back", f"load {repo_id} back (default, removed, scored)"):
                 backs[config] = {name: load_dataset(repo_id, name)["train"] for name in ("default", "removed", "scored")}
                 for name in ("README.md", "ches/score_histogram.png"):

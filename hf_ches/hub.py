@@ -53,7 +53,6 @@ from hf_ches.card import (
     histogram_bytes,
     render_card,
     run_json_bytes,
-    scoring_record,
 )
 from hf_ches.filtering import Selection
 from hf_ches.runner import progress_bars_off
@@ -169,40 +168,6 @@ def quiet_writes() -> Iterator[None]:
             yield
     finally:
         datasets_logger.setLevel(level)
-
-
-# ---- dry run ------------------------------------------------------------------------------------------------------
-CHUNKS_DIR = "chunks"  # hf-ches score's finished chunks, one hf_ches.runner folder per split
-
-
-def write_scored(dataset: DatasetDict, info: RunInfo, folder: str | Path) -> None:
-    """`hf-ches score`'s output: ``save_to_disk`` of the scored splits, and beside them ``RUN_JSON_PATH`` with
-    `scoring_record` (and the command), so that a later filter of this folder keeps the scores' provenance. The
-    finished chunks (`CHUNKS_DIR`) stay, so that the same command run again scores nothing (and, `holds_save`,
-    writes nothing). The folder is claimed by `hf_ches.outputs.begin` first."""
-    folder = Path(folder)
-    dataset.save_to_disk(str(folder))
-    (folder / RUN_JSON_PATH).parent.mkdir(parents=True, exist_ok=True)
-    record = scoring_record(info) | {"command": info.command}
-    (folder / RUN_JSON_PATH).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-
-
-def holds_save(folder: str | Path, dataset: DatasetDict) -> bool:
-    """Whether ``folder`` holds ``dataset`` as `write_scored` saved it: its ``RUN_JSON_PATH`` (written last, so the
-    save finished) and the same splits with the same ``datasets`` fingerprints (a dataset read from chunk files has
-    the fingerprint of those files and their modification times, so rescored chunks make another one).
-
-    >>> holds_save("no-such-folder", DatasetDict())
-    False
-    """
-    folder = Path(folder)
-    try:
-        splits = json.loads((folder / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
-        saved = {split: json.loads((folder / split / "state.json").read_text(encoding="utf-8"))["_fingerprint"]
-                 for split in splits}
-    except (OSError, ValueError, KeyError):
-        return False
-    return (folder / RUN_JSON_PATH).is_file() and saved == {split: ds._fingerprint for split, ds in dataset.items()}
 
 
 # ---- push ---------------------------------------------------------------------------------------------------------

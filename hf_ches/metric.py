@@ -167,34 +167,35 @@ class RankingAccuracy(evaluate.Metric):
         )
 
     def compute(self, **kwargs):
-        """`evaluate.Metric.compute`, after `check_inputs`: a misspelt or missing input is a one-line error."""
+        """`evaluate.Metric.compute`, after `check_inputs`: a misspelt or missing input is a one-line error.
+
+        Given every input in one call, in one process, with no batch added before, it computes straight from them:
+        pyarrow converts each column to its declared type in C (the values evaluate would store: floats, ints,
+        None as null, NaN kept), and `_compute` runs on that, without evaluate's round trip through an Arrow cache
+        file, which encodes every value in Python and costs more than the math (``benchmarks/bench_metric.py``).
+        Anything else (batches added, several processes, inputs pyarrow refuses) is evaluate's own ``compute``, with
+        its coercions and error messages. A dataset column (`ds["chosen_logps"]`, a lazy `Column` in datasets >= 4)
+        is read in one slice rather than row by row.
+        """
         check_inputs(self.config_name, kwargs, batches_added=self.writer is not None)
-        return super().compute(**kwargs)
+        kwargs = {name: values[:] if isinstance(values, _COLUMN) else values for name, values in kwargs.items()}
+        inputs = {name: kwargs.pop(name) for name in list(self.features) if name in kwargs}
+        columns = self._arrow_columns(inputs) if self.writer is None and self.num_process == 1 else None
+        if columns is None:
+            return super().compute(**inputs, **kwargs)
+        read = {name: pa.chunked_array([column]) if self.info.format == "arrow" else column.to_pylist()
+                for name, column in columns.items()}  # as evaluate reads its cache back
+        return self._compute(**read, **kwargs)
 
     def add_batch(self, **inputs) -> None:
-        """Add a batch of inputs, as `evaluate.Metric.add_batch` does; `compute(**inputs)` calls it too.
-
-        Our features are plain numbers (float64, int64, lists of float64), whose Python encoding is `float(x)` /
-        `int(x)`. pyarrow's conversion to the declared type gives the same values (floats, ints, numpy arrays, None
-        as null, NaN kept), in C. Whatever pyarrow refuses (other input types, strings, values out of range,
-        unknown or missing inputs, columns of different lengths) goes through evaluate's own `add_batch`, so its
-        coercions and error messages are evaluate's. The rows go to the same writer, so the cache files and
-        evaluate's distributed mode work as with evaluate's own `add_batch`. A dataset column (`ds["chosen_logps"]`,
-        a lazy `Column` in datasets >= 4) is read in one slice rather than row by row.
-        """
+        """`evaluate.Metric.add_batch`, after `check_inputs`; a dataset column is read in one slice."""
         check_inputs(self.config_name, inputs, options=False)
-        inputs = {name: values[:] if isinstance(values, _COLUMN) else values for name, values in inputs.items()}
-        columns = self._arrow_columns(inputs)
-        if columns is None:
-            return super().add_batch(**inputs)
-        if self.writer is None:
-            self.selected_feature_format = self._infer_feature_from_batch(columns)
-            self._init_writer()
-        self.writer.write_batch(columns)
+        return super().add_batch(**{name: values[:] if isinstance(values, _COLUMN) else values
+                                    for name, values in inputs.items()})
 
     def _arrow_columns(self, inputs: dict) -> dict[str, pa.Array] | None:
         """`inputs` as pyarrow arrays of the declared types, or None when pyarrow cannot take them as they are."""
-        names = self._feature_names()
+        names = list(self.features)
         if set(inputs) != set(names) or not all(isinstance(inputs[n], (list, tuple, np.ndarray)) for n in names):
             return None
         schema = self.features.arrow_schema
@@ -205,7 +206,7 @@ class RankingAccuracy(evaluate.Metric):
         return columns if len({len(column) for column in columns.values()}) == 1 else None
 
     def _compute(self, **inputs_and_options) -> dict:
-        inputs = {name: _from_arrow(inputs_and_options.pop(name)) for name in self._feature_names()}
+        inputs = {name: _from_arrow(inputs_and_options.pop(name)) for name in list(self.features)}
         return COMPUTE[self.config_name](**inputs, options=ranking.RankingOptions(**inputs_and_options))
 
 

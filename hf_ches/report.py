@@ -6,7 +6,6 @@ resume, Hub and output groups of `hf_ches.recipes` and its own `ReportArguments`
 cache (`hf_ches.runner`: a rerun scores only what is missing; under ``torchrun`` the ranks share the chunks and rank
 0 alone reports, writes and pushes), then calls the functions here:
 
-- `subsample`: the paper's seeded draw of ``num_samples`` rows (``default_rng(0).choice``, no replacement).
 - `check_preference_column`: the rater-agreement column α is there and holds shares in [0, 1].
 - `compute_results`: the `RankingAccuracy` metric on one split, as a summary and as per-example columns.
 - `build_report`, `render_table`, `report_json`: the JSON report and a Markdown table, pure.
@@ -64,7 +63,6 @@ from hf_ches.recipes import (
 logger = logging.getLogger(__name__)
 
 REPORT_FILE = "report.json"
-ROW_INDEX = "row_index"  # the row's position in its split before sampling
 PAPER_URL = "https://arxiv.org/abs/2405.19534"
 LOGPS = "sum of the completion-token log-probs given the prompt, EOS included (TRL's DPOTrainer)"
 # Outputs of the metric that are per example; everything else is a summary.
@@ -77,28 +75,6 @@ REWARD_KEYS = ("beta", "reward_accuracy", "reward_accuracy_ci", "num_reference_w
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Inputs
-
-
-def subsample(dataset: Dataset, num_samples: int | None = None, seed: int = 0) -> Dataset:
-    """``num_samples`` rows drawn as the paper's code draws them, ``np.random.default_rng(seed).choice(n,
-    num_samples, replace=False)``, in draw order, with their position in the split in a ``row_index`` column.
-
-    All rows, in order, when ``num_samples`` is None or not below the number of rows.
-
-    >>> rows = Dataset.from_dict({"prompt": list("abcdef")})
-    >>> subsample(rows, 3)["row_index"][:], subsample(rows)["row_index"][:]
-    ([4, 5, 3], [0, 1, 2, 3, 4, 5])
-    """
-    if ROW_INDEX in dataset.column_names:
-        raise ValueError(f"column {ROW_INDEX!r}: the report adds it (each row's position in its split), but the "
-                         f"dataset already has it; rename or remove that column")
-    if num_samples is not None and num_samples < 1:
-        raise ValueError(f"num_samples: expected an integer >= 1, found {num_samples}")
-    n = len(dataset)
-    if num_samples is None or num_samples >= n:
-        return dataset.add_column(ROW_INDEX, list(range(n)))
-    indices = np.random.default_rng(seed).choice(n, num_samples, replace=False).tolist()
-    return dataset.select(indices).add_column(ROW_INDEX, indices)
 
 
 def check_preference_column(dataset: Dataset, column: str, split: str) -> None:
@@ -204,18 +180,6 @@ def compute_results(
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The report
-
-
-def model_info(scorer: Any) -> dict:
-    """What identifies a `LogProbScorer`'s model in the report: its name, revision and commit, the dtype and device
-    it was loaded with (resolved), and its weights fingerprint."""
-    from hf_ches.card import public_name
-    from hf_ches.models import loaded_as, model_commit
-
-    config, loaded = scorer.config, scorer.load()
-    return {"name_or_path": public_name(config.model), "revision": config.revision,
-            "commit": model_commit(config.model, config.revision), **loaded_as(loaded.model),
-            "fingerprint": scorer.identity, "prefix_sharing": scorer.shares_prefixes(loaded)}
 
 
 def report_source(report: dict) -> tuple[str, str | None]:
@@ -397,39 +361,14 @@ REPORT = Recipe("report", (DataArguments, ScoringArguments, SamplingArguments, R
                 description=REPORT_DESCRIPTION)
 
 
-def check_report_hub(data: DataArguments, hub: HubArguments, config_name: str, overwrite: bool) -> str | None:
-    """The push target, before any scoring: with ``--push_to_hub`` the token can write ``--repo_id`` (a bare name
-    goes to the token's user) and its ``config_name`` holds no report on another dataset (unless ``overwrite``).
-    Returns the full repo id."""
-    from hf_ches.hub import check_target
-    from hf_ches.pipeline import source_name
-
-    if not hub.push_to_hub:
-        return None
-    repo_id = check_target(hub.repo_id, data.token, (source_name(data), data.dataset_config),
-                           record_path=f"{config_name}/{REPORT_FILE}", record_source=report_source,
-                           overwrite=overwrite, revision=hub.revision)
-    logger.info("Pushing to %s, config %r", repo_id, config_name)
-    return repo_id
-
-
-def sample(dataset: DatasetDict, num_samples: int | None, seed: int) -> DatasetDict:
-    """`subsample` of every split, with a warning for a split that has fewer rows than asked for."""
-    for split, rows in dataset.items():
-        if num_samples is not None and num_samples > len(rows):
-            logger.warning("split %r has %d rows, fewer than --num_samples %d: using all of them", split, len(rows),
-                           num_samples)
-    return DatasetDict({split: subsample(rows, num_samples, seed) for split, rows in dataset.items()})
-
-
 def score_models(dataset: DatasetDict, scoring: ScoringArguments, report: ReportArguments,
                  resume: ResumeArguments, columns: dict[str, str] | None = None) -> tuple[DatasetDict, Any, list]:
     """The policy's log-prob columns (and the reference's, ``ref_`` in front) on every split, each model's scored
     from the rows alone (read from ``columns``, `DataArguments.pair_columns`), in chunks kept in the datasets cache
-    (`hf_ches.runner.score_in_chunks`), with the rows that ``--on_invalid flag`` flagged left out; returns the
+    (`hf_ches.runner.score_splits`), with the rows that ``--on_invalid flag`` flagged left out; returns the
     scored splits and the two scorers."""
     from hf_ches import LogProbScorer
-    from hf_ches.runner import score_in_chunks
+    from hf_ches.runner import score_splits
 
     options = scoring.scorer_options() | (columns or {})
     policy = LogProbScorer(scoring.model_name_or_path, **options)
@@ -437,11 +376,11 @@ def score_models(dataset: DatasetDict, scoring: ScoringArguments, report: Report
     if report.ref_model_name_or_path:
         options |= {"revision": report.ref_model_revision}
         scorers.append(LogProbScorer(report.ref_model_name_or_path, column_prefix="ref_", **options))
+    chunked = [score_splits(scorer, dataset, scoring, resume) for scorer in scorers]
     scored = {}
     for split, rows in dataset.items():
-        chunked = [score_in_chunks(scorer, rows, chunk_size=resume.chunk_size, overwrite=resume.overwrite_chunks,
-                                   **scoring.map_options(f"Scoring {split}")) for scorer in scorers]
-        added = [ds.select_columns(list(scorer.output_features())) for ds, scorer in zip(chunked, scorers)]
+        added = [by_split[split].select_columns(list(scorer.output_features()))
+                 for by_split, scorer in zip(chunked, scorers)]
         scored[split] = _scorable(concatenate_datasets([rows, *added], axis=1), split)
     return DatasetDict(scored), policy, scorers[1:]
 
@@ -463,7 +402,7 @@ def run_report(data: DataArguments, scoring: ScoringArguments, sampling: Samplin
     """Check, sample, score, compute, print; write ``--output_dir`` and push, as the options say; returns the report
     (under a launcher: on rank 0, and None on the other ranks, which only score)."""
     from hf_ches import outputs
-    from hf_ches.pipeline import check_hub_ids, load_source, source_name
+    from hf_ches.sources import check_hub_ids, load_source, model_provenance, push_target, sample, source_name
     from hf_ches.runner import is_main_process, on_main_process
 
     check_arguments(REPORT, [data, scoring, sampling, report_args, resume, hub, output])
@@ -477,7 +416,10 @@ def run_report(data: DataArguments, scoring: ScoringArguments, sampling: Samplin
         for split, rows in dataset.items():
             check_preference_column(rows, report_args.preference_column, split)
     config_name = report_args.config_name or run_name(scoring.model_name_or_path)
-    repo_id = on_main_process(lambda: check_report_hub(data, hub, config_name, output.overwrite))  # rank 0 asks
+    repo_id = push_target(data, hub, output.overwrite, record_path=f"{config_name}/{REPORT_FILE}",
+                          record_source=report_source)
+    if repo_id:
+        logger.info("Pushing to %s, config %r", repo_id, config_name)
     sampled = sample(dataset, sampling.num_samples, sampling.seed)
     dataset, policy, reference = score_models(sampled, scoring, report_args, resume, data.pair_columns())
     if not is_main_process():
@@ -495,7 +437,7 @@ def run_report(data: DataArguments, scoring: ScoringArguments, sampling: Samplin
                  "num_samples": {split: len(rows) for split, rows in dataset.items()},
                  "num_samples_requested": sampling.num_samples, "sample_seed": sampling.seed,
                  "num_unscorable": {split: len(sampled[split]) - len(rows) for split, rows in dataset.items()}},
-        policy=model_info(policy), reference=model_info(reference[0]) if reference else None,
+        policy=model_provenance(policy), reference=model_provenance(reference[0]) if reference else None,
         scoring={"max_length": scoring.max_length, "token_budget": scoring.token_budget,
                  "boundary": scoring.boundary, "on_invalid": scoring.on_invalid},
         options=options,

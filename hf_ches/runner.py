@@ -45,11 +45,14 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, is_dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from datasets import Dataset, concatenate_datasets
+from datasets import Dataset, DatasetDict, concatenate_datasets
 from datasets.arrow_writer import ArrowWriter
 from datasets.fingerprint import Hasher
+
+if TYPE_CHECKING:
+    from hf_ches.recipes import ResumeArguments, ScoringArguments
 
 logger = logging.getLogger(__name__)
 
@@ -447,3 +450,14 @@ def score_in_chunks(scorer: Any, dataset: Dataset, folder: str | Path | None = N
     if missing and rank == 0:  # once for the run, as scorer.map does (a finished folder loads no model)
         scorer.warn_shifted(dataset, scored)
     return scored
+
+
+def score_splits(scorer: Any, dataset: DatasetDict, scoring: ScoringArguments, resume: ResumeArguments,
+                 chunks_dir: str | Path | None = None) -> DatasetDict:
+    """`score_in_chunks` of every split, as a command's options say (``--chunk_size``, ``--overwrite_chunks``, the
+    map's ``--batch_size`` and processes): the chunks under ``chunks_dir``/<split>, or in the datasets cache when
+    ``chunks_dir`` is None; under a launcher, every rank scores its share."""
+    return DatasetDict({split: score_in_chunks(scorer, rows, Path(chunks_dir, split) if chunks_dir else None,
+                                               chunk_size=resume.chunk_size, overwrite=resume.overwrite_chunks,
+                                               **scoring.map_options(f"Scoring {split}"))
+                        for split, rows in dataset.items()})

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from rapidfuzz.distance import Levenshtein
 
 from hf_ches.batching import PairBatch
 from hf_ches.forward import HEAD_BYTES, Encoded, OutputHead
@@ -158,20 +159,7 @@ def edit_distance(a: Sequence[int], b: Sequence[int]) -> float:
     >>> edit_distance([1, 2, 3], [1, 5, 3]), edit_distance([1, 2], [1, 2])
     (0.3333333333333333, 0.0)
     """
-    if not a or not b:
-        return 1.0 if (a or b) else 0.0
-    b_arr = np.asarray(b)
-    prev = np.arange(len(b) + 1)  # distances from the empty prefix of a
-    for i, token in enumerate(a, start=1):
-        substitute = prev[:-1] + (b_arr != token)  # [len(b)]
-        delete = prev[1:] + 1
-        cur = np.empty_like(prev)
-        cur[0] = i
-        cur[1:] = np.minimum(substitute, delete)
-        # insertions run left to right: cur[j] = min(cur[j], cur[j-1] + 1) = min_k (cur[k] + j - k)
-        cur = np.minimum.accumulate(cur - np.arange(len(cur))) + np.arange(len(cur))
-        prev = cur
-    return float(prev[-1]) / max(len(a), len(b))
+    return Levenshtein.distance(list(a), list(b)) / max(len(a), len(b), 1)
 
 
 # --- the registry: what the scorer computes for each name in ``scores=`` ---

@@ -24,8 +24,8 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -77,21 +77,45 @@ def counting_rows(callback: Callable[[int], None]) -> Iterator[None]:
 DEFAULT_SCORES = ("ches", "ln_ches", "logps")
 
 
+DType = Literal["float32", "bfloat16", "float16"]
+
+
 @dataclass(frozen=True)
 class ScorerConfig:
-    """Everything that determines the scorer's output; its fields are the scorer's fingerprint (with the model identity)."""
+    """Everything that determines the scorer's output; its fields are the scorer's fingerprint (with the model identity).
+
+    A field with a ``help`` text is a command-line option as well (``--name``, in the scoring group of every command
+    that scores: `hf_ches.recipes.ScoringArguments`); its ``Literal`` type gives argparse its choices. So a new
+    scoring option is one field here (or in `RunOptions`, when it changes how, not what, the scorer computes).
+    """
 
     model: str  # Hub id, local path, "smollm2", or "<in-memory>"
     revision: str | None = None
-    dtype: str | None = None  # None: hf_ches.models.default_dtype of the device
-    device: str | None = None  # None: cuda:rank % n_gpus when CUDA is available, else cpu
-    token_budget: int | None = None  # most rows x padded length per micro-batch; None: 16384 (GPU), 2048 (CPU)
-    max_length: int | None = None  # None: no truncation; else TRL's keep_start
+    dtype: DType | None = field(default=None, metadata={
+        "help": "Model dtype; when not given: bfloat16 on a CUDA GPU that supports it, else float32 (every CPU "
+                "included: see hf_ches.models.default_dtype). validate steps in float32 unless told: a bfloat16 step "
+                "of a small learning rate rounds back to the same weights."})
+    device: str | None = field(default=None, metadata={
+        "help": "Device to score on, e.g. cpu or cuda:1; when not given: cuda (rank r of --dataset_num_proc on "
+                "cuda:r mod the GPU count) if available, else cpu."})
+    token_budget: int | None = field(default=None, metadata={
+        "help": "Most rows x padded length per forward micro-batch; when not given: 16384 on a GPU, 2048 on CPU."})
+    max_length: int | None = field(default=None, metadata={
+        "help": "Truncate prompt+completion to this many tokens (TRL's keep_start); no truncation when not given."})
     scores: tuple[str, ...] = DEFAULT_SCORES
-    chat_template: str | None = None
+    chat_template: str | None = field(default=None, metadata={
+        "help": "Jinja chat template, or a file holding one, that replaces the tokenizer's own: conversational rows "
+                "need one, and base models such as gemma3-270m have none."})
     gguf_file: str | None = None
-    on_invalid: OnInvalid = "raise"
-    boundary: Boundary = "trl"  # "strict": a prompt that is not a token prefix is a problem (on_invalid decides)
+    on_invalid: OnInvalid = field(default="raise", metadata={
+        "help": "Rows that cannot be scored (no completion token left, or with --boundary strict a prompt that is "
+                "not a token prefix): 'raise' an error, or 'flag' them: they get NaN scores, and filter/publish "
+                "remove them (removal_reason=nan_score), the report and validate leave them out of their numbers."})
+    boundary: Boundary = field(default="trl", metadata={
+        "help": "Rows whose tokenized prompt is not a token prefix of prompt+completion (a prompt ending inside a "
+                "word, as in HH-RLHF): 'trl' scores them as TRL's DPOTrainer trains them (the last prompt tokens move "
+                "into the completion, counted in prompt_tokens_shifted); 'strict' treats them as invalid (see "
+                "--on_invalid)."})
     column_prefix: str = ""  # e.g. "ref_" to write ref_chosen_logps / ref_rejected_logps
     head_bytes: int = HEAD_BYTES  # most bytes of float32 logits at once (positions × vocabulary per slice)
 
@@ -108,10 +132,14 @@ class ScorerConfig:
 class RunOptions:
     """How the scorer computes, not what: options whose outputs agree to rounding. They travel with the scorer to
     ``num_proc`` workers but stay out of its ``datasets`` fingerprint (:func:`_hash_run_options_alike`), so a cached
-    map is reused whichever is set."""
+    map is reused whichever is set. A field with a ``help`` text is a command-line option too (`ScorerConfig`)."""
 
-    prefix_sharing: bool = True  # each pair's prompt computed once (hf_ches.forward.encode_shared), where supported
-    # the model split across devices (hf_ches.loading.SplitSettings); None: on one device (ScorerConfig.device)
+    prefix_sharing: bool = field(default=True, metadata={
+        "help": "Compute each pair's prompt once, in one forward pass with both answers, where the model's attention "
+                "takes that layout (sdpa, eager); --no_prefix_sharing runs each sequence whole. The scores agree to "
+                "rounding either way."})
+    # the model split across devices (hf_ches.loading.SplitSettings); None: on one device (ScorerConfig.device).
+    # On the command line they are text (a JSON device map, DEVICE=SIZE pairs): hf_ches.recipes parses them.
     device_map: str | dict[str, int | str] | None = None
     max_memory: dict[int | str, int | str] | None = None
     offload_folder: str | None = None

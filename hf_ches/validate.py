@@ -48,7 +48,6 @@ from hf_ches.kernels import _parse_parameters, _tracking_only, ntk_pair, select_
 from hf_ches.kernels import signgd_displacement as signgd_score
 from hf_ches.pairs import TokenizedPair
 from hf_ches.models import DEFAULT_MODEL
-from hf_ches.pipeline import check_hub_ids, load_source, source_name
 from hf_ches.recipes import (
     DataArguments,
     OutputArguments,
@@ -59,6 +58,7 @@ from hf_ches.recipes import (
     check_arguments,
     run_recipe,
 )
+from hf_ches.sources import ROW_INDEX, check_hub_ids, load_source, model_provenance, source_name, subsample
 
 logger = logging.getLogger(__name__)
 
@@ -267,8 +267,7 @@ def run(data: DataArguments, scoring: ScoringArguments | None = None, sampling: 
 
     from hf_ches import __version__
     from hf_ches import outputs
-    from hf_ches.models import load_model_and_tokenizer, model_fingerprint
-    from hf_ches.report import ROW_INDEX, subsample
+    from hf_ches.transform import CHESScorer
     from hf_ches.runner import ranks
 
     start = time.perf_counter()
@@ -286,20 +285,15 @@ def run(data: DataArguments, scoring: ScoringArguments | None = None, sampling: 
     check_hub_ids(data, [(scoring.model_name_or_path, scoring.model_revision)])
     rows = load_source(replace(data, dataset_splits=[split]))[split]
     sample = subsample(rows, sampling.num_samples, sampling.seed)
-    device = scoring.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model_and_tokenizer(scoring.model_name_or_path, revision=scoring.model_revision,
-                                                dtype=scoring.dtype, device=device,
-                                                chat_template=scoring.scorer_options()["chat_template"])
+    scorer = CHESScorer(scoring.model_name_or_path, **scoring.scorer_options())  # loaded as every command loads it
+    model, tokenizer = scorer.load().model, scorer.load().tokenizer
     params = [p for _, p in select_parameters(model, options.parameters)]
-    columns = forward_columns(sample, model, tokenizer, scoring, options, data.pair_columns())
+    columns = forward_columns(sample, scoring, options, data.pair_columns())
     columns |= step_columns(sample, model, tokenizer, params, scoring, options, data.pair_columns())
     results = {
         "options": {k: v for g in groups.values() for k, v in asdict(g).items()
                     if k not in ("token", "dataset_splits")} | {"dataset_split": split},
-        "model": {"name_or_path": scoring.model_name_or_path, "revision": scoring.model_revision,
-                  "dtype": scoring.dtype, "device": device,
-                  "fingerprint": model_fingerprint(scoring.model_name_or_path, scoring.model_revision),
-                  "num_step_parameters": sum(p.numel() for p in params)},
+        "model": model_provenance(scorer) | {"num_step_parameters": sum(p.numel() for p in params)},
         "counts": {"num_rows": len(rows), "num_samples": len(sample),
                    "num_scored": int(np.sum(~np.isnan(columns["delta_chosen_logps"])))},
         **summarize(columns, options, sampling.seed),
@@ -315,20 +309,18 @@ def run(data: DataArguments, scoring: ScoringArguments | None = None, sampling: 
     return results
 
 
-def forward_columns(sample: Any, model: torch.nn.Module, tokenizer: Any, scoring: ScoringArguments,
-                    options: ValidateArguments, columns: dict[str, str]) -> dict[str, np.ndarray]:
+def forward_columns(sample: Any, scoring: ScoringArguments, options: ValidateArguments, columns: dict[str, str]
+                    ) -> dict[str, np.ndarray]:
     """``row_index`` and the columns of the scores that `CHESScorer` computes (the forward-pass scores), the pairs
     read from ``columns`` (`DataArguments.pair_columns`)."""
-    from hf_ches.report import ROW_INDEX
     from hf_ches.runner import counted_pass, progress_bars_off
     from hf_ches.transform import CHESScorer
 
     out: dict[str, np.ndarray] = {ROW_INDEX: np.asarray(sample[ROW_INDEX])}
     forward_scores = tuple(s for s in options.scores if s not in KERNEL_SCORES)
     if forward_scores:
-        settings = {k: v for k, v in scoring.scorer_options().items()
-                    if k in ("max_length", "token_budget", "on_invalid", "boundary", "prefix_sharing")}  # model loaded
-        scorer = CHESScorer(model, tokenizer, scores=forward_scores, **settings, **columns)
+        scorer = CHESScorer(scoring.model_name_or_path, scores=forward_scores, **scoring.scorer_options(),
+                            **columns)  # the model `run` loaded, from the process's loaded models
         pairs = sample.select_columns(scorer.pair_columns.used(sample.column_names))
         with counted_pass(len(sample), "Scoring") if options.progress else progress_bars_off():
             scored = scorer.map(pairs, **scoring.map_options("Scoring"))
@@ -341,7 +333,6 @@ def step_columns(sample: Any, model: torch.nn.Module, tokenizer: Any, params: li
                  ) -> dict[str, np.ndarray]:
     """One `dpo_step` per pair of ``sample``: the kernel scores and `MEASURED` (NaN for an unscorable pair)."""
     from hf_ches.pairs import Columns, read_rows, tokenize_pairs
-    from hf_ches.report import ROW_INDEX
     from hf_ches.runner import progress_bar
 
     batch = sample.remove_columns(ROW_INDEX).to_dict()

@@ -129,7 +129,7 @@ def test_csv_rows_with_missing_values_are_all_named_or_all_flagged(tiny_model, t
     """Issue 15: `--on_invalid flag` still raised on a CSV row with a missing value, and only the first bad row was
     named."""
     from hf_ches import cli
-    from hf_ches.testing import error_line
+    from tests.plugins.output import error_line
 
     rows = synthetic_pairs(6, seed=2)
     rows["chosen"][1] = rows["rejected"][4] = None

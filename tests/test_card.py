@@ -19,8 +19,8 @@ from hf_ches.card import (
     config_datasets,
     render_card,
     run_json_bytes,
+    histogram_bytes,
     run_record,
-    write_histogram,
 )
 from hf_ches.filtering import SelectionRule, select_splits
 
@@ -135,9 +135,8 @@ def test_dataset_info_is_kept(selections, info):
     assert meta["dataset_info"] == dataset_info
 
 
-def test_histogram_png_with_cutoff_line(selections, tmp_path):
-    path = write_histogram(selections, SelectionRule(remove_top=0.1), tmp_path / "plots" / "h.png")
-    image = Image.open(io.BytesIO(path.read_bytes()))
+def test_histogram_png_with_cutoff_line(selections):
+    image = Image.open(io.BytesIO(histogram_bytes(selections, SelectionRule(remove_top=0.1))))
     assert image.format == "PNG" and image.size[0] > image.size[1] > 100
     axes = _histogram_figure(selections, SelectionRule(remove_top=0.1)).axes
     assert [ax.get_title() for ax in axes] == ["train: kept 180 of 200", "test: kept 36 of 40"]

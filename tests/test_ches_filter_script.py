@@ -22,9 +22,11 @@ from huggingface_hub import DatasetCard, HfApi, hf_hub_download
 
 from hf_ches import cli
 from hf_ches.card import PLOT_PATH, RUN_JSON_PATH
-from hf_ches.pipeline import PUBLISH, load_source
+from hf_ches.pipeline import PUBLISH
 from hf_ches.recipes import DataArguments, HubArguments, SelectionArguments, command_line
-from hf_ches.testing import error_line, synthetic_pairs
+from hf_ches.sources import load_source
+from hf_ches.testing import synthetic_pairs
+from tests.plugins.output import error_line
 
 SCRIPT = Path(__file__).resolve().parents[1] / "hub_scripts" / "ches_filter.py"
 SCORE_COLUMNS = {"ches", "ln_ches", "chosen_logps", "rejected_logps", "chosen_num_tokens", "rejected_num_tokens"}

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from datasets import Dataset, load_from_disk
 from datasets.fingerprint import Hasher
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -91,3 +92,21 @@ def test_num_proc_2_with_rank_gives_identical_scores(tiny_model, tmp_path):
     assert len(multi.cache_files) == 2  # one shard per worker
     for column in ("ches", "ln_ches", "chosen_logps", "rejected_logps"):
         np.testing.assert_array_equal(multi[column], single[column])
+
+
+def test_fingerprints_of_existing_scorers_are_pinned(monkeypatch):
+    """The ``datasets`` fingerprint of a scorer is its settings, its model identity and the package version: a
+    refactor of how the options are declared must leave it as it was, or every cached map and kept chunk would be
+    scored again. The values were computed before the options took one shape (``fingerprint=`` names the weights,
+    so no model is built; the version is fixed so that a release does not move them)."""
+    import hf_ches
+    from hf_ches import LogProbScorer
+
+    monkeypatch.setattr(hf_ches, "__version__", "pinned")
+    model, tokenizer = torch.nn.Linear(1, 1), object()
+    ches = CHESScorer(model, tokenizer, fingerprint="pinned-weights", token_budget=512, max_length=300,
+                      boundary="strict")
+    ref = LogProbScorer(model, tokenizer, fingerprint="pinned-weights", column_prefix="ref_", prefix_sharing=False)
+    renamed = CHESScorer(model, tokenizer, fingerprint="pinned-weights", chosen_column="better")
+    assert [Hasher.hash(ches), Hasher.hash(ref), Hasher.hash(renamed), Hasher.hash(ches.config)] == [
+        "c89d5577db762c1b", "6b56a49817f87e1c", "4e5bcf29b51a2f91", "33c286cc9a05d804"]

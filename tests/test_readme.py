@@ -1,4 +1,4 @@
-"""Every code block of README.md and of the metric card runs as written, against a loopback Hub.
+"""Every code block of README.md, the guides in docs/ and the metric card runs as written, against a loopback Hub.
 
 The Hub (`hf_ches.testing.local_hub.LocalHub`) belongs to user ``you`` with the orgs the blocks name, and holds
 what they load: `HUB_MODELS` (each a tiny random model) and `HUB_DATASETS` (small synthetic pairs). So the blocks run
@@ -27,7 +27,7 @@ from hf_ches.testing.local_hub import LocalHub, clients_pointed_at
 from hf_ches.testing import synthetic_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCUMENTS = ("README.md", "metrics/ranking_accuracy/README.md")
+DOCUMENTS = ("README.md", "docs/guide.md", "docs/validation.md", "metrics/ranking_accuracy/README.md")
 RUNNABLE = ("python", "bash")
 SKIP = re.compile(r"<!-- readme-test: skip \((.+)\) -->")
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.S | re.M)
@@ -89,7 +89,7 @@ def namespaces() -> dict[str, dict]:
     scored dataset ``ds`` that they take as given."""
     logps = {name: [-12.0, -8.5, -20.0, -7.25] for name in ("chosen_logps", "ref_chosen_logps")}
     logps |= {name: [-11.0, -9.0, -25.0, -7.5] for name in ("rejected_logps", "ref_rejected_logps")}
-    return {"README.md": {}, "metrics/ranking_accuracy/README.md": {
+    return {"README.md": {}, "docs/guide.md": {}, "docs/validation.md": {}, "metrics/ranking_accuracy/README.md": {
         "ds": Dataset.from_dict(logps | {"alpha": [1.0, 0.75, 0.5, 0.25]})}}
 
 

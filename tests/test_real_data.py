@@ -4,7 +4,7 @@ and skipped where it is absent) with SmolLM2-135M-Instruct's real tokenizer.
 HH-RLHF's implicit prompt often ends inside a word, so about one row in ten has a tokenized prompt that is not a
 token prefix of prompt + completion. These tests hold us to TRL 1.16's DPOTrainer on every row: the same token ids,
 scores equal to the float64 reference built on TRL's ids, and the whole job (publish, report) with no error, no NaN
-and no lost row. The model is a tiny random one carrying the real tokenizer; the real model runs in the README's
+and no lost row. The model is a tiny random one carrying the real tokenizer; the real model runs in docs/validation.md's
 "On real data" figures.
 """
 

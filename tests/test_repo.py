@@ -123,6 +123,39 @@ def test_the_wheel_holds_no_third_party_data(tmp_path):
                     "-w", str(tmp_path / "wheel"), str(source)], check=True, capture_output=True)
     (wheel,) = (tmp_path / "wheel").glob("hf_ches-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    allowed = re.compile(r"hf_ches/[\w/]+\.py|hf_ches/data/(README\.md|pairs_[a-z]+\.jsonl)|hf_ches-[\w.]+\.dist-info/\w+(\.txt)?")
-    assert "hf_ches/data/pairs_standard.jsonl" in names
+    allowed = re.compile(r"hf_ches/[\w/]+\.py|hf_ches/data/(README\.md|pairs_[a-z]+\.jsonl)|hf_ches/templates/\w+\.md|hf_ches-[\w.]+\.dist-info/\w+(\.txt)?")
+    assert "hf_ches/data/pairs_standard.jsonl" in names and "hf_ches/templates/dataset_card.md" in names
     assert not [name for name in names if not allowed.fullmatch(name)]
+
+
+# The commands, side by side on one floor: each reads its pairs through `hf_ches.sources`, writes through
+# `hf_ches.outputs` and prints through `hf_ches.console`, never through another command. The demo alone stands one
+# floor up: it is a tour of the publish command, and runs it.
+COMMAND_MODULES = {"hf_ches.pipeline", "hf_ches.report", "hf_ches.validate", "hf_ches.demo"}
+FRONT_DOORS = {"hf_ches.cli": COMMAND_MODULES, "hf_ches.demo": {"hf_ches.pipeline"}}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The ``hf_ches`` modules that the file at ``path`` imports, anywhere in it (in functions too).
+
+    >>> sorted(imported_modules(ROOT / "hf_ches" / "cli.py"))
+    ['hf_ches.pipeline']
+    """
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found |= {f"{node.module}.{alias.name}" if node.module == "hf_ches" else node.module
+                      for alias in node.names}
+    return {name for name in found if name.startswith("hf_ches.")}
+
+
+def test_no_command_imports_another_command():
+    modules = {f"hf_ches.{path.stem}": path for path in (ROOT / "hf_ches").glob("*.py")}
+    assert COMMAND_MODULES <= set(modules)
+    crossing = {name: sorted((imported_modules(path) & COMMAND_MODULES) - {name} - FRONT_DOORS.get(name, set()))
+                for name, path in modules.items()}
+    assert not {name: found for name, found in crossing.items() if found}, crossing

@@ -25,7 +25,8 @@ from hf_ches.pairs import read_rows, tokenize_pairs
 from hf_ches.ranking import DEFAULT_BETAS, RankingOptions
 from hf_ches.hub import PublishError, PublishOptions
 from hf_ches.report import REPORT_FILE, build_report, compute_results, push_report, run_name
-from hf_ches.testing import error_line, build_tiny_model, synthetic_pairs
+from hf_ches.testing import build_tiny_model, synthetic_pairs
+from tests.plugins.output import error_line
 from tests.plugins.models import reference_pair
 from tests.plugins.hub import assert_no_token
 

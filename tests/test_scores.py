@@ -46,3 +46,5 @@ def test_edit_distance_matches_naive_dp():
         b = torch.randint(0, 4, (int(torch.randint(0, 12, (1,), generator=g)),), generator=g).tolist()
         expected = naive_levenshtein(a, b) / max(len(a), len(b), 1)
         assert abs(edit_distance(a, b) - expected) < 1e-12, (a, b)
+        big = [150_000 + t * 70_000 for t in a], [150_000 + t * 70_000 for t in b]  # ids of a large vocabulary
+        assert edit_distance(*big) == edit_distance(a, b)

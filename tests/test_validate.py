@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -115,7 +116,8 @@ def test_cli_writes_the_files(tiny_model, tmp_path):
     assert len(pairs) == 8 and pairs["row_index"].nunique() == 8 and pairs.notna().all().all()
     results = json.loads((out / "validation.json").read_text())
     assert results["counts"] == {"num_rows": 12, "num_samples": 8, "num_scored": 8}
-    assert results["options"]["optimizer"] == "sign" and results["model"]["name_or_path"] == tiny_model
+    assert results["options"]["optimizer"] == "sign"
+    assert results["model"]["name_or_path"] == Path(tiny_model).name and results["model"]["device"] == "cpu"
     assert results["share_displaced"] == pytest.approx(np.mean(pairs["delta_chosen_logps"] < 0))
     ches = results["spearman"]["ches"]
     assert ches["rho"] == pytest.approx(spearman(pairs["ches"], -pairs["delta_chosen_logps"]))
