@@ -271,7 +271,7 @@ def test_fingerprint_is_settings_and_model_identity(tiny_model):
     assert Hasher.hash(scorer) != Hasher.hash(GradientKernelScorer(tiny_model, parameters="last:1", seed=1))
     payload = pickle.dumps(scorer)
     clone = pickle.loads(payload)
-    assert len(payload) < 4096 and set(vars(clone)) == {"config", "identity", "run"}  # settings only: no weights
+    assert len(payload) < 4096 and set(vars(clone)) == {"config", "identity", "run", "pair_columns"}  # settings only: no weights
     scored = clone.map(Dataset.from_dict(synthetic_pairs(3)))  # the clone gets the model itself
     assert np.all(np.array(scored["ntk_pp"]) > 0)
     assert repr(scorer).startswith("GradientKernelScorer(")

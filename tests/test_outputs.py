@@ -181,5 +181,6 @@ def test_ctrl_c_is_one_line_and_the_rerun_resumes(tiny_model, tmp_path):
     assert sorted(p.name for p in chunks.iterdir()) == [*kept, runner.MANIFEST]  # no half-written chunk
     done = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert f"{len(names) - len(kept)} of {len(names)} chunks of 2 rows to score" in done.stderr
+    assert f"Scoring train: {len(kept)} of {len(names)} chunks scored earlier, {len(names) - len(kept)} to score" \
+        in done.stderr, done.stderr[-2000:]
     assert len(load_from_disk(str(out))["train"]) == rows and outputs.read(out).finished

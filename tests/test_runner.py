@@ -317,7 +317,7 @@ def test_two_nodes_of_two_ranks_equal_one_process(tiny_model, tmp_path):
     finished = [node.communicate(timeout=300) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(err[-3000:] for _, err in finished)
     logs = "\n".join(err for _, err in finished)
-    assert f"{out}/chunks/train: 7 of 7 chunks of 2 rows to score, by 4 processes" in logs, logs[-3000:]
+    assert "Scoring train (4 processes): 100%" in logs, logs[-3000:]  # rank 0's one bar over all four ranks
     assert cli.main([*argv, "--output_dir", str(tmp_path / "one")]) == 0
     assert_same_saves(out, str(tmp_path / "one"))
 
@@ -346,8 +346,8 @@ def test_torchrun_refuses_a_changed_option_and_asks_the_hub_from_rank_0(tiny_mod
         requests = capfd.readouterr().err
     assert done.returncode == 1, done.stderr[-3000:]
     refused = [line for line in done.stderr.splitlines() if line.startswith("hf-ches score: error:")]
-    assert len(refused) == 2 and all("holds chunks scored with another scorer_fingerprint" in line
-                                     for line in refused), done.stderr  # each rank's error, rank 0's found
+    assert len(refused) == 2 and all("holds chunks scored with other options: --max_length (None then, 512 now)"
+                                     in line for line in refused), done.stderr  # each rank's error, rank 0's found
     assert requests.count(f"GET /api/models/{model_id}") == 1, requests
     assert sorted(p.name for p in Path(out, "chunks", "train").iterdir()) == [
         *runner.chunk_names(6, 2), runner.MANIFEST]
