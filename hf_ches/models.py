@@ -236,6 +236,12 @@ def _convert(name: str, gguf: str, folder: str) -> None:
     policy.hf_quantizer.remove_quantization_config(policy)  # the weights are plain float32 tensors already
     policy.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    # Loaded back as the generic TokenizersBackend, straight from tokenizer.json (the same tokens): a class with its
+    # own __init__, such as GemmaTokenizer, rebuilds the tokenizer from Python copies of the vocabulary and merges,
+    # and keeps them (150 MB for Gemma 3's 262,144 tokens).
+    settings = Path(folder, "tokenizer_config.json")
+    settings.write_text(json.dumps(json.loads(settings.read_text()) | {
+        "tokenizer_class": "TokenizersBackend", "padding_side": tokenizer.padding_side}, indent=2) + "\n")
     Path(folder).chmod(0o755)  # readable by every user of a shared cache, as the GGUF file is
     for file in Path(folder).iterdir():
         file.chmod(0o644)

@@ -345,7 +345,8 @@ def test_smollm2_folder_is_rebuilt_when_stale_and_scores_as_its_gguf_file_bit_fo
     rows = real_rows(HH_RLHF_SAMPLE).select(range(2))
     texts = list(rows["chosen"]) + list(rows["rejected"])
     assert folder_tokenizer(texts).input_ids == gguf_tokenizer(texts).input_ids
-    assert folder_tokenizer.chat_template == gguf_tokenizer.chat_template
+    for attribute in ("chat_template", "special_tokens_map", "padding_side"):
+        assert getattr(folder_tokenizer, attribute) == getattr(gguf_tokenizer, attribute)
     columns = ("ches", "ln_ches", "chosen_logps", "rejected_logps")
     ours, theirs = (CHESScorer(model, tokenizer).map(Dataset.from_dict(rows.to_dict()), batch_size=2)
                     for model, tokenizer in ((folder_model, folder_tokenizer), (gguf_model.eval(), gguf_tokenizer)))
