@@ -224,7 +224,7 @@ def load(settings: ModelSettings, identity: str, rank: int | None = None, split:
                 settings.model, revision=settings.revision, dtype=settings.dtype, gguf_file=settings.gguf_file,
                 chat_template=settings.chat_template, **(process_split(split) if splits else {"device": device}),
             )
-            _TOKENIZERS.setdefault(_tokenizer_key(settings, identity), _MODELS[key][1])
+        _TOKENIZERS.setdefault(_tokenizer_key(settings, identity), _MODELS[key][1])
     if key not in _LOADED:
         model, tokenizer = _MODELS[key]
         head = inspect_model(model.eval())
