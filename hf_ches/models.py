@@ -12,6 +12,7 @@ the weights' size). `model_fingerprint` gives the cheap identity string the scor
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import importlib.util
@@ -501,9 +502,19 @@ def _load_tokenizer(path: str, kwargs: dict, chat_template: str | None) -> PreTr
     """``AutoTokenizer.from_pretrained`` of a resolved path (`resolve_model_path`), with ``chat_template`` set."""
     with _reading(path, kwargs["gguf_file"]):
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    _release_freed_heap()
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     return tokenizer
+
+
+def _release_freed_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc's ``malloc_trim``; elsewhere nothing): parsing a large
+    tokenizer.json leaves hundreds of MB freed but resident (300 MB for Gemma 3's), in every process that loads it."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 @contextmanager
