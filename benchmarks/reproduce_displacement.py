@@ -12,7 +12,7 @@
 5. Train on a seeded "whole" sample of ``--sample_size`` pairs, on it less its top 10% by ``ln_ches``, and on it less
    a random 10%; report the share of pairs whose chosen log-prob fell (over the pairs trained on, and over all).
 
-The GGUF-loaded model is marked quantized and ``Trainer`` refuses it, so every run trains a plain float32 copy.
+Every run trains a fresh float32 copy of the start (:func:`plain_copy`).
 Results: ``benchmarks/results/reproduce_displacement.json`` and ``.png``.
 
     OMP_NUM_THREADS=1 python benchmarks/reproduce_displacement.py      # docs/validation.md's numbers (28 min, 2 CPU cores)
@@ -46,7 +46,9 @@ QUANTILES = {"bottom": 0.0, "middle": 0.5, "top": 1.0}
 
 
 def plain_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A float32 copy that ``Trainer`` accepts: a GGUF-loaded model carries quantization marks, this one has none."""
+    """A float32 copy of ``model`` to train or score: ``Trainer`` trains in place and TRL patches the forward of the
+    model it trains. The copy has none of the quantization marks of a model loaded from a GGUF file, which
+    ``Trainer`` refuses (the built-in models load from safetensors and carry none)."""
     config = model.config.__class__.from_dict(model.config.to_dict())
     for mark in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(config, mark):

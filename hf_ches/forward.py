@@ -32,6 +32,7 @@ checks on a short input that trunk + head reproduce the model's own logits and r
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Sequence, Set
 from dataclasses import dataclass
 
@@ -105,9 +106,12 @@ class OutputHead:
         lse = torch.empty_like(logps)
         for start in range(0, h.shape[0], chunk):
             z = self.logits(h[start : start + chunk])  # [c, V]
-            t = targets[start : start + chunk, None]  # [c, 1]
-            lse[start : start + chunk] = torch.logsumexp(z, dim=-1)
-            logps[start : start + chunk] = z.gather(1, t).squeeze(1) - lse[start : start + chunk]
+            picked = z.gather(1, targets[start : start + chunk, None]).squeeze(1)
+            # torch.logsumexp's own steps, bit for bit, in place in z: no second [c, V] tensor
+            top = z.amax(-1, keepdim=True)
+            top.masked_fill_(top.abs() == math.inf, 0)
+            lse[start : start + chunk] = z.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(1))
+            logps[start : start + chunk] = picked - lse[start : start + chunk]
         return logps, lse
 
 

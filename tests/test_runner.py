@@ -185,6 +185,26 @@ def test_shifted_rows_warning_loads_the_tokenizer_only(tiny_model, tmp_path, mon
     assert "Row 1: 2 prompt token(s) moved" in caplog.text
 
 
+def test_shifted_rows_warning_decodes_with_the_loaded_models_tokenizer(tiny_model, monkeypatch, caplog):
+    """A process that scored keeps one tokenizer: a large vocabulary's takes hundreds of MB."""
+    from hf_ches import models
+
+    monkeypatch.setattr(loading, "_TOKENIZERS", {})
+    rows = synthetic_pairs(2, seed=1)
+    rows["prompt"][1], rows["chosen"][1] = "the answ", "er is good"
+    scorer = CHESScorer(tiny_model)
+    scored = scorer.map(Dataset.from_dict(rows), warn=False)
+
+    def no_second_tokenizer(*args, **kwargs):
+        raise AssertionError("the warning loaded a second tokenizer")
+
+    monkeypatch.setattr(models, "load_tokenizer", no_second_tokenizer)
+    with caplog.at_level("WARNING", logger="hf_ches.transform"):
+        scorer.warn_shifted(Dataset.from_dict(rows), scored)
+    assert "Row 1: 2 prompt token(s) moved" in caplog.text
+    assert loading.tokenizer(scorer.config, scorer.identity) is scorer.load().tokenizer
+
+
 def test_filter_keeps_its_chunks_in_the_datasets_cache(tiny_model, tmp_path, calls):
     """filter and publish score in chunks too; with no folder of scored rows to keep them in, they go to the
     datasets cache, named by what they are scored from: the same command again scores nothing."""
