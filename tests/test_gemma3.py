@@ -3,25 +3,24 @@ the per-example float64 reference, on rows whose prompt shifts and rows whose pr
 a chat template refuses conversational rows, saying how to pass one.
 
 The sliding window (512 tokens) is set to 8 in a copy of the model, so that it binds on the few short rows the test
-can afford; the weights are the real ones. Reads ``../shared/data`` and skips where it is absent.
+can afford; the weights are the real ones. Reads the real-data folder (`hf_ches.testing.real_data`) and skips
+where it is absent.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
-
 import pytest
-import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
 from hf_ches import CHESScorer
 from hf_ches.pairs import PairError, read_rows, tokenize_pairs
+from hf_ches.testing import HH_RLHF_SAMPLE
 from tests.plugins.models import reference_pair
+from tests.plugins.real_data import real_file
 
-HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless" / "test-sample.jsonl"
 COLUMNS = ("ches", "ln_ches", "chosen_logps", "rejected_logps", "last_hidden_ip")
 
 pytestmark = pytest.mark.slow
@@ -37,9 +36,8 @@ def gemma():
 @pytest.fixture(scope="module")
 def hh_rows(gemma) -> tuple[Dataset, list[int]]:
     """With Gemma's tokenizer, the shortest HH row whose prompt shifts and the shortest whose prompt does not."""
-    if not HH.is_file():
-        pytest.skip(f"the HH-RLHF sample is not at {HH} (the shared data folder beside the repository)")
-    rows = Dataset.from_list([json.loads(line) for line in HH.read_text().splitlines()])
+    lines = real_file(HH_RLHF_SAMPLE).read_text().splitlines()
+    rows = Dataset.from_list([json.loads(line) for line in lines])
     pairs = tokenize_pairs(read_rows(rows.to_dict(), range(len(rows))), gemma[1])
     by_length = sorted(range(len(rows)), key=lambda i: 2 * len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids)
                        + len(pairs[i].rejected_ids))
@@ -68,13 +66,15 @@ def test_prefix_sharing_on_sliding_window_layers_equals_the_float64_reference(ge
         for name in COLUMNS:  # float64 weights (the real ones, dequantised): 1e-7 of the terms' scale
             scale = ref.get(f"{name}_scale", abs(ref[name]))
             assert abs(row[name] - ref[name]) <= 1e-7 * scale, (name, row[name], ref[name])
-    # The float32 model, as users score with it: float32 round-off (1e-5 of the scale), sharing on and off.
+    # The float32 model, as users score with it, sharing on and off. The scoring itself is pinned to 1e-7 above; here
+    # the float32 forward pass of Gemma 3's 18 layers (hidden states of norm ~1e2) adds its own round-off: measured
+    # up to 1.2e-5 of the scale on these rows, so 3e-5 bounds it.
     for sharing in (True, False):
         float32 = CHESScorer(model32, tokenizer, scores=("ches", "ln_ches", "logps"), prefix_sharing=sharing)
         for row, ref in zip(float32.map(rows, batch_size=4), refs):
             for name in COLUMNS[:4]:
                 scale = ref.get(f"{name}_scale", abs(ref[name]))
-                assert abs(row[name] - ref[name]) <= 1e-5 * scale, (sharing, name, row[name], ref[name])
+                assert abs(row[name] - ref[name]) <= 3e-5 * scale, (sharing, name, row[name], ref[name])
 
 
 def test_conversational_rows_without_a_chat_template_say_how_to_pass_one(gemma):
