@@ -10,8 +10,10 @@ One DPO step on a single pair, with the model itself as the reference (so the ma
   (:func:`apply_step`);
 * the measured effect is ``Δ log π(y+) = log π_after(y+) − log π_before(y+)``; ``Δ < 0`` is displacement.
 
-A score predicts displacement when it ranks the pairs as ``−Δ`` does: :func:`spearman`, with a percentile-bootstrap
-interval from :func:`spearman_interval`.
+A score predicts displacement when it ranks the pairs as ``−Δ`` does: :func:`spearman`, and beyond the
+completions' lengths (a summed change grows with the token count): :func:`partial_spearman`; :func:`top_share`
+(how much of the true top 10% a top-10% cut recovers) and :func:`auroc` (for "log π(y+) fell") measure a cut;
+:func:`bootstrap_interval` gives each a percentile-bootstrap interval.
 
 >>> import torch
 >>> w = torch.tensor([0.5, -1.0], requires_grad=True)
@@ -29,7 +31,7 @@ interval from :func:`spearman_interval`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -90,21 +92,76 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def spearman_interval(
-    a: np.ndarray, b: np.ndarray, n_resamples: int = 1000, confidence_level: float = 0.95, seed: int = 0
-) -> list[float]:
-    """Percentile-bootstrap interval ``[low, high]`` of :func:`spearman` over pairs resampled with replacement.
+def partial_spearman(a: np.ndarray, b: np.ndarray, covariates: Sequence[np.ndarray]) -> float:
+    """Spearman's correlation of ``a`` and ``b`` given ``covariates`` (e.g. both completions' token counts).
 
-    Seeded, so the same inputs give the same interval; resamples in which one side is constant are skipped.
+    Rank-based: the ranks of ``a`` and of ``b`` are each residualized on the ranks of every covariate (least squares
+    with an intercept), then Pearson's correlation of the residuals. It asks whether ``a`` ranks ``b`` beyond what
+    the covariates already rank; NaN if a residual is constant (e.g. ``a`` is a function of the covariates' ranks).
+
+    >>> n_c = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    >>> fall = n_c + np.array([0.5, -0.5, 0.2, -0.2, 0.1, -0.1])          # length plus a part length does not explain
+    >>> round(spearman(n_c, fall), 2), partial_spearman(n_c, fall, [n_c])   # length ranks it, but adds nothing
+    (0.99, nan)
+    """
+    ra, rb = ranks(np.asarray(a, dtype=np.float64)), ranks(np.asarray(b, dtype=np.float64))
+    design = np.column_stack([np.ones(len(ra))] + [ranks(np.asarray(c, dtype=np.float64)) for c in covariates])
+    residuals = []
+    for r in (ra, rb):
+        coef, *_ = np.linalg.lstsq(design, r, rcond=None)
+        residual = r - design @ coef
+        if np.abs(residual).max(initial=0.0) <= 1e-9 * max(1.0, len(r)):  # rounding noise of an exact fit
+            return float("nan")
+        residuals.append(residual)
+    return float(np.corrcoef(*residuals)[0, 1])
+
+
+def top_share(score: np.ndarray, target: np.ndarray, fraction: float = 0.1) -> float:
+    """The share of the ``k = max(1, round(fraction n))`` largest ``target`` values that are also among the ``k``
+    highest ``score`` values (ties broken by position): how much of the true top a top-``fraction`` cut recovers.
+
+    >>> top_share(np.array([5.0, 4.0, 3.0, 2.0, 1.0]), np.array([1.0, 9.0, 8.0, 0.0, 0.0]), fraction=0.4)
+    0.5
+    """
+    score, target = np.asarray(score, dtype=np.float64), np.asarray(target, dtype=np.float64)
+    k = max(1, int(round(fraction * len(score))))
+    top = np.argsort(-score, kind="stable")[:k]
+    true = np.argsort(-target, kind="stable")[:k]
+    return len(np.intersect1d(top, true)) / k
+
+
+def auroc(score: np.ndarray, label: np.ndarray) -> float:
+    """Area under the ROC curve of ``score`` for the boolean ``label``: the chance that a random positive scores
+    above a random negative, ties counting one half (Mann-Whitney); NaN without both classes.
+
+    >>> auroc(np.array([0.9, 0.8, 0.3, 0.3, 0.1]), np.array([True, False, True, False, False]))
+    0.75
+    """
+    score, label = np.asarray(score, dtype=np.float64), np.asarray(label, dtype=bool)
+    n_pos, n_neg = int(label.sum()), int((~label).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    rank_sum = (ranks(score) + 1)[label].sum()
+    return float((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def bootstrap_interval(
+    statistic: Callable[..., float], *arrays: np.ndarray, n_resamples: int = 1000, confidence_level: float = 0.95,
+    seed: int = 0,
+) -> list[float]:
+    """Percentile-bootstrap interval ``[low, high]`` of ``statistic(*arrays)`` over rows resampled with replacement
+    (the same rows of every array). Seeded, so the same inputs give the same interval; resamples whose statistic is
+    NaN (e.g. one side constant) are skipped.
 
     >>> x = np.arange(50.0)
-    >>> low, high = spearman_interval(x, x + np.random.default_rng(1).normal(0, 10, 50), n_resamples=200)
+    >>> low, high = bootstrap_interval(spearman, x, x + np.random.default_rng(1).normal(0, 10, 50), n_resamples=200)
     >>> 0.4 < low < high < 1.0
     True
     """
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    draws = np.random.default_rng(seed).integers(0, len(a), size=(n_resamples, len(a)))  # [R, n]
-    values = np.array([spearman(a[idx], b[idx]) for idx in draws])  # [R]
+    arrays = tuple(np.asarray(a, dtype=np.float64) for a in arrays)
+    n = len(arrays[0])
+    draws = np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))  # [R, n]
+    values = np.array([statistic(*(a[idx] for a in arrays)) for idx in draws])  # [R]
     values = values[~np.isnan(values)]
     if len(values) == 0:
         return [float("nan"), float("nan")]

@@ -26,8 +26,8 @@ once (`hf_ches.runner.is_main_process`), so that one process writes ``--output_d
 >>> result = run(DataArguments(f"{folder}/pairs.jsonl"), ScoringArguments(build_tiny_model(folder), dtype="float32"),
 ...              SamplingArguments(num_samples=4), ValidateArguments(learning_rate=1e-2, progress=False),
 ...              OutputArguments(f"{folder}/out"))
->>> result["counts"], sorted(result["spearman"])[:3]
-({'num_rows': 6, 'num_samples': 4, 'num_scored': 4}, ['ches', 'edit_distance', 'entk_w'])
+>>> result["counts"], list(result["spearman"])[:3], result["best"]["by"]
+({'num_rows': 6, 'num_samples': 4, 'num_scored': 4}, ['ches', 'ln_ches', '-edit_distance'], 'partial_rho')
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from hf_ches.displacement import OPTIMIZERS, apply_step, dpo_sigmoid_loss, spearman, spearman_interval
+from hf_ches.displacement import (
+    OPTIMIZERS, apply_step, bootstrap_interval, dpo_sigmoid_loss, partial_spearman, spearman, top_share,
+)
 from hf_ches.kernels import _parse_parameters, _tracking_only, ntk_pair, select_parameters, sequence_logp
 from hf_ches.kernels import signgd_displacement as signgd_score
 from hf_ches.pairs import TokenizedPair
@@ -75,6 +77,14 @@ DEFAULT_SCORES = ("ches", "ln_ches", "edit_distance", "last_hidden_ip", "entk_w"
 COMMAND = "hf-ches validate"
 PAIRS_FILE, RESULTS_FILE, PLOT_FILE = "pairs.parquet", "validation.json", "scatter.png"
 MEASURED = ["chosen_logps", "rejected_logps", "delta_chosen_logps", "delta_rejected_logps"]  # by the step, per pair
+LENGTHS = ["chosen_tokens", "rejected_tokens"]  # completion token counts (EOS included), per pair
+# The candidates each score column gives, oriented so that high predicts displacement: the paper's edit-distance
+# baseline is negated (alike completions score high), and two length baselines come from LENGTHS (a summed change
+# grows with the token count, so a score must beat these to be worth more than a length filter).
+NEGATED = {"edit_distance": "-edit_distance"}
+LENGTH_BASELINES = ("-chosen_tokens", "rejected-chosen_tokens")
+SIGN_RULES = ("entk_w", "ches")  # "score > 0": entk_w > 0 is the first-order prediction that log π(y+) falls
+TOP_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
@@ -149,6 +159,51 @@ def score_columns(scores: list[str] | tuple[str, ...]) -> list[str]:
     return [column for s in scores for column in SCORE_COLUMNS[s]]
 
 
+def pair_gradients(
+    model: torch.nn.Module, params: list[torch.nn.Parameter], pair: TokenizedPair, *, beta: float
+) -> tuple[dict[str, float], list[torch.Tensor]]:
+    """The gradient of one pair's DPO loss w.r.t. ``params``, the model itself as the reference, and what comes free.
+
+    The loss is :func:`~hf_ches.displacement.dpo_sigmoid_loss` of the pair's summed completion log-probs (TRL's
+    tokens, the model's own logits: :func:`~hf_ches.kernels.sequence_logp`); its gradient is ``ℓ′₊ g+ + ℓ′₋ g−``
+    with ``g± = ∇ log π(y±)``, taken separately so the gradient kernels of the same parameters come for free.
+    Returns ``({chosen_logps, rejected_logps, ntk_displacement, ntk_cosine, signgd_displacement}, grads)``.
+    """
+    prompt = pair.prompt_ids
+    with torch.enable_grad(), _tracking_only(model, params):
+        lp_c = sequence_logp(model, prompt + pair.chosen_ids, len(prompt))  # scalar, with its graph
+        lp_r = sequence_logp(model, prompt + pair.rejected_ids, len(prompt))
+        loss = dpo_sigmoid_loss(lp_c - lp_c.detach(), lp_r - lp_r.detach(), beta)  # the reference is the policy
+        dl_c, dl_r = torch.autograd.grad(loss, [lp_c, lp_r], retain_graph=True)  # ℓ′ per side: −β/2, +β/2 at 0
+        g_c = torch.autograd.grad(lp_c, params)
+        g_r = torch.autograd.grad(lp_r, params)
+    grads = [dl_c * a + dl_r * b for a, b in zip(g_c, g_r)]  # ∇ℓ, per tensor
+    pp, pm, mm = ntk_pair(g_c, g_r)
+    return {"chosen_logps": lp_c.item(), "rejected_logps": lp_r.item(), "ntk_displacement": pm - pp,
+            "ntk_cosine": pm / math.sqrt(pp * mm) if pp * mm > 0 else math.nan,
+            "signgd_displacement": signgd_score(g_c, g_r)}, grads
+
+
+def measure_step(model: torch.nn.Module, params: list[torch.nn.Parameter], pair: TokenizedPair,
+                 grads: list[torch.Tensor], before: dict[str, float], *, learning_rate: float, optimizer: str
+                 ) -> dict[str, float]:
+    """Step ``params`` along ``grads`` (`pair_gradients`), measure ``Δ log π(y±)`` against ``before``, and restore
+    ``params`` bit for bit: ``{delta_chosen_logps, delta_rejected_logps}``."""
+    prompt = pair.prompt_ids
+    saved = [p.detach().clone() for p in params]
+    try:
+        apply_step(params, grads, learning_rate, optimizer)
+        with torch.no_grad():
+            after_c = sequence_logp(model, prompt + pair.chosen_ids, len(prompt)).item()
+            after_r = sequence_logp(model, prompt + pair.rejected_ids, len(prompt)).item()
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+    return {"delta_chosen_logps": after_c - before["chosen_logps"],
+            "delta_rejected_logps": after_r - before["rejected_logps"]}
+
+
 def dpo_step(
     model: torch.nn.Module,
     params: list[torch.nn.Parameter],
@@ -160,50 +215,43 @@ def dpo_step(
 ) -> dict[str, float]:
     """One DPO step on one pair, the model itself as the reference; measure, then restore ``params`` bit for bit.
 
-    The loss is :func:`~hf_ches.displacement.dpo_sigmoid_loss` of the pair's summed completion log-probs (TRL's
-    tokens, the model's own logits: :func:`~hf_ches.kernels.sequence_logp`); its gradient w.r.t. ``params`` is
-    ``ℓ′₊ g+ + ℓ′₋ g−`` with ``g± = ∇ log π(y±)``, taken separately so the gradient kernels of the same parameters
-    come for free. Returns ``chosen_logps``, ``rejected_logps`` (before), ``delta_chosen_logps``,
-    ``delta_rejected_logps``, ``ntk_displacement``, ``ntk_cosine`` and ``signgd_displacement``.
+    `pair_gradients`, then `measure_step`: returns ``chosen_logps``, ``rejected_logps`` (before),
+    ``delta_chosen_logps``, ``delta_rejected_logps``, ``ntk_displacement``, ``ntk_cosine`` and
+    ``signgd_displacement``.
     """
-    prompt = pair.prompt_ids
-    chosen, rejected = prompt + pair.chosen_ids, prompt + pair.rejected_ids
-    with torch.enable_grad(), _tracking_only(model, params):
-        lp_c = sequence_logp(model, chosen, len(prompt))  # scalar, with its graph
-        lp_r = sequence_logp(model, rejected, len(prompt))
-        loss = dpo_sigmoid_loss(lp_c - lp_c.detach(), lp_r - lp_r.detach(), beta)  # the reference is the policy
-        dl_c, dl_r = torch.autograd.grad(loss, [lp_c, lp_r], retain_graph=True)  # ℓ′ per side: −β/2, +β/2 at 0
-        g_c = torch.autograd.grad(lp_c, params)
-        g_r = torch.autograd.grad(lp_r, params)
-    grads = [dl_c * a + dl_r * b for a, b in zip(g_c, g_r)]  # ∇ℓ, per tensor
-    pp, pm, mm = ntk_pair(g_c, g_r)
-    row = {"ntk_displacement": pm - pp, "ntk_cosine": pm / math.sqrt(pp * mm) if pp * mm > 0 else math.nan,
-           "signgd_displacement": signgd_score(g_c, g_r)}
-    del g_c, g_r
-    saved = [p.detach().clone() for p in params]
-    try:
-        apply_step(params, grads, learning_rate, optimizer)
-        del grads
-        with torch.no_grad():
-            after_c = sequence_logp(model, chosen, len(prompt)).item()
-            after_r = sequence_logp(model, rejected, len(prompt)).item()
-    finally:
-        with torch.no_grad():
-            for p, s in zip(params, saved):
-                p.copy_(s)
-    before_c, before_r = lp_c.item(), lp_r.item()
-    return row | {"chosen_logps": before_c, "rejected_logps": before_r,
-                  "delta_chosen_logps": after_c - before_c, "delta_rejected_logps": after_r - before_r}
+    row, grads = pair_gradients(model, params, pair, beta=beta)
+    return row | measure_step(model, params, pair, grads, row, learning_rate=learning_rate, optimizer=optimizer)
+
+
+def candidates(columns: dict[str, np.ndarray], scores: list[str] | tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The oriented candidate predictors of ``scores`` (`NEGATED`), and the `LENGTH_BASELINES` when ``columns`` has
+    `LENGTHS`; each a float64 array, high predicting displacement.
+
+    >>> cols = {"edit_distance": np.array([0.5]), "chosen_tokens": np.array([3]), "rejected_tokens": np.array([5])}
+    >>> {k: v.tolist() for k, v in candidates(cols, ["edit_distance"]).items()}
+    {'-edit_distance': [-0.5], '-chosen_tokens': [-3.0], 'rejected-chosen_tokens': [2.0]}
+    """
+    out = {}
+    for column in score_columns(scores):
+        values = np.asarray(columns[column], dtype=np.float64)
+        out[NEGATED.get(column, column)] = -values if column in NEGATED else values
+    if all(name in columns for name in LENGTHS):
+        n_c, n_r = (np.asarray(columns[name], dtype=np.float64) for name in LENGTHS)
+        out |= {"-chosen_tokens": -n_c, "rejected-chosen_tokens": n_r - n_c}
+    return out
 
 
 def summarize(columns: dict[str, np.ndarray], options: ValidateArguments, seed: int = 0) -> dict[str, Any]:
-    """The share of displaced pairs and ρ(score, −Δ log π(y+)) of each of ``options.scores`` with its bootstrap
-    interval (``seed``): pure.
+    """The share of displaced pairs and, for each candidate (`candidates`), ρ(score, −Δ log π(y+)), with `LENGTHS`
+    also the partial ρ given both lengths, ρ with the per-token change −Δ / n+ and the share of the true top 10%
+    (largest fall) that its top 10% recovers, each ρ with a bootstrap interval (``seed``); the sign rules
+    (`SIGN_RULES`): how often ``score > 0`` and how often that agrees with "log π(y+) fell"; and the ``best``
+    candidate by partial ρ (by ρ without lengths), length baselines excluded. Pure.
 
     >>> cols = {"delta_chosen_logps": np.array([-0.3, 0.1, -0.2, 0.4]), "ches": np.array([3.0, 1.0, 2.0, 0.0])}
     >>> out = summarize(cols, ValidateArguments(scores=["ches"], n_resamples=50))
-    >>> out["share_displaced"], out["spearman"]["ches"]["rho"]
-    (0.5, 1.0)
+    >>> out["share_displaced"], out["spearman"]["ches"]["rho"], out["sign_rules"]["ches > 0"]["agreement"]
+    (0.5, 1.0, 0.75)
     """
     delta = np.asarray(columns["delta_chosen_logps"], dtype=np.float64)
     ok = ~np.isnan(delta)
@@ -216,16 +264,56 @@ def summarize(columns: dict[str, np.ndarray], options: ValidateArguments, seed: 
         rejected = np.asarray(columns["delta_rejected_logps"], dtype=np.float64)[ok]
         out["share_rejected_rose"] = float(np.mean(rejected > 0))
         out["mean_delta_rejected_logps"] = float(rejected.mean())
+    lengths = [np.asarray(columns[name], dtype=np.float64) for name in LENGTHS] if LENGTHS[0] in columns else None
+    interval = {"n_resamples": options.n_resamples, "confidence_level": options.confidence_level, "seed": seed}
     out["spearman"] = {}
-    for column in score_columns(options.scores):
-        values = np.asarray(columns[column], dtype=np.float64)
+    for name, values in candidates(columns, options.scores).items():
         keep = ok & ~np.isnan(values)
-        out["spearman"][column] = {
-            "rho": spearman(values[keep], -delta[keep]),
-            "ci": spearman_interval(values[keep], -delta[keep], options.n_resamples, options.confidence_level, seed),
-            "num_pairs": int(keep.sum()),
-        }
+        x, y = values[keep], -delta[keep]
+        stat = {"rho": spearman(x, y), "ci": bootstrap_interval(spearman, x, y, **interval),
+                "num_pairs": int(keep.sum())}
+        if lengths is not None:
+            n_c, n_r = (length[keep] for length in lengths)
+            partial = lambda a, b, c, r: partial_spearman(a, b, [c, r])  # noqa: E731
+            stat |= {"partial_rho": partial(x, y, n_c, n_r), "partial_ci": bootstrap_interval(
+                         partial, x, y, n_c, n_r, **interval),
+                     "per_token_rho": spearman(x, y / n_c), "per_token_ci": bootstrap_interval(
+                         spearman, x, y / n_c, **interval),
+                     "top_share": top_share(x, y, TOP_FRACTION)}
+        out["spearman"][name] = stat
+    out["sign_rules"] = {}
+    for column in SIGN_RULES:
+        if column in columns:
+            values = np.asarray(columns[column], dtype=np.float64)
+            keep = ok & ~np.isnan(values)
+            flagged, fell = values[keep] > 0, delta[keep] < 0
+            out["sign_rules"][f"{column} > 0"] = {"share_flagged": float(flagged.mean()),
+                                                  "agreement": float(np.mean(flagged == fell)),
+                                                  "num_pairs": int(keep.sum())}
+    key = "partial_rho" if lengths is not None else "rho"
+    ranked = [(stat[key], name) for name, stat in out["spearman"].items()
+              if name not in LENGTH_BASELINES and not math.isnan(stat[key])]
+    out["best"] = None if not ranked else {"score": max(ranked)[1], "by": key}
     return out
+
+
+def best_line(results: dict[str, Any]) -> str:
+    """The one line that names the score that best predicted displacement, and by what.
+
+    >>> print(best_line({"best": {"score": "entk_w", "by": "partial_rho"},
+    ...                  "spearman": {"entk_w": {"partial_rho": 0.61, "partial_ci": [0.45, 0.74]}}}))
+    ... # doctest: +NORMALIZE_WHITESPACE
+    Best predictor of the fall of log π(chosen) on this model and data: entk_w
+    (partial Spearman given both lengths 0.61 [0.45, 0.74])
+    """
+    if results.get("best") is None:
+        return "No score could be ranked against the fall of log π(chosen) (too few pairs, or constant columns)"
+    name, by = results["best"]["score"], results["best"]["by"]
+    stat = results["spearman"][name]
+    ci = stat["partial_ci" if by == "partial_rho" else "ci"]
+    what = "partial Spearman given both lengths" if by == "partial_rho" else "Spearman"
+    return (f"Best predictor of the fall of log π(chosen) on this model and data: {name} ({what} {stat[by]:.2f} "
+            f"[{ci[0]:.2f}, {ci[1]:.2f}])")
 
 
 def scatter_png(columns: dict[str, np.ndarray], results: dict[str, Any]) -> bytes:
@@ -233,6 +321,7 @@ def scatter_png(columns: dict[str, np.ndarray], results: dict[str, Any]) -> byte
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    values = candidates(columns, results["options"]["scores"])
     names = list(results["spearman"])
     ncols = min(4, len(names))
     nrows = math.ceil(len(names) / ncols)
@@ -241,7 +330,7 @@ def scatter_png(columns: dict[str, np.ndarray], results: dict[str, Any]) -> byte
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     delta = np.asarray(columns["delta_chosen_logps"], dtype=np.float64)
     for ax, name in zip(axes, names):
-        x = np.asarray(columns[name], dtype=np.float64)
+        x = values[name]
         ax.scatter(x, delta, s=8, alpha=0.6, color="#4c78a8")
         ax.axhline(0, color="#999999", linewidth=0.8)
         scale = np.nanmedian(np.abs(x))
@@ -301,7 +390,7 @@ def run(data: DataArguments, scoring: ScoringArguments | None = None, sampling: 
         "seconds": round(time.perf_counter() - start, 1),
     }
     order = [ROW_INDEX, *score_columns([s for s in options.scores if s not in KERNEL_SCORES]),
-             *score_columns([s for s in options.scores if s in KERNEL_SCORES]), *MEASURED]
+             *score_columns([s for s in options.scores if s in KERNEL_SCORES]), *LENGTHS, *MEASURED]
     outputs.write(output.output_dir, COMMAND, source_name(data), {
         PAIRS_FILE: Dataset.from_dict({name: columns[name] for name in order}),
         RESULTS_FILE: (json.dumps(results, indent=2, allow_nan=True) + "\n").encode("utf-8"),
@@ -331,7 +420,8 @@ def forward_columns(sample: Any, scoring: ScoringArguments, options: ValidateArg
 def step_columns(sample: Any, model: torch.nn.Module, tokenizer: Any, params: list[torch.nn.Parameter],
                  scoring: ScoringArguments, options: ValidateArguments, columns: dict[str, str]
                  ) -> dict[str, np.ndarray]:
-    """One `dpo_step` per pair of ``sample``: the kernel scores and `MEASURED` (NaN for an unscorable pair)."""
+    """One `dpo_step` per pair of ``sample``: the kernel scores, `LENGTHS` and `MEASURED` (NaN for an unscorable
+    pair)."""
     from hf_ches.pairs import Columns, read_rows, tokenize_pairs
     from hf_ches.runner import progress_bar
 
@@ -343,16 +433,18 @@ def step_columns(sample: Any, model: torch.nn.Module, tokenizer: Any, params: li
         if not pair.scorable:
             stepped.append({})
             continue
-        stepped.append(dpo_step(model, params, pair, beta=options.beta, learning_rate=options.learning_rate,
-                                optimizer=options.optimizer))
-    names = score_columns([s for s in options.scores if s in KERNEL_SCORES]) + MEASURED
+        stepped.append({"chosen_tokens": len(pair.chosen_ids), "rejected_tokens": len(pair.rejected_ids)}
+                       | dpo_step(model, params, pair, beta=options.beta, learning_rate=options.learning_rate,
+                                  optimizer=options.optimizer))
+    names = score_columns([s for s in options.scores if s in KERNEL_SCORES]) + LENGTHS + MEASURED
     return {name: np.array([row.get(name, math.nan) for row in stepped], dtype=np.float64) for name in names}
 
 
 def render_table(results: dict[str, Any]) -> str:
-    """A Markdown table of ρ(score, −Δ log π(y+)) with intervals, and the share displaced.
+    """A Markdown table of each candidate's ρ with −Δ log π(y+) (and, when measured, the partial ρ given both
+    lengths, ρ with the per-token change and the top-10% share), the sign rules, and the share displaced.
 
-    >>> print(render_table({"share_displaced": 0.25, "counts": {"num_scored": 4},
+    >>> print(render_table({"share_displaced": 0.25, "counts": {"num_scored": 4}, "sign_rules": {},
     ...                     "spearman": {"ches": {"rho": 0.5, "ci": [0.1, 0.8]}}}))
     | score | Spearman ρ with −Δ log π(chosen) | 95% interval |
     |---|---|---|
@@ -360,11 +452,27 @@ def render_table(results: dict[str, Any]) -> str:
     <BLANKLINE>
     4 pairs; 25% displaced (Δ log π(chosen) < 0).
     """
-    lines = ["| score | Spearman ρ with −Δ log π(chosen) | 95% interval |", "|---|---|---|"]
-    for name, stat in results["spearman"].items():
-        lines.append(f"| `{name}` | {stat['rho']:.2f} | [{stat['ci'][0]:.2f}, {stat['ci'][1]:.2f}] |")
+    def cell(rho: float, ci: list[float]) -> str:
+        return f"{rho:.2f} | [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+    stats = results["spearman"]
+    partial = all("partial_rho" in stat for stat in stats.values())
+    header = "| score | Spearman ρ with −Δ log π(chosen) | 95% interval |"
+    if partial:
+        header += (" partial ρ given both lengths | 95% interval | ρ with −Δ / n+ | 95% interval "
+                   f"| top {TOP_FRACTION:.0%} recovered |")
+    lines = [header, "|---" * header.count(" | ") + "|---|"]
+    for name, stat in stats.items():
+        row = f"| `{name}` | {cell(stat['rho'], stat['ci'])} |"
+        if partial:
+            row += (f" {cell(stat['partial_rho'], stat['partial_ci'])} | "
+                    f"{cell(stat['per_token_rho'], stat['per_token_ci'])} | {stat['top_share']:.0%} |")
+        lines.append(row)
     lines += ["", f"{results['counts']['num_scored']} pairs; {results['share_displaced']:.0%} displaced "
                   "(Δ log π(chosen) < 0)."]
+    for rule, stat in results["sign_rules"].items():
+        lines.append(f"`{rule}` holds for {stat['share_flagged']:.0%} of the pairs and agrees with "
+                     f"\"log π(chosen) fell\" on {stat['agreement']:.0%}.")
     return "\n".join(lines)
 
 
@@ -376,4 +484,5 @@ def main(argv: list[str] | None = None, prog: str = COMMAND) -> dict[str, Any] |
     output_dir = results["options"]["output_dir"]
     print(render_table(results))
     print(f"\nWrote {output_dir}/{PAIRS_FILE}, {RESULTS_FILE}, {PLOT_FILE} ({results['seconds']} s)")
+    print(best_line(results))
     return results

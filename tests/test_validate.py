@@ -14,8 +14,9 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from hf_ches import CHESScorer
 from hf_ches.cli import main as cli
-from hf_ches.displacement import spearman
+from hf_ches.displacement import partial_spearman, spearman, top_share
 from hf_ches.kernels import GradientKernelScorer, select_parameters
 from hf_ches.pairs import read_rows, tokenize_pairs
 from hf_ches.testing import synthetic_pairs
@@ -104,15 +105,16 @@ def test_first_order_prediction_for_a_small_step(tiny_models):
         assert row["delta_chosen_logps"] == pytest.approx(-BETA / 2 * 1e-4 * row["ntk_displacement"], rel=1e-2)
 
 
-def test_cli_writes_the_files(tiny_model, tmp_path):
+def test_cli_writes_the_files(tiny_model, tmp_path, capsys):
     Dataset.from_dict(synthetic_pairs(12, seed=5)).to_json(tmp_path / "pairs.jsonl")
     out = tmp_path / "out"
     cli(["validate", "--dataset_name", str(tmp_path / "pairs.jsonl"), "--model_name_or_path", tiny_model,
          "--num_samples", "8", "--learning_rate", "1e-2", "--optimizer", "sign", "--parameters", "last:1",
          "--scores", "ches", "ln_ches", "signgd", "--n_resamples", "100", "--output_dir", str(out), "--no_progress"])
     pairs = pd.read_parquet(out / "pairs.parquet")
-    assert list(pairs.columns) == ["row_index", "ches", "ln_ches", "signgd_displacement", "chosen_logps",
-                                   "rejected_logps", "delta_chosen_logps", "delta_rejected_logps"]
+    assert list(pairs.columns) == ["row_index", "ches", "ln_ches", "signgd_displacement", "chosen_tokens",
+                                   "rejected_tokens", "chosen_logps", "rejected_logps", "delta_chosen_logps",
+                                   "delta_rejected_logps"]
     assert len(pairs) == 8 and pairs["row_index"].nunique() == 8 and pairs.notna().all().all()
     results = json.loads((out / "validation.json").read_text())
     assert results["counts"] == {"num_rows": 12, "num_samples": 8, "num_scored": 8}
@@ -122,7 +124,27 @@ def test_cli_writes_the_files(tiny_model, tmp_path):
     ches = results["spearman"]["ches"]
     assert ches["rho"] == pytest.approx(spearman(pairs["ches"], -pairs["delta_chosen_logps"]))
     assert ches["ci"][0] <= ches["rho"] <= ches["ci"][1]
+    lengths = [pairs["chosen_tokens"], pairs["rejected_tokens"]]
+    fall = -pairs["delta_chosen_logps"]
+    assert ches["partial_rho"] == pytest.approx(partial_spearman(pairs["ches"], fall, lengths))
+    assert ches["per_token_rho"] == pytest.approx(spearman(pairs["ches"], fall / pairs["chosen_tokens"]))
+    assert ches["top_share"] == top_share(pairs["ches"], fall)
+    assert results["spearman"]["-chosen_tokens"]["rho"] == pytest.approx(spearman(-pairs["chosen_tokens"], fall))
+    assert np.isnan(results["spearman"]["-chosen_tokens"]["partial_rho"])  # a length adds nothing to the lengths
+    assert results["sign_rules"]["ches > 0"]["agreement"] == np.mean((pairs["ches"] > 0) == (fall > 0))
+    best = max(["ches", "ln_ches", "signgd_displacement"], key=lambda n: results["spearman"][n]["partial_rho"])
+    assert results["best"] == {"score": best, "by": "partial_rho"}
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith(f"Best predictor of the fall of log π(chosen) on this model and data: {best} (partial")
     assert (out / "scatter.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_step_lengths_are_the_completion_tokens(tiny_models):
+    """``chosen_tokens``/``rejected_tokens`` are the completions' token counts (EOS included), the n± of ln_ches."""
+    model, tokenizer, rows, pairs = load(tiny_models["gpt2"], torch.float32)
+    scored = CHESScorer(model, tokenizer).map(Dataset.from_dict(rows))
+    assert [len(p.chosen_ids) for p in pairs] == scored["chosen_num_tokens"]
+    assert [len(p.rejected_ids) for p in pairs] == scored["rejected_num_tokens"]
 
 
 @pytest.mark.parametrize("options, message", [({"scores": ["nope"]}, "--scores"),
