@@ -56,7 +56,7 @@ MODELS = {"smollm2": "smollm2", "gemma3": "gemma3-270m"}
 DATASETS = {"hh": HH_RLHF_SAMPLE, "lf": LLAMAFACTORY_DPO[0]}
 CELLS = [f"{m}-{d}" for m in MODELS for d in DATASETS]  # smollm2-hh, smollm2-lf, gemma3-hh, gemma3-lf
 SCORES = ["ches", "ln_ches", "edit_distance", "last_hidden_ip", "entk_w"]  # validate's --scores names
-RANKED = ["ches", "ln_ches", "entk_w"]  # the scores whose top and bottom subsets are trained
+RANKED = ["entk_w", "ches", "ln_ches"]  # the scores whose top and bottom subsets are trained, in this order
 # Gemma 3 270M is a base model without a chat template; the LLaMA-Factory rows are conversations, so they get
 # Gemma's turn markup (a system turn is a user turn, as Gemma has no system role).
 GEMMA_TEMPLATE = (
@@ -116,6 +116,11 @@ class Cell:
                     "rejected_tokens": [len(p.rejected_ids) for p in tokens]}
         return {"cell": self.name, "num_rows": len(self.rows), "num_fit": len(fits), "row_index": index.tolist(),
                 "columns": columns}
+
+
+def finished(path: Path) -> bool:
+    """Whether a stage's JSON exists and is complete (one closed by ``--close_partial`` is not)."""
+    return path.exists() and json.loads(path.read_text()).get("complete", False)
 
 
 def write(path: Path, data: dict) -> None:
@@ -404,7 +409,7 @@ def main() -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
     for name in args.cells:
         todo = [s for s in args.stages if (s == "onestep" or name in args.many_step_cells)
-                and not (args.output_dir / f"{name}.{s}.json").exists()]
+                and not finished(args.output_dir / f"{name}.{s}.json")]
         if not todo:
             continue
         clock = time.perf_counter()
@@ -417,6 +422,8 @@ def main() -> None:
             if stage == "onestep":
                 result = onestep(cell, args, path.with_suffix(".partial"))
             elif stage == "manystep":
+                if path.exists() and not path.with_suffix(".partial").exists():  # closed early: go on from it
+                    path.replace(path.with_suffix(".partial"))
                 result = manystep(cell, args, path.with_suffix(".partial"))
             else:
                 many = args.output_dir / f"{name}.manystep.json"
