@@ -217,7 +217,8 @@ def check_repo(repo_id: str, repo_type: str = "dataset", revision: str | None = 
     try:
         api.repo_info(repo_id, repo_type=repo_type, revision=revision)
     except HFValidationError:
-        raise ValueError(f"{repo_type} {repo_id!r}: not a local file or folder, nor a Hub id (namespace/name)") from None
+        raise ValueError(f"{repo_type} {repo_id!r}: not a local file or folder, nor a Hub id (namespace/name)"
+                         ) from None
     except RevisionNotFoundError:
         raise ValueError(f"{repo_type} {repo_id!r}: the Hub at {api.endpoint} has no revision {revision!r}; pass an "
                          "existing branch, tag or commit") from None

@@ -47,8 +47,9 @@ MARKER = ".hf-ches-output.json"
 
 @dataclass(frozen=True)
 class Record:
-    """What `MARKER` says: the command (as a user types it: ``hf-ches score``) and source of the folder's output; when ``finished``, the ``files`` it wrote
-    (paths relative to the folder), else the ``others`` (files that were there before it, and are not its own)."""
+    """What `MARKER` says: the command (as a user types it: ``hf-ches score``) and source of the folder's output;
+    when ``finished``, the ``files`` it wrote (paths relative to the folder), else the ``others`` (files that were
+    there before it, and are not its own)."""
 
     command: str
     source: str
