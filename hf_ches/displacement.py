@@ -13,7 +13,8 @@ One DPO step on a single pair, with the model itself as the reference (so the ma
 A score predicts displacement when it ranks the pairs as ``−Δ`` does: :func:`spearman`, and beyond the
 completions' lengths (a summed change grows with the token count): :func:`partial_spearman`; :func:`top_share`
 (how much of the true top 10% a top-10% cut recovers) and :func:`auroc` (for "log π(y+) fell") measure a cut;
-:func:`bootstrap_interval` gives each a percentile-bootstrap interval.
+:func:`bootstrap_interval` gives each a percentile-bootstrap interval. :func:`render_table` and :func:`best_line`
+write the results of ``hf-ches validate`` for the terminal and for the dataset card.
 
 >>> import torch
 >>> w = torch.tensor([0.5, -1.0], requires_grad=True)
@@ -32,6 +33,7 @@ completions' lengths (a summed change grows with the token count): :func:`partia
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -185,3 +187,61 @@ def quantile_slice(order: np.ndarray, quantile: float, size: int) -> np.ndarray:
         raise ValueError(f"quantile_slice: expected 0 <= quantile <= 1 and 1 <= size <= {n}, got {quantile}, {size}")
     start = min(max(0, round(quantile * (n - 1)) - size // 2), n - size)
     return order[start : start + size]
+
+
+TOP_FRACTION = 0.1  # the share of pairs a top cut takes in the tables (top_share)
+
+
+def render_table(results: dict[str, Any]) -> str:
+    """A Markdown table of each candidate's ρ with −Δ log π(y+) (and, when measured, the partial ρ given both
+    lengths, ρ with the per-token change and the top-10% share), the sign rules, and the share displaced.
+
+    >>> print(render_table({"share_displaced": 0.25, "counts": {"num_scored": 4}, "sign_rules": {},
+    ...                     "spearman": {"ches": {"rho": 0.5, "ci": [0.1, 0.8]}}}))
+    | score | Spearman ρ with −Δ log π(chosen) | 95% interval |
+    |---|---|---|
+    | `ches` | 0.50 | [0.10, 0.80] |
+    <BLANKLINE>
+    4 pairs; 25% displaced (Δ log π(chosen) < 0).
+    """
+    def cell(rho: float, ci: list[float]) -> str:
+        return f"{rho:.2f} | [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+    stats = results["spearman"]
+    partial = all("partial_rho" in stat for stat in stats.values())
+    header = "| score | Spearman ρ with −Δ log π(chosen) | 95% interval |"
+    if partial:
+        header += (" partial ρ given both lengths | 95% interval | ρ with −Δ / n+ | 95% interval "
+                   f"| top {TOP_FRACTION:.0%} recovered |")
+    lines = [header, "|---" * header.count(" | ") + "|---|"]
+    for name, stat in stats.items():
+        row = f"| `{name}` | {cell(stat['rho'], stat['ci'])} |"
+        if partial:
+            row += (f" {cell(stat['partial_rho'], stat['partial_ci'])} | "
+                    f"{cell(stat['per_token_rho'], stat['per_token_ci'])} | {stat['top_share']:.0%} |")
+        lines.append(row)
+    lines += ["", f"{results['counts']['num_scored']} pairs; {results['share_displaced']:.0%} displaced "
+                  "(Δ log π(chosen) < 0)."]
+    for rule, stat in results["sign_rules"].items():
+        lines.append(f"`{rule}` holds for {stat['share_flagged']:.0%} of the pairs and agrees with "
+                     f"\"log π(chosen) fell\" on {stat['agreement']:.0%}.")
+    return "\n".join(lines)
+
+
+def best_line(results: dict[str, Any]) -> str:
+    """The one line that names the score that best predicted displacement, and by what.
+
+    >>> print(best_line({"best": {"score": "entk_w", "by": "partial_rho"},
+    ...                  "spearman": {"entk_w": {"partial_rho": 0.61, "partial_ci": [0.45, 0.74]}}}))
+    ... # doctest: +NORMALIZE_WHITESPACE
+    Best predictor of the fall of log π(chosen) on this model and data: entk_w
+    (partial Spearman given both lengths 0.61 [0.45, 0.74])
+    """
+    if results.get("best") is None:
+        return "No score could be ranked against the fall of log π(chosen) (too few pairs, or constant columns)"
+    name, by = results["best"]["score"], results["best"]["by"]
+    stat = results["spearman"][name]
+    ci = stat["partial_ci" if by == "partial_rho" else "ci"]
+    what = "partial Spearman given both lengths" if by == "partial_rho" else "Spearman"
+    return (f"Best predictor of the fall of log π(chosen) on this model and data: {name} ({what} {stat[by]:.2f} "
+            f"[{ci[0]:.2f}, {ci[1]:.2f}])")

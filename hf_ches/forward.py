@@ -74,11 +74,11 @@ class OutputHead:
         """Logits ``[N, V]`` (:attr:`dtype`) for hidden states ``h`` ``[N, d]`` (or only the entries ``vocab``:
         ``[N, c]``)."""
         bias = None if self.bias is None else self.bias[vocab]
-        z = torch.nn.functional.linear(h, self.weight[vocab], bias).to(self.dtype)  # [N, c]
+        z = torch.nn.functional.linear(h, self.weight[vocab], bias).to(self.dtype)  # [N, c], a new tensor
         if self.scale != 1.0:
-            z = z * self.scale
-        if self.softcap is not None:
-            z = self.softcap * torch.tanh(z / self.softcap)
+            z.mul_(self.scale)
+        if self.softcap is not None:  # in place: a [N, V] slice is the largest tensor of a pass
+            z.div_(self.softcap).tanh_().mul_(self.softcap)
         return z
 
     def slope(self, z: torch.Tensor) -> torch.Tensor | float:
@@ -89,7 +89,10 @@ class OutputHead:
         >>> OutputHead(torch.zeros(1, 1), None, scale=2.0, softcap=4.0).slope(torch.tensor([0.0, 2.0])).tolist()
         [2.0, 1.5]
         """
-        return self.scale if self.softcap is None else self.scale * (1 - (z / self.softcap) ** 2)
+        if self.softcap is None:
+            return self.scale
+        slope = (z / self.softcap).square_().neg_().add_(1)  # 1 − (z/softcap)², one new [N, c] tensor
+        return slope.mul_(self.scale) if self.scale != 1.0 else slope
 
     def token_logps(self, h: torch.Tensor, targets: torch.Tensor, max_bytes: int = HEAD_BYTES
                     ) -> tuple[torch.Tensor, torch.Tensor]:

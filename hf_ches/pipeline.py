@@ -36,8 +36,7 @@ from datasets import DatasetDict
 from hf_ches.card import RunInfo
 from hf_ches import outputs
 from hf_ches.filtering import (
-    DEFAULT_REMOVE_TOP,
-    DEFAULT_SCORE_COLUMN,
+    SELECTION_EVIDENCE,
     Selection,
     SelectionRule,
     check_selectable,
@@ -78,9 +77,8 @@ arXiv 2410.08847), remove the pairs likely to cause likelihood displacement in D
 with configs "default" (kept pairs), "removed" and "scored", a dataset card, a score histogram and the run's
 parameters."""
 SELECTION = f"""\
-Default selection (no --preset/--remove_top/--keep_bottom/--threshold): remove the top {DEFAULT_REMOVE_TOP:.0%} of
-pairs of each split by {DEFAULT_SCORE_COLUMN}. The paper's SORRY-Bench recipe is --preset sorry-bench (keep the
-lowest 5%)."""
+Default selection (no --preset/--remove_top/--keep_bottom/--threshold): {SelectionRule().describe()}. Why:
+{SELECTION_EVIDENCE}. The paper's SORRY-Bench recipe is --preset sorry-bench (keep the lowest 5% by ln_ches)."""
 ABOUT = """\
 CHES (Razin et al. 2024, arXiv 2410.08847) predicts which pairs make DPO lower the probability of the chosen
 response (likelihood displacement). Pairs: prompt/chosen/rejected, in TRL's standard or conversational format. The
@@ -153,20 +151,36 @@ def load_pairs(data: DataArguments, scoring: ScoringArguments, rule: SelectionRu
     return dataset
 
 
-def scorer_of(data: DataArguments, scoring: ScoringArguments) -> Any:
-    """The `CHESScorer` of the scoring options, reading the pairs from ``data``'s columns."""
+def scores_for(column: str) -> tuple[str, ...]:
+    """The scorer's default scores, and the score that adds ``column`` when they lack it (``entk_w`` for the
+    default selection).
+
+    >>> scores_for("entk_w"), scores_for("ln_ches")
+    (('ches', 'ln_ches', 'logps', 'entk_w'), ('ches', 'ln_ches', 'logps'))
+    """
+    from hf_ches.scores import SCORES
+    from hf_ches.transform import DEFAULT_SCORES
+
+    return (*DEFAULT_SCORES, *(name for name, score in SCORES.items()
+                               if column in score.columns and name not in DEFAULT_SCORES))
+
+
+def scorer_of(data: DataArguments, scoring: ScoringArguments, rule: SelectionRule) -> Any:
+    """The `CHESScorer` of the scoring options, reading the pairs from ``data``'s columns, with the scores that
+    ``rule`` selects by (`scores_for`)."""
     from hf_ches.transform import CHESScorer
 
-    return CHESScorer(scoring.model_name_or_path, **scoring.scorer_options(), **data.pair_columns())
+    return CHESScorer(scoring.model_name_or_path, scores=scores_for(rule.score_column), **scoring.scorer_options(),
+                      **data.pair_columns())
 
 
-def score_if_asked(dataset: DatasetDict, data: DataArguments, scoring: ScoringArguments, resume: ResumeArguments
-                   ) -> tuple[DatasetDict, Any]:
+def score_if_asked(dataset: DatasetDict, data: DataArguments, scoring: ScoringArguments, resume: ResumeArguments,
+                   rule: SelectionRule) -> tuple[DatasetDict, Any]:
     """``dataset`` scored by `scorer_of` in chunks kept in the datasets cache, and the scorer, when a model is given;
     as it is, and None, when not (the data holds the scores)."""
     if not scoring.model_name_or_path:
         return dataset, None
-    scorer = scorer_of(data, scoring)
+    scorer = scorer_of(data, scoring, rule)
     return score_splits(scorer, dataset, scoring, resume), scorer
 
 
@@ -188,9 +202,11 @@ def run_info(recipe: Recipe, groups: dict[type, Any], dataset: DatasetDict, scor
     else:
         model = {RUN_INFO_MODEL[k]: v for k, v in model_provenance(scorer).items()}
         model |= {"max_length": scoring.max_length, "boundary": scoring.boundary}
+    selection = groups.get(SelectionArguments)
     return RunInfo(source_dataset=source_name(data), source_config=data.dataset_config,
                    command=command_line(recipe, list(groups.values())), **source_metadata(data, dataset), **model,
-                   **({"rule": rule} if rule else {}))
+                   **({"rule": rule} if rule else {}),
+                   validation=selection.validation() if selection is not None else None)
 
 
 def select(dataset: DatasetDict, rule: SelectionRule) -> dict[str, Selection]:
@@ -198,8 +214,9 @@ def select(dataset: DatasetDict, rule: SelectionRule) -> dict[str, Selection]:
     selections = select_splits(dataset, rule)
     for split, sel in selections.items():
         r = sel.report
-        logger.info("%s: kept %d of %d pairs, removed %d (%d unscorable); rule: %s", split, r.num_kept, r.num_rows,
-                    r.num_removed, r.num_unscorable, rule.describe())
+        flagged = f", flagged {r.num_flagged}" if rule.flag_only else ""
+        logger.info("%s: kept %d of %d pairs%s, removed %d (%d unscorable); rule: %s", split, r.num_kept, r.num_rows,
+                    flagged, r.num_removed, r.num_unscorable, rule.describe())
     return selections
 
 
@@ -211,13 +228,14 @@ def run_score(data: DataArguments, scoring: ScoringArguments, resume: ResumeArgu
     # The output folder before any slow step (the same command's earlier output is resumed)
     outputs.check(output.output_dir, command, overwrite=output.overwrite, resume=True)
     # The dataset and the model exist; load the pairs
-    dataset = load_pairs(data, scoring, SelectionRule())
+    rule = SelectionRule()  # the scores that the default selection needs, so that filter and publish can read them
+    dataset = load_pairs(data, scoring, rule)
     # Claim the output folder: the chunks go into it (rank 0 alone writes)
     if is_main_process():
         record = outputs.begin(output.output_dir, command, source_name(data),
                                overwrite=output.overwrite, resume=True)
     # Score, in chunks kept under --output_dir/chunks/<split>; every rank scores its share
-    scorer = scorer_of(data, scoring)
+    scorer = scorer_of(data, scoring, rule)
     dataset = score_splits(scorer, dataset, scoring, resume, Path(output.output_dir, outputs.CHUNKS_DIR))
     if not is_main_process():
         return RunResult(scored=dataset, selections={}, files=[])
@@ -244,7 +262,7 @@ def run_filter(data: DataArguments, scoring: ScoringArguments | None = None,
     # The dataset and the model exist; load the pairs
     dataset = load_pairs(data, scoring, rule)
     # Score them, in chunks kept in the datasets cache, when a model is given; every rank scores its share
-    dataset, scorer = score_if_asked(dataset, data, scoring, groups[ResumeArguments])
+    dataset, scorer = score_if_asked(dataset, data, scoring, groups[ResumeArguments], rule)
     if not is_main_process():
         return RunResult(scored=dataset, selections={}, files=[])
     # Select
@@ -274,7 +292,7 @@ def run_publish(data: DataArguments, scoring: ScoringArguments | None = None,
         logger.info("Publishing to %s", repo_id)
         hub = groups[HubArguments] = replace(hub, repo_id=repo_id)
     # Score them, in chunks kept in the datasets cache, when a model is given; every rank scores its share
-    dataset, scorer = score_if_asked(dataset, data, scoring, groups[ResumeArguments])
+    dataset, scorer = score_if_asked(dataset, data, scoring, groups[ResumeArguments], rule)
     if not is_main_process():
         return RunResult(scored=dataset, selections={}, files=[])
     # Select

@@ -31,12 +31,12 @@ import os
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import MISSING, Field, dataclass, field, fields, make_dataclass
+from dataclasses import MISSING, Field, dataclass, field, fields, make_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from hf_ches.console import command_logging
-from hf_ches.filtering import DEFAULT_REMOVE_TOP, DEFAULT_SCORE_COLUMN, PRESETS, SelectionRule
+from hf_ches.filtering import DEFAULT_SCORE_COLUMN, PRESETS, SELECTION_DOC, SelectionRule
 from hf_ches.runner import DEFAULT_CHUNK_SIZE, Interrupted, is_main_process
 from hf_ches.transform import RunOptions, ScorerConfig
 
@@ -255,28 +255,46 @@ ScoringArguments = make_dataclass("ScoringArguments", SCORER_FIELDS, bases=(_Sco
 
 @dataclass(frozen=True)
 class SelectionArguments:
-    """Which pairs to remove (see `hf_ches.filtering.SelectionRule`), and how many of them the card shows."""
+    """Which pairs to remove or flag (see `hf_ches.filtering.SelectionRule`), what the card shows, and the
+    `hf-ches validate` results it carries."""
 
     _argument_group_name = "selection arguments"
 
     preset: str | None = field(default=None, metadata={
-        "help": "Named selection rule: 'default' (remove the top 10%% by ln_ches) or 'sorry-bench' (the paper's "
-                "Sec. 6 recipe: keep the lowest 5%% by ln_ches).", "choices": sorted(PRESETS)})
-    score_column: str = field(default=DEFAULT_SCORE_COLUMN, metadata={
-        "help": "Score to select by (e.g. ln_ches, ches)."})
+        "help": f"Named selection rule: 'default' ({PRESETS['default'].describe().replace('%', '%%')}: the verdict "
+                f"of {SELECTION_DOC} in the hf-ches repository) or 'sorry-bench' (the paper's Sec. 6 recipe: keep "
+                "the lowest 5%% by ln_ches).", "choices": sorted(PRESETS)})
+    score_column: str | None = field(default=None, metadata={
+        "help": f"Score to select by (e.g. entk_w, ln_ches, ches); when not given: the preset's, else "
+                f"{DEFAULT_SCORE_COLUMN}."})
     remove_top: float | None = field(default=None, metadata={
-        "help": f"Remove this fraction of pairs with the highest scores, per split. Default rule when no rule is "
-                f"given: {DEFAULT_REMOVE_TOP}."})
+        "help": "Remove this fraction of pairs with the highest scores, per split."})
     keep_bottom: float | None = field(default=None, metadata={
         "help": "Keep only this fraction of pairs with the lowest scores, per split."})
     threshold: float | None = field(default=None, metadata={"help": "Remove pairs whose score is above this value."})
+    flag_only: bool = field(default=False, metadata={
+        "help": "Remove none of the pairs the rule picks: keep them with flagged=True (the default rule does)."})
     group_by: str | None = field(default=None, metadata={
         "help": "Apply --remove_top/--keep_bottom within each value of this column (e.g. prompt)."})
-    card_examples: int = field(default=5, metadata={"help": "Highest-scoring removed pairs shown in the card."})
+    card_examples: int = field(default=5, metadata={"help": "Highest-scoring removed (or flagged) pairs shown in the "
+                                                            "card."})
+    validation_dir: str | None = field(default=None, metadata={
+        "help": "The --output_dir of `hf-ches validate` on the same model: its Spearman table goes into the card."})
 
     def __post_init__(self) -> None:
         self.rule()
         _at_least("card_examples", self.card_examples, 0)
+        self.validation()
+
+    def validation(self) -> dict | None:
+        """The ``validation.json`` of ``--validation_dir``, or None without one."""
+        if self.validation_dir is None:
+            return None
+        path = Path(self.validation_dir, "validation.json")
+        if not path.is_file():
+            raise ValueError(f"--validation_dir {self.validation_dir}: no validation.json there; pass the "
+                             "--output_dir of `hf-ches validate`")
+        return json.loads(path.read_text(encoding="utf-8"))
 
     def rule(self) -> SelectionRule:
         """The `SelectionRule` asked for: a preset, an explicit rule, or the default.
@@ -286,14 +304,15 @@ class SelectionArguments:
         """
         explicit = {k: getattr(self, k) for k in ("remove_top", "keep_bottom", "threshold")
                     if getattr(self, k) is not None}
+        flag = {"flag_only": True} if self.flag_only else {}
         if self.preset is None:
-            return SelectionRule(score_column=self.score_column, group_by=self.group_by, **explicit)
+            return SelectionRule(score_column=self.score_column or DEFAULT_SCORE_COLUMN, group_by=self.group_by,
+                                 **explicit, **flag)
         if explicit:
             raise ValueError(f"--preset {self.preset} already sets the rule; drop "
                              + ", ".join(f"--{name}" for name in explicit))
         preset = SelectionRule.preset(self.preset)
-        return SelectionRule(score_column=self.score_column, group_by=self.group_by, remove_top=preset.remove_top,
-                             keep_bottom=preset.keep_bottom, threshold=preset.threshold)
+        return replace(preset, score_column=self.score_column or preset.score_column, group_by=self.group_by, **flag)
 
 
 @dataclass(frozen=True)

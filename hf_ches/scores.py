@@ -112,10 +112,11 @@ def output_gradient_gram(
     for start in range(0, vocab_size, step):
         vocab = slice(start, min(start + step, vocab_size))
         z = head.logits(x, vocab)  # [N, c]
-        g = -torch.exp(z - lse[:, None])  # [N, c]: −softmax
+        slope = head.slope(z)  # [N, c], or a number without soft-capping
+        g = z.sub_(lse[:, None]).exp_().neg_()  # [N, c]: −softmax, in place of the logits
         hit = ((targets >= vocab.start) & (targets < vocab.stop)).nonzero().squeeze(1)  # rows whose target is here
         g[hit, targets[hit] - start] += 1.0  # + onehot(targets)
-        g = g * head.slope(z)  # [N, c]
+        g *= slope
         gram += (g[:rows] @ g.T).double()  # [rows, N]
     return gram
 

@@ -44,7 +44,8 @@ import numpy as np
 import torch
 
 from hf_ches.displacement import (
-    OPTIMIZERS, apply_step, bootstrap_interval, dpo_sigmoid_loss, partial_spearman, spearman, top_share,
+    OPTIMIZERS, TOP_FRACTION, apply_step, best_line, bootstrap_interval, dpo_sigmoid_loss, partial_spearman,
+    render_table, spearman, top_share,
 )
 from hf_ches.kernels import _parse_parameters, _tracking_only, ntk_pair, select_parameters, sequence_logp
 from hf_ches.kernels import signgd_displacement as signgd_score
@@ -84,7 +85,6 @@ LENGTHS = ["chosen_tokens", "rejected_tokens"]  # completion token counts (EOS i
 NEGATED = {"edit_distance": "-edit_distance"}
 LENGTH_BASELINES = ("-chosen_tokens", "rejected-chosen_tokens")
 SIGN_RULES = ("entk_w", "ches")  # "score > 0": entk_w > 0 is the first-order prediction that log π(y+) falls
-TOP_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
@@ -297,25 +297,6 @@ def summarize(columns: dict[str, np.ndarray], options: ValidateArguments, seed: 
     return out
 
 
-def best_line(results: dict[str, Any]) -> str:
-    """The one line that names the score that best predicted displacement, and by what.
-
-    >>> print(best_line({"best": {"score": "entk_w", "by": "partial_rho"},
-    ...                  "spearman": {"entk_w": {"partial_rho": 0.61, "partial_ci": [0.45, 0.74]}}}))
-    ... # doctest: +NORMALIZE_WHITESPACE
-    Best predictor of the fall of log π(chosen) on this model and data: entk_w
-    (partial Spearman given both lengths 0.61 [0.45, 0.74])
-    """
-    if results.get("best") is None:
-        return "No score could be ranked against the fall of log π(chosen) (too few pairs, or constant columns)"
-    name, by = results["best"]["score"], results["best"]["by"]
-    stat = results["spearman"][name]
-    ci = stat["partial_ci" if by == "partial_rho" else "ci"]
-    what = "partial Spearman given both lengths" if by == "partial_rho" else "Spearman"
-    return (f"Best predictor of the fall of log π(chosen) on this model and data: {name} ({what} {stat[by]:.2f} "
-            f"[{ci[0]:.2f}, {ci[1]:.2f}])")
-
-
 def scatter_png(columns: dict[str, np.ndarray], results: dict[str, Any]) -> bytes:
     """Each score (x, symmetric-log scale) against ``Δ log π(y+)`` (y), one panel per score, ρ in the title."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -438,42 +419,6 @@ def step_columns(sample: Any, model: torch.nn.Module, tokenizer: Any, params: li
                                   optimizer=options.optimizer))
     names = score_columns([s for s in options.scores if s in KERNEL_SCORES]) + LENGTHS + MEASURED
     return {name: np.array([row.get(name, math.nan) for row in stepped], dtype=np.float64) for name in names}
-
-
-def render_table(results: dict[str, Any]) -> str:
-    """A Markdown table of each candidate's ρ with −Δ log π(y+) (and, when measured, the partial ρ given both
-    lengths, ρ with the per-token change and the top-10% share), the sign rules, and the share displaced.
-
-    >>> print(render_table({"share_displaced": 0.25, "counts": {"num_scored": 4}, "sign_rules": {},
-    ...                     "spearman": {"ches": {"rho": 0.5, "ci": [0.1, 0.8]}}}))
-    | score | Spearman ρ with −Δ log π(chosen) | 95% interval |
-    |---|---|---|
-    | `ches` | 0.50 | [0.10, 0.80] |
-    <BLANKLINE>
-    4 pairs; 25% displaced (Δ log π(chosen) < 0).
-    """
-    def cell(rho: float, ci: list[float]) -> str:
-        return f"{rho:.2f} | [{ci[0]:.2f}, {ci[1]:.2f}]"
-
-    stats = results["spearman"]
-    partial = all("partial_rho" in stat for stat in stats.values())
-    header = "| score | Spearman ρ with −Δ log π(chosen) | 95% interval |"
-    if partial:
-        header += (" partial ρ given both lengths | 95% interval | ρ with −Δ / n+ | 95% interval "
-                   f"| top {TOP_FRACTION:.0%} recovered |")
-    lines = [header, "|---" * header.count(" | ") + "|---|"]
-    for name, stat in stats.items():
-        row = f"| `{name}` | {cell(stat['rho'], stat['ci'])} |"
-        if partial:
-            row += (f" {cell(stat['partial_rho'], stat['partial_ci'])} | "
-                    f"{cell(stat['per_token_rho'], stat['per_token_ci'])} | {stat['top_share']:.0%} |")
-        lines.append(row)
-    lines += ["", f"{results['counts']['num_scored']} pairs; {results['share_displaced']:.0%} displaced "
-                  "(Δ log π(chosen) < 0)."]
-    for rule, stat in results["sign_rules"].items():
-        lines.append(f"`{rule}` holds for {stat['share_flagged']:.0%} of the pairs and agrees with "
-                     f"\"log π(chosen) fell\" on {stat['agreement']:.0%}.")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None, prog: str = COMMAND) -> dict[str, Any] | None:

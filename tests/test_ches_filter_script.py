@@ -22,6 +22,7 @@ from huggingface_hub import DatasetCard, HfApi, hf_hub_download
 
 from hf_ches import cli
 from hf_ches.card import PLOT_PATH, RUN_JSON_PATH
+from hf_ches.filtering import SELECTION_EVIDENCE
 from hf_ches.pipeline import PUBLISH
 from hf_ches.recipes import DataArguments, HubArguments, SelectionArguments, command_line
 from hf_ches.sources import load_source
@@ -66,8 +67,8 @@ def sizes(dataset_dict) -> dict[str, int]:
 
 def test_script_scores_filters_publishes_and_updates(hub_env, tiny_model, source_dir, monkeypatch):
     repo_id = hub_env.repo_id("prefs-ches")
-    run_script("--dataset_name", source_dir, "--model_name_or_path", tiny_model, "--push_to_hub", "--repo_id", repo_id,
-               monkeypatch=monkeypatch)
+    run_script("--dataset_name", source_dir, "--model_name_or_path", tiny_model, "--score_column", "ln_ches",
+               "--remove_top", "0.1", "--push_to_hub", "--repo_id", repo_id, monkeypatch=monkeypatch)
 
     kept, removed, scored = (datasets.load_dataset(repo_id, *config) for config in ((), ("removed",), ("scored",)))
     assert sizes(scored) == {"train": 300, "test": 60}
@@ -99,7 +100,7 @@ def test_script_scores_filters_publishes_and_updates(hub_env, tiny_model, source
     assert meta["hf_ches"]["selection"]["description"] == "keep the lowest 5% of pairs by ln_ches"
     assert sizes(datasets.load_dataset(repo_id)) == {"train": 15, "test": 3}
     assert sizes(datasets.load_dataset(repo_id, "removed")) == {"train": 285, "test": 57}
-    assert "| train | 300 | 15 | 285 | 0 |" in body
+    assert "| train | 300 | 15 | 0 | 285 | 0 |" in body
 
 
 def test_hub_source_then_dpo_on_the_published_default_config(hub_env, tiny_model, scored_dir):
@@ -228,8 +229,8 @@ def test_score_then_filter_locally_with_the_cli(scored_dir, tiny_model, tmp_path
     assert run["scoring"]["model"] == Path(tiny_model).name and run["scoring"]["dtype"] == "float32"
     # the filtered folder is itself a valid --dataset_name: re-select from its `scored` config
     again = tmp_path / "again"
-    assert cli.main(["filter", "--dataset_name", str(out), "--dataset_config", "scored", "--threshold", "0",
-                     "--output_dir", str(again)]) == 0
+    assert cli.main(["filter", "--dataset_name", str(out), "--dataset_config", "scored", "--score_column", "ln_ches",
+                     "--threshold", "0", "--output_dir", str(again)]) == 0
     kept = sum(int(np.sum(np.array(scored[s]["ln_ches"]) <= 0)) for s in scored)
     assert sum(sizes(datasets.load_dataset(str(again))).values()) == kept
 
@@ -238,7 +239,8 @@ def test_script_help_states_the_default_selection():
     result = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     text = " ".join(result.stdout.split())
-    assert "Default selection (no --preset/--remove_top/--keep_bottom/--threshold): remove the top 10% of pairs" in text
+    assert ("Default selection (no --preset/--remove_top/--keep_bottom/--threshold): flag the pairs with entk_w > 0 "
+            f"(remove none). Why: {SELECTION_EVIDENCE}.") in text
     for option in ("--dataset_name", "--dataset_config", "--dataset_splits", "--model_name_or_path", "--push_to_hub",
                    "--repo_id", "--dataset_num_proc", "--dtype", "--max_length", "--token_budget", "--batch_size",
                    "--preset", "--remove_top", "--keep_bottom", "--threshold", "--group_by", "--private",
@@ -273,7 +275,8 @@ def test_load_source_from_data_files(tmp_path):
 
 
 def test_rule_and_command_from_arguments():
-    assert SelectionArguments().rule().describe() == "remove the top 10% of pairs by ln_ches"
+    assert SelectionArguments().rule().describe() == "flag the pairs with entk_w > 0 (remove none)"
+    assert SelectionArguments(preset="sorry-bench").rule().describe() == "keep the lowest 5% of pairs by ln_ches"
     assert SelectionArguments(threshold=0.2, score_column="ches").rule().describe() == "remove pairs with ches > 0.2"
     with pytest.raises(ValueError, match="--preset sorry-bench already sets the rule; drop --remove_top"):
         SelectionArguments(preset="sorry-bench", remove_top=0.2)
@@ -389,7 +392,7 @@ SCORING = {"--model_name_or_path", "--model_revision", "--dtype", "--device", "-
            "--on_invalid", "--token_budget", "--prefix_sharing", "--no_prefix_sharing", "--batch_size",
            "--dataset_num_proc", "--device_map", "--max_memory", "--offload_folder", "--chat_template"}
 SELECTION = {"--preset", "--score_column", "--remove_top", "--keep_bottom", "--threshold", "--group_by",
-             "--card_examples"}
+             "--flag_only", "--card_examples", "--validation_dir"}
 HUB = {"--push_to_hub", "--repo_id", "--private", "--revision", "--create_pr", "--commit_message"}
 OUTPUT = {"--output_dir", "--overwrite"}
 RESUME = {"--chunk_size", "--overwrite_chunks"}

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from hf_ches.demo import main
+from hf_ches.filtering import SELECTION_EVIDENCE
 
 
 def test_demo_end_to_end_with_a_tiny_model(tiny_model, tmp_path, capsys):
@@ -16,13 +17,16 @@ def test_demo_end_to_end_with_a_tiny_model(tiny_model, tmp_path, capsys):
     report = json.loads((tmp_path / "d" / "report.json").read_text())
     printed = capsys.readouterr().out
     for config, r in report["formats"].items():
-        assert r["kept"] + r["removed"] == r["pairs"] and r["removed"] == round(0.1 * r["pairs"])
+        assert r["kept"] + r["removed"] == r["pairs"] and r["removed"] == 0  # the default flags, removes none
+        assert 0 <= r["flagged"] <= r["kept"]
         assert (tmp_path / "d" / config / "README.md").is_file()
         assert (tmp_path / "d" / config / "ches" / "score_histogram.png").stat().st_size > 1000
         assert 0.0 <= r["ranking_accuracy"] <= 1.0
         assert f"[{config}] {r['pairs']} pairs: kept {r['kept']}" in printed
     assert sum(r["pairs"] for r in report["formats"].values()) >= 200
     assert "publish to the real Hub: HF_TOKEN=hf_... hf-ches publish" in printed
+    assert f"selection: flag the pairs with entk_w > 0 (remove none); score entk_w, why: {SELECTION_EVIDENCE}" in printed
+    assert "docs/selection.md in the hf-ches repository" in printed
 
 
 @pytest.mark.slow

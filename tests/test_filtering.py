@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 from datasets import Dataset, DatasetDict
 
 from hf_ches.filtering import (
+    DEFAULT_SCORE_COLUMN,
+    FLAG_COLUMN,
     INDEX_COLUMN,
     PRESETS,
     REASON_COLUMN,
@@ -25,16 +29,40 @@ def pairs(scores: list[float], prompts: list | None = None) -> Dataset:
         "prompt": prompts if prompts is not None else [f"q{i}" for i in range(n)],
         "chosen": [f"good {i}" for i in range(n)],
         "rejected": [f"bad {i}" for i in range(n)],
-        "ln_ches": scores,
+        DEFAULT_SCORE_COLUMN: scores,
     })
 
 
 # ---- the rule itself --------------------------------------------------------------------------------------------
-def test_default_rule_removes_the_top_tenth_by_ln_ches():
-    rule = SelectionRule()
-    assert (rule.kind, rule.value, rule.score_column) == ("remove_top", 0.1, "ln_ches")
+def verdict() -> dict[str, str]:
+    """The verdict line of docs/selection.md: ``**Verdict:** score `S`, rule `R`, <remove|flag>.``"""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "selection.md").read_text(encoding="utf-8")
+    found = re.findall(r"^\*\*Verdict:\*\* score `([^`]+)`, rule `([^`]+)`, (remove|flag)", text, re.MULTILINE)
+    assert len(found) == 1, "docs/selection.md must hold exactly one verdict line"
+    return dict(zip(("score", "rule", "action"), found[0]))
+
+
+def test_default_rule_is_the_verdict_of_the_selection_study():
+    """The default selection is the one docs/selection.md reads from the study; the paper's is a preset."""
+    rule, named = SelectionRule(), verdict()
+    assert rule.score_column == DEFAULT_SCORE_COLUMN == named["score"]
+    assert named["rule"] == (f"{rule.score_column} > {rule.threshold:g}" if rule.kind == "threshold"
+                             else f"{rule.kind}={rule.value:g}")
+    assert rule.flag_only == (named["action"] == "flag")
     assert PRESETS["default"] == rule
-    assert PRESETS["sorry-bench"] == SelectionRule(keep_bottom=0.05)
+    assert PRESETS["sorry-bench"] == SelectionRule(score_column="ln_ches", keep_bottom=0.05)
+    assert SelectionRule(remove_top=0.1).flag_only is False  # an explicit rule removes
+
+
+def test_flag_only_keeps_every_scored_row_and_flags_the_rule_picks():
+    sel = select_pairs(pairs([-2.0, 0.5, 0.0, float("nan"), 3.0]), SelectionRule(threshold=0.0, flag_only=True))
+    assert list(sel.kept[INDEX_COLUMN]) == [0, 1, 2, 4] and list(sel.kept[FLAG_COLUMN]) == [False, True, False, True]
+    assert list(sel.removed[REASON_COLUMN]) == ["nan_score"]  # unscorable rows go as under every rule
+    assert (sel.report.num_flagged, sel.report.num_removed) == (2, 1)
+    nothing = select_pairs(pairs([-2.0, -1.0]), SelectionRule())  # the default on pairs where nothing displaces
+    assert (nothing.report.num_flagged, len(nothing.kept), len(nothing.removed)) == (0, 2, 0)
+    assert SelectionRule(remove_top=0.2, flag_only=True).describe() == (
+        f"flag the top 20% of pairs by {DEFAULT_SCORE_COLUMN} (remove none)")
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -135,10 +163,10 @@ def test_kept_plus_removed_is_the_input_for_every_rule(rule):
         sel = selections[split]
         assert_partition(sel, source)
         assert sel.report.split == split
-        assert sel.report.num_unscorable == int(np.isnan(np.array(source["ln_ches"], dtype=float)).sum())
+        assert sel.report.num_unscorable == int(np.isnan(np.array(source[DEFAULT_SCORE_COLUMN], dtype=float)).sum())
         reasons = dict(zip(sel.removed[INDEX_COLUMN], sel.removed[REASON_COLUMN]))
         for index, reason in reasons.items():
-            assert reason == ("nan_score" if math.isnan(source[index]["ln_ches"]) else "high_score")
+            assert reason == ("nan_score" if math.isnan(source[index][DEFAULT_SCORE_COLUMN]) else "high_score")
 
 
 def test_removed_scores_are_above_kept_scores_and_cutoff_is_reported():
@@ -167,15 +195,15 @@ def test_null_scores_count_as_unscorable():
 
 def test_bad_input_gets_a_clear_error():
     with pytest.raises(ValueError) as missing:
-        select_pairs(pairs([1.0]).remove_columns("ln_ches"), SelectionRule(), split="train")
+        select_pairs(pairs([1.0]).remove_columns(DEFAULT_SCORE_COLUMN), SelectionRule(), split="train")
     assert str(missing.value).startswith(
-        "split 'train': score column 'ln_ches' not found; columns: ['prompt', 'chosen', 'rejected']")
+        f"split 'train': score column '{DEFAULT_SCORE_COLUMN}' not found; columns: ['prompt', 'chosen', 'rejected']")
     with pytest.raises(ValueError, match="split 'test' has no rows"):
         select_splits(DatasetDict({"train": pairs([1.0]), "test": pairs([1.0]).select([])}))
     with pytest.raises(ValueError, match="score column 'prompt' must be numeric, found Value"):
         select_pairs(pairs([1.0]), SelectionRule(score_column="prompt"))
     with pytest.raises(ValueError, match="group_by column 'topic' not found"):
-        select_pairs(pairs([1.0]), SelectionRule(group_by="topic"))
+        select_pairs(pairs([1.0]), SelectionRule(remove_top=0.1, group_by="topic"))
     again = select_pairs(pairs([1.0, 2.0]), SelectionRule(remove_top=0.5)).kept
     with pytest.raises(ValueError, match=r"already has column\(s\) \['original_index'\]"):
         select_pairs(again, SelectionRule())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import json
 import socket
 
@@ -19,6 +21,8 @@ from hf_ches import outputs
 from hf_ches.hub import PublishError, PublishOptions, build_publication, publish
 from tests.plugins.hub import assert_no_token
 
+ln_rule = partial(SelectionRule, score_column="ln_ches")  # these tests select by the ln_ches column
+
 
 def scored_pairs(n: int, seed: int) -> Dataset:
     rng = np.random.default_rng(seed)
@@ -32,7 +36,8 @@ DATA = DatasetDict({"train": scored_pairs(60, 0), "test": scored_pairs(20, 1)})
 CLEAN = DatasetDict({split: ds.filter(lambda row: row["ln_ches"] == row["ln_ches"]) for split, ds in DATA.items()})
 
 
-def publication(repo_id: str, rule: SelectionRule = SelectionRule(), data: DatasetDict = DATA, examples: int = 5):
+def publication(repo_id: str, rule: SelectionRule = ln_rule(remove_top=0.1), data: DatasetDict = DATA,
+                examples: int = 5):
     info = RunInfo(source_dataset="local/prefs", rule=rule, command=f"hf-ches publish --repo_id {repo_id}")
     return build_publication(repo_id, info, select_splits(data, rule), examples=examples)
 
@@ -99,10 +104,10 @@ def test_push_creates_the_files_of_the_dry_run(hub_env, tmp_path):
 
 def test_pushing_again_updates_the_repo(hub_env):
     repo_id = hub_env.repo_id("update")
-    publish(publication(repo_id, SelectionRule(remove_top=0.1)), PublishOptions(repo_id))
+    publish(publication(repo_id, ln_rule(remove_top=0.1)), PublishOptions(repo_id))
     before = HfApi().dataset_info(repo_id).sha
 
-    publish(publication(repo_id, SelectionRule(threshold=0.0)), PublishOptions(repo_id))
+    publish(publication(repo_id, ln_rule(threshold=0.0)), PublishOptions(repo_id))
     meta, body = readme(repo_id)
     assert HfApi().dataset_info(repo_id).sha != before
     assert meta["hf_ches"]["selection"]["rule"] == "threshold"
@@ -111,7 +116,7 @@ def test_pushing_again_updates_the_repo(hub_env):
     assert {split: len(ds) for split, ds in datasets.load_dataset(repo_id).items()} == kept
 
     # nothing removed now (no NaN score either): the `removed` config and its shards are gone, not left stale
-    publish(publication(repo_id, SelectionRule(threshold=100.0), CLEAN), PublishOptions(repo_id))
+    publish(publication(repo_id, ln_rule(threshold=100.0), CLEAN), PublishOptions(repo_id))
     meta, body = readme(repo_id)
     assert [c["config_name"] for c in meta["configs"]] == ["default", "scored"]
     assert [i["config_name"] for i in meta["dataset_info"]] == ["default", "scored"]
@@ -121,14 +126,14 @@ def test_pushing_again_updates_the_repo(hub_env):
     # asking for privacy on an existing public repo is refused, and nothing is pushed
     before = HfApi().dataset_info(repo_id).sha
     with pytest.raises(PublishError, match="already exists and is public"):
-        publish(publication(repo_id, SelectionRule(threshold=0.0)), PublishOptions(repo_id, private=True))
+        publish(publication(repo_id, ln_rule(threshold=0.0)), PublishOptions(repo_id, private=True))
     assert HfApi().dataset_info(repo_id).sha == before
 
 
 def test_create_pr_puts_all_commits_in_one_pull_request(hub_env):
     repo_id = hub_env.repo_id("pr")
-    publish(publication(repo_id, SelectionRule(remove_top=0.1)), PublishOptions(repo_id))
-    result = publish(publication(repo_id, SelectionRule(keep_bottom=0.5)), PublishOptions(repo_id, create_pr=True))
+    publish(publication(repo_id, ln_rule(remove_top=0.1)), PublishOptions(repo_id))
+    result = publish(publication(repo_id, ln_rule(keep_bottom=0.5)), PublishOptions(repo_id, create_pr=True))
 
     assert result.revision == "refs/pr/1" and result.pr_url.endswith("/discussions/1")
     refs = HfApi().list_repo_refs(repo_id, repo_type="dataset", include_pull_requests=True)
@@ -221,6 +226,6 @@ def test_dry_run_folder_must_be_new_empty_or_an_earlier_output(tmp_path):
     first = dry_run(tmp_path / "out", publication("me/x"))
     with pytest.raises(ValueError, match="holds an earlier `hf-ches filter` output .*pass --overwrite"):
         dry_run(tmp_path / "out", publication("me/x"))
-    second = dry_run(tmp_path / "out", publication("me/x", SelectionRule(threshold=100.0), CLEAN), overwrite=True)
+    second = dry_run(tmp_path / "out", publication("me/x", ln_rule(threshold=100.0), CLEAN), overwrite=True)
     assert any(f.startswith("removed/") for f in first) and not any(f.startswith("removed/") for f in second)
     assert written(tmp_path / "out") == second

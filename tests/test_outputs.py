@@ -18,6 +18,7 @@ from datasets import Dataset, load_from_disk
 
 from hf_ches import cli, outputs, runner
 from hf_ches.report import main as report_main
+from hf_ches.filtering import DEFAULT_SCORE_COLUMN
 from hf_ches.testing import synthetic_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,9 +31,10 @@ def files(folder: Path) -> dict[str, bytes]:
 
 
 def scored_source(folder: Path, rows: int, seed: int = 0) -> str:
-    """Pairs with an ``ln_ches`` column (filter and publish need no model then), saved to ``folder``."""
+    """Pairs with a column of the default selection's score (filter and publish need no model then), saved to
+    ``folder``."""
     pairs = synthetic_pairs(rows, seed=seed)
-    Dataset.from_dict(pairs | {"ln_ches": [float(i) for i in range(rows)]}).save_to_disk(str(folder))
+    Dataset.from_dict(pairs | {DEFAULT_SCORE_COLUMN: [float(i) for i in range(rows)]}).save_to_disk(str(folder))
     return str(folder)
 
 
@@ -117,7 +119,7 @@ def test_same_named_dry_runs_load_their_own_rows_by_the_cards_code(tmp_path, mon
         source = scored_source(tmp_path / f"source-{name}", rows, seed=rows)
         (tmp_path / name).mkdir()
         out = tmp_path / name / "pub-std"
-        assert cli.main(["filter", "--dataset_name", source, "--output_dir", str(out)]) == 0
+        assert cli.main(["filter", "--dataset_name", source, "--remove_top", "0.1", "--output_dir", str(out)]) == 0
         code = card_loading_code(out)
         assert str(tmp_path) not in code
         monkeypatch.chdir(tmp_path / name)  # the card says: run where the folder lies

@@ -82,12 +82,13 @@ def test_publish_dry_run_keeps_every_row(hh_file, smollm2_tiny_model, tmp_path, 
     with caplog.at_level("WARNING", logger="hf_ches"):
         assert cli.main(["publish", "--dataset_name", hh_file, "--model_name_or_path", smollm2_tiny_model,
                          "--output_dir", str(out)]) == 0
-    kept, removed = (load_dataset(str(out), config, split="train") for config in ("default", "removed"))
-    scored = load_dataset(str(out), "scored", split="train")
-    assert len(kept) + len(removed) == len(scored) == 96
-    assert not any(x != x for x in scored["ln_ches"]) and "ches_flag" not in scored.column_names
+    # the default selection flags (entk_w > 0) and removes none: no `removed` config
+    kept, scored = (load_dataset(str(out), config, split="train") for config in ("default", "scored"))
+    assert len(kept) == len(scored) == 96 and not (out / "removed").exists()
+    assert not any(x != x for x in [*scored["ln_ches"], *scored["entk_w"]]) and "ches_flag" not in scored.column_names
+    assert list(kept["flagged"]) == [x > 0 for x in kept["entk_w"]]
     shifted = sum(n > 0 for n in scored["prompt_tokens_shifted"])
-    assert shifted > 0 and set(removed["removal_reason"]) == {"high_score"}
+    assert shifted > 0
     run = json.loads((out / RUN_JSON_PATH).read_text())
     assert run["splits"]["train"]["num_prompt_shifted"] == shifted and run["scoring"]["boundary"] == "trl"
     assert f"train {shifted} of 96; they are scored as TRL's `DPOTrainer` trains them" in (out / "README.md").read_text()
