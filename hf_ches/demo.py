@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import sys
+import textwrap
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -170,13 +171,14 @@ def render_report(report: dict, out: Path, model_name_or_path: str) -> str:
     pair (the card shows more), where the card and plot are; then the command that publishes to the real Hub."""
     score = report["score"]
     lines = [f"\nhf-ches demo: {report['model']} ({report['dtype']}), results in {out}",
-             f"selection: {report['rule']}; score {score}, why: {report['why']}"]
+             *textwrap.wrap(f"selection: {report['rule']}; score {score}, why: {report['why']}", 116,
+                            subsequent_indent="  ")]
     for config, r in report["formats"].items():
         q, top = r["quantiles"], r["top_pairs"][0]
         picked = "flagged" if r["flagged"] is not None else "removed"
         counts = f"kept {r['kept']}, removed {r['removed']}"
         if picked == "flagged":
-            counts = f"kept {r['kept']}, of which flagged {r['flagged']}; removed {r['removed']} (unscorable)"
+            counts = f"kept {r['kept']}, of which {r['flagged']} flagged; removed {r['removed']} (unscorable rows)"
         lines += [
             f"[{config}] {r['pairs']} pairs: {counts}; {r['near_duplicates_among_picked']} of the {picked} are "
             "near-duplicates",

@@ -25,8 +25,9 @@ def test_demo_end_to_end_with_a_tiny_model(tiny_model, tmp_path, capsys):
         assert f"[{config}] {r['pairs']} pairs: kept {r['kept']}" in printed
     assert sum(r["pairs"] for r in report["formats"].values()) >= 200
     assert "publish to the real Hub: HF_TOKEN=hf_... hf-ches publish" in printed
-    assert f"selection: flag the pairs with entk_w > 0 (remove none); score entk_w, why: {SELECTION_EVIDENCE}" in printed
-    assert "docs/selection.md in the hf-ches repository" in printed
+    selection = " ".join(printed.split("selection: ", 1)[1].split("\n[")[0].split())  # the wrapped lines, joined
+    assert selection == f"flag the pairs with entk_w > 0 (remove none); score entk_w, why: {SELECTION_EVIDENCE}"
+    assert "docs/selection.md in the hf-ches repository" in selection
 
 
 @pytest.mark.slow
