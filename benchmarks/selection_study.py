@@ -282,7 +282,7 @@ def table(output_dir: Path) -> str:
         for opt in ("sgd", "sign"):
             r = one[opt]
             partial = "" if one.get("complete") else f" (PARTIAL: the first {one['num_measured']} pairs of the pool)"
-            lines += [f"\n#### {cell}, one {opt} step (lr {one['learning_rates'][opt]:g}), "
+            lines += [f"\n### {cell}, one {opt} step (lr {one['learning_rates'][opt]:g}), "
                       f"{r['spearman']['ches']['num_pairs']} pairs{partial}: {r['share_displaced']:.0%} displaced, "
                       f"mean Δ log π(chosen) {r['mean_delta_chosen_logps']:+.3f}\n",
                       "| candidate | ρ | 95% | partial ρ (lengths) | 95% | ρ per token | 95% | top 10% recovered |",
@@ -294,7 +294,7 @@ def table(output_dir: Path) -> str:
                 lines.append(f"\n`{rule}`: holds for {s['share_flagged']:.0%}, agrees with \"log π(chosen) fell\" on "
                              f"{s['agreement']:.0%}.")
     for cell, many, partial in stage_results(output_dir, "manystep"):
-        lines += [f"\n#### {cell}, DPOTrainer{partial}: the budget sweep on the random subset\n",
+        lines += [f"\n### {cell}, DPOTrainer{partial}: the budget sweep on the random subset\n",
                   "| rate | pairs | mean Δ log π(chosen) | 95% | share fell |", "|---|---|---|---|---|"]
         lines += [f"| {lr} | {r['num_pairs']} | {r['mean']:+.2f} | {ci(r)} | {r['share_fell']:.0%} |"
                   for lr, r in many["lr_sweep"].items()]
@@ -308,7 +308,7 @@ def table(output_dir: Path) -> str:
                       "| candidate | AUROC |", "|---|---|"]
             lines += [f"| `{k}` | {v:.2f} |" for k, v in many["auroc"].items()]
     for cell, f, partial in stage_results(output_dir, "filter"):
-        lines += [f"\n#### {cell}, filter test{partial}: {f['sample_size']} pairs, lr {f['learning_rate']:g}\n",
+        lines += [f"\n### {cell}, filter test{partial}: {f['sample_size']} pairs, lr {f['learning_rate']:g}\n",
                   "| trained on | pairs | share of the sample's chosen that fell | mean Δ (sample) | 95% |",
                   "|---|---|---|---|---|"]
         for name, r in f["runs"].items():
