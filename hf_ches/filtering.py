@@ -51,11 +51,10 @@ DEFAULT_SCORE_COLUMN = "entk_w"  # the verdict of docs/selection.md; tests/test_
 DEFAULT_THRESHOLD = 0.0  # entk_w > 0: DPO on the pair alone lowers log π(chosen) at first order
 SELECTION_DOC = "docs/selection.md"  # in the hf-ches repository: the study's tables and the verdict
 SELECTION_EVIDENCE = (
-    "on real pairs (HH-RLHF, LLaMA-Factory; SmolLM2-135M, Gemma 3 270M), entk_w best predicted the one-step fall of "
-    "log π(chosen) beyond the completions' lengths, and no removal rule beat both removing pairs at random and the "
-    "length baselines, so the "
-    f"default flags the pairs with entk_w > 0 and removes none (the tables: {SELECTION_DOC} in the hf-ches "
-    "repository)")
+    "on real pairs (HH-RLHF, LLaMA-Factory; SmolLM2-135M, Gemma 3 270M under the Gemma Terms of Use), entk_w best "
+    "predicted the one-step fall of log π(chosen) beyond the completions' lengths, and no removal rule beat both "
+    "removing pairs at random and the length baselines, so the default flags the pairs with entk_w > 0 and removes "
+    f"none (the tables: {SELECTION_DOC} in the hf-ches repository)")
 INDEX_COLUMN = "original_index"
 REASON_COLUMN = "removal_reason"
 FLAG_COLUMN = "flagged"

@@ -105,7 +105,7 @@ class ScorerConfig:
     scores: tuple[str, ...] = DEFAULT_SCORES
     chat_template: str | None = field(default=None, metadata={
         "help": "Jinja chat template, or a file holding one, that replaces the tokenizer's own: conversational rows "
-                "need one, and base models such as gemma3-270m have none."})
+                "need one, and base models such as gemma3-270m (Gemma Terms of Use) have none."})
     gguf_file: str | None = None
     on_invalid: OnInvalid = field(default="raise", metadata={
         "help": "Rows that cannot be scored (no completion token left, or with --boundary strict a prompt that is "
