@@ -527,7 +527,8 @@ def run_recipe(recipe: Recipe, function: Callable[..., Any], argv: Sequence[str]
 
 
 # Options whose value may be a local path: what is published names them by `hf_ches.card.public_name`.
-PATH_OPTIONS = ("dataset_name", "data_files", "model_name_or_path", "ref_model_name_or_path", "output_dir")
+PATH_OPTIONS = ("dataset_name", "data_files", "model_name_or_path", "ref_model_name_or_path", "output_dir",
+                "validation_dir", "offload_folder")
 
 
 def command_line(recipe: Recipe, groups: Sequence[Group], command: str | None = None) -> str:

@@ -251,7 +251,7 @@ def test_other_ranks_write_nothing(tiny_model, tmp_path, monkeypatch):
     from hf_ches.recipes import DataArguments, OutputArguments, ScoringArguments
 
     source = str(tmp_path / "scored")
-    Dataset.from_dict(synthetic_pairs(4) | {"ln_ches": [0.1, 0.2, 0.3, 0.4]}).save_to_disk(source)
+    Dataset.from_dict(synthetic_pairs(4) | {"entk_w": [0.1, -0.2, 0.3, -0.4]}).save_to_disk(source)
     monkeypatch.setattr(runner, "ranks", lambda: (1, 2))
     monkeypatch.setattr(runner, "_from_rank_0", lambda value, world_size: (None, None))  # rank 0's checks passed
     result = pipeline.run_filter(DataArguments(source), output=OutputArguments(str(tmp_path / "filtered")))

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_ches import CHESScorer
 from hf_ches.cli import main as cli
-from hf_ches.displacement import partial_spearman, spearman, top_share
+from hf_ches.displacement import best_line, partial_spearman, render_table, spearman, top_share
 from hf_ches.kernels import GradientKernelScorer, select_parameters
 from hf_ches.pairs import read_rows, tokenize_pairs
 from hf_ches.testing import synthetic_pairs
@@ -137,6 +137,14 @@ def test_cli_writes_the_files(tiny_model, tmp_path, capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith(f"Best predictor of the fall of log π(chosen) on this model and data: {best} (partial")
     assert (out / "scatter.png").read_bytes()[:4] == b"\x89PNG"
+
+    # the card of a filter on the same model carries the table and the closing line (--validation_dir)
+    cli(["filter", "--dataset_name", str(tmp_path / "pairs.jsonl"), "--model_name_or_path", tiny_model,
+         "--validation_dir", str(out), "--output_dir", str(tmp_path / "filtered")])
+    card = (tmp_path / "filtered" / "README.md").read_text()
+    assert render_table(results) in card and best_line(results) in card
+    assert "one sign step per pair at learning rate 0.01, on 8 pairs of `pairs.jsonl`" in card
+    assert str(tmp_path) not in card  # local folders are named by their own name only
 
 
 def test_step_lengths_are_the_completion_tokens(tiny_models):
