@@ -7,7 +7,7 @@ pair by ``ln_ches`` over the whole dataset and trains on the low end: its SORRY-
 
 Without a choice, ``SelectionRule()`` is the default that hf-ches' selection study (``docs/selection.md``, from
 ``benchmarks/selection_study.py`` on two real models and two real datasets) supports: ``entk_w``, the exact
-output-layer kernel term, best predicted the fall of log π(chosen) beyond the completions' lengths, and its sign
+output-layer kernel term, ranked the change of log π(chosen) best beyond the completions' lengths, and its sign
 ``entk_w > 0`` is the first-order prediction that DPO on the pair lowers log π(chosen); since no removal rule beat
 both removing pairs at random and the length baselines, the default **removes nothing and flags** those pairs
 (column ``flagged``). Where no pair is predicted to displace, it flags none, and the card says so.
@@ -51,8 +51,8 @@ DEFAULT_SCORE_COLUMN = "entk_w"  # the verdict of docs/selection.md; tests/test_
 DEFAULT_THRESHOLD = 0.0  # entk_w > 0: DPO on the pair alone lowers log π(chosen) at first order
 SELECTION_DOC = "docs/selection.md"  # in the hf-ches repository: the study's tables and the verdict
 SELECTION_EVIDENCE = (
-    "on real pairs (HH-RLHF, LLaMA-Factory; SmolLM2-135M, Gemma 3 270M under the Gemma Terms of Use), entk_w best "
-    "predicted the one-step fall of log π(chosen) beyond the completions' lengths, and no removal rule beat both "
+    "on real pairs (HH-RLHF, LLaMA-Factory; SmolLM2-135M, Gemma 3 270M under the Gemma Terms of Use), entk_w ranked "
+    "the one-step change of log π(chosen) best beyond the completions' lengths, and no removal rule beat both "
     "removing pairs at random and the length baselines, so the default flags the pairs with entk_w > 0 and removes "
     f"none (the tables: {SELECTION_DOC} in the hf-ches repository)")
 INDEX_COLUMN = "original_index"

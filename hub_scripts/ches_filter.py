@@ -21,7 +21,7 @@ The recipe and its argument groups live in `hf_ches.pipeline`, shared with `hf-c
         --push_to_hub --repo_id your-name/ultrafeedback-ches
 
 The default selection flags the pairs with `entk_w > 0` (column `flagged`) and removes none: on real pairs `entk_w`
-best predicted the fall of log π(chosen) beyond length and no removal rule beat both random removal and length
+ranked the change of log π(chosen) best beyond length and no removal rule beat both random removal and length
 (docs/selection.md in the hf-ches repository). `--remove_top`, `--keep_bottom` or `--threshold` with
 `--score_column` remove pairs; `--preset sorry-bench` keeps only the lowest 5% by `ln_ches`, as in Razin et al.
 (2024), Sec. 6. `--output_dir DIR` instead of `--push_to_hub` writes the files the push would create. `--help` lists
