@@ -73,9 +73,9 @@ Stage = Literal["score", "filter", "publish"]
 
 DESCRIPTION = """\
 Score preference pairs (prompt/chosen/rejected, TRL's standard or conversational format) by CHES (Razin et al. 2024,
-arXiv 2410.08847), remove the pairs likely to cause likelihood displacement in DPO, and publish the cleaned dataset
-with configs "default" (kept pairs), "removed" and "scored", a dataset card, a score histogram and the run's
-parameters."""
+arXiv 2410.08847) and the output-layer kernel (entk_w), flag or remove the pairs likely to cause likelihood
+displacement in DPO, and publish the dataset with configs "default" (kept pairs), "removed" and "scored", a dataset
+card, a score histogram and the run's parameters."""
 SELECTION = f"""\
 Default selection (no --preset/--remove_top/--keep_bottom/--threshold): {SelectionRule().describe()}. Why:
 {SELECTION_EVIDENCE}. The paper's SORRY-Bench recipe is --preset sorry-bench (keep the lowest 5% by ln_ches)."""
@@ -89,16 +89,16 @@ SCORED_MODEL_HELP = MODEL_HELP + " Omit it when the data already has the score c
 
 SCORE = Recipe("score", (DataArguments, ScoringArguments, ResumeArguments, OutputArguments), required=(
     "model_name_or_path", "output_dir"), description="""\
-Score preference pairs by CHES and save them: load the pairs, add the CHES columns (and the DPO log-probs) and
-save_to_disk them to --output_dir, which --dataset_name reads back for filter or publish. The pairs are scored
+Score preference pairs by CHES and save them: load the pairs, add the CHES columns, entk_w (which the default
+selection reads) and the DPO log-probs, and save_to_disk them to --output_dir, which --dataset_name reads back for filter or publish. The pairs are scored
 --chunk_size rows at a time and each finished chunk is kept under --output_dir/chunks/<split>: after an
 interruption, the same command scores only the missing chunks.
 
 """ + ABOUT)
 FILTER = Recipe("filter", (DataArguments, ScoringArguments, SelectionArguments, ResumeArguments, OutputArguments),
                 required=("output_dir",), helps={"model_name_or_path": SCORED_MODEL_HELP}, description="""\
-Select preference pairs by CHES and write the result to --output_dir: load (and score, with --model_name_or_path),
-remove the pairs the rule selects, and write the files a publication holds (configs "default" = kept pairs,
+Select preference pairs by their scores and write the result to --output_dir: load (and score, with
+--model_name_or_path), remove (or flag) the pairs the rule selects, and write the files a publication holds (configs "default" = kept pairs,
 "removed" and "scored", the card, the score histogram, ches/run.json). The dry run of publish: nothing leaves the
 machine.
 
