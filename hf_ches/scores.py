@@ -35,7 +35,8 @@ DPO-type loss ``ℓ`` of the pair that trains only an untied output embedding ch
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,8 +118,25 @@ def output_gradient_gram(
         hit = ((targets >= vocab.start) & (targets < vocab.stop)).nonzero().squeeze(1)  # rows whose target is here
         g[hit, targets[hit] - start] += 1.0  # + onehot(targets)
         g *= slope
-        gram += (g[:rows] @ g.T).double()  # [rows, N]
+        with _one_cpu_thread(x.device):
+            gram += (g[:rows] @ g.T).double()  # [rows, N]
     return gram
+
+
+@contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """On a CPU, one torch thread for the block. A CPU BLAS may split a long inner dimension (here a vocabulary
+    slice) across its threads, so the summation order, and the last bits of a Gram entry, would follow the thread
+    count; on one thread every process sums alike (a `torchrun` rank on one thread equals one process on all)."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def output_entk(
