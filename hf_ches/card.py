@@ -37,9 +37,7 @@ from huggingface_hub import DatasetCard, DatasetCardData
 
 from hf_ches import __version__
 from hf_ches.displacement import best_line, render_table
-from hf_ches.filtering import (
-    DEFAULT_SCORE_COLUMN, FLAG_COLUMN, HIGH_SCORE, REASON_COLUMN, SELECTION_EVIDENCE, Selection, SelectionRule,
-)
+from hf_ches.filtering import FLAG_COLUMN, HIGH_SCORE, REASON_COLUMN, SELECTION_EVIDENCE, Selection, SelectionRule
 from hf_ches.pairs import SHIFT_COLUMN, Columns, Row, read_rows
 
 CONFIGS = ("default", "removed", "scored")
@@ -284,9 +282,7 @@ def selection_lines(info: RunInfo, selections: dict[str, Selection]) -> list[str
     Selection score: `entk_w`. Why:
     """
     rule = info.rule
-    why = f"Why: {SELECTION_EVIDENCE}." if rule.score_column == DEFAULT_SCORE_COLUMN else (
-        f"Chosen for this run; the default is `{DEFAULT_SCORE_COLUMN}`: {SELECTION_EVIDENCE}.")
-    lines = [f"Selection score: `{rule.score_column}`. {why}", ""]
+    lines = [f"Selection score: `{rule.score_column}`. Why: {rule.why()}.", ""]
     if rule.flag_only:
         flagged = sum(sel.report.num_flagged for sel in selections.values())
         lines += [f"{flagged} pairs are flagged (column `{FLAG_COLUMN}`) and kept; none is removed for its score."

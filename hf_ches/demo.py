@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from hf_ches.filtering import DEFAULT_SCORE_COLUMN, FLAG_COLUMN, SELECTION_EVIDENCE
+from hf_ches.filtering import FLAG_COLUMN
 from hf_ches.models import DEFAULT_MODEL
 from hf_ches.outputs import claim
 from hf_ches.recipes import OutputArguments, Recipe, ScoringArguments, SelectionArguments, run_recipe
@@ -140,15 +140,17 @@ def build_report(backs: dict, accuracy: dict, timings: dict, scoring: ScoringArg
 
     rule = selection.rule()
     score = rule.score_column
-    why = SELECTION_EVIDENCE if score == DEFAULT_SCORE_COLUMN else f"chosen for this run; {SELECTION_EVIDENCE}"
-    report: dict = {"model": public_name(scoring.model_name_or_path), "dtype": dtype, "score": score, "why": why,
+    report: dict = {"model": public_name(scoring.model_name_or_path), "dtype": dtype, "score": score, "why": rule.why(),
                     "rule": rule.describe(), "formats": {}, "timings_s": {k: round(v, 1) for k, v in timings.items()}}
     for config, back in backs.items():
         s = back["scored"]
         values = np.asarray(s[score], dtype=float)
         near = np.asarray(s["near_duplicate"], dtype=bool)
         top = np.argsort(-values, kind="stable")[:3]
-        picked = back["default"].filter(lambda row: row[FLAG_COLUMN]) if rule.flag_only else back.get("removed")
+        # the near-duplicate marks of the pairs the rule picked: flagged (kept), or removed (`removed` is not
+        # published when nothing is removed)
+        picked = (np.asarray(back["default"]["near_duplicate"])[np.asarray(back["default"][FLAG_COLUMN], dtype=bool)]
+                  if rule.flag_only else np.asarray(back["removed"]["near_duplicate"] if "removed" in back else []))
         report["formats"][config] = {
             "pairs": len(s), "kept": len(back["default"]), "removed": len(back.get("removed") or []),
             "flagged": len(picked) if rule.flag_only else None,
@@ -156,7 +158,7 @@ def build_report(backs: dict, accuracy: dict, timings: dict, scoring: ScoringArg
                                   np.quantile(values, [0, 0.25, 0.5, 0.75, 1]).round(2).tolist())),
             "mean_near_duplicate": round(float(values[near].mean()), 2),
             "mean_other": round(float(values[~near].mean()), 2),
-            "near_duplicates_among_picked": int(np.sum(picked["near_duplicate"])) if picked else 0,
+            "near_duplicates_among_picked": int(np.sum(picked)),
             "ranking_accuracy": round(accuracy[config]["ranking_accuracy"], 3),
             "length_normalized_ranking_accuracy": round(accuracy[config]["length_normalized_ranking_accuracy"], 3),
             "top_pairs": [{"id": s["id"][i], score: round(float(values[i]), 2), "prompt": _short(s["prompt"][i]),

@@ -133,6 +133,17 @@ class SelectionRule:
         verb = "remove the top" if self.kind == "remove_top" else "keep the lowest"
         return f"{verb} {self.value * 100:g}% of pairs {by}"
 
+    def why(self) -> str:
+        """Why this score selects, for the card and the demo: the study's evidence (`SELECTION_EVIDENCE`), said of
+        the default score, or of the default beside a score chosen for the run.
+
+        >>> SelectionRule(score_column="ches", threshold=0.0).why()[:60]
+        'chosen for this run; the default is entk_w: on real pairs (H'
+        """
+        if self.score_column == DEFAULT_SCORE_COLUMN:
+            return SELECTION_EVIDENCE
+        return f"chosen for this run; the default is {DEFAULT_SCORE_COLUMN}: {SELECTION_EVIDENCE}"
+
     @classmethod
     def preset(cls, name: str) -> "SelectionRule":
         """A named rule from ``PRESETS``."""
